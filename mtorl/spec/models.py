@@ -1,0 +1,318 @@
+"""Typed job specs (Kubeflow-style): ``apiVersion: mtorl/v1``, ``kind``, ``metadata``, ``spec``.
+
+Every model forbids unknown fields and is frozen; field descriptions are the documentation
+(``mtorl explain KIND`` prints them). Secrets are never stored in specs: fields ending in
+``_env`` name an environment variable that holds the secret.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_VERSION = "mtorl/v1"
+
+Source = Literal["kuairand-sequence", "criteo-sequence", "criteo-attribution", "journeys"]
+ModelName = Literal["mtorl", "bc_mlp", "bc_seq", "cql", "iql", "bcq", "dt"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Metadata(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", description="Job name (DNS-1123 label); also the run name, so re-running resumes.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels.")
+
+
+class RunPolicy(_Strict):
+    """Kubeflow-style run policy honoured by ``mtorl submit``."""
+
+    retries: int = Field(0, ge=0, le=20, description="Resubmissions after a failed attempt.")
+    active_deadline_seconds: int | None = Field(None, alias="activeDeadlineSeconds", gt=0, description="Stop the job after this many seconds.")
+
+
+# ----------------------------------------------------------------------------- data
+
+class SplitSpec(_Strict):
+    train: float = Field(0.8, gt=0, lt=1, description="Fraction of users in train.")
+    val: float = Field(0.1, ge=0, lt=1, description="Fraction of users in val.")
+    test: float = Field(0.1, ge=0, lt=1, description="Fraction of users in test.")
+    salt: str = Field("mtorl", description="Salt of the stable user-id hash that assigns splits.")
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitSpec":
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {self.train + self.val + self.test:g}")
+        return self
+
+
+class JourneysFormat(_Strict):
+    """Columns of the generic ``journeys`` source (Parquet or CSV)."""
+
+    user_col: str = "user_id"
+    time_col: str = "timestamp"
+    channel_col: str = "channel"
+    gain_col: str = "gain"
+    cost_col: str = "cost"
+    propensity_col: str | None = Field(None, description="Logging policy probability of the logged channel, if logged.")
+    numeric_features: list[str] = Field(default_factory=list, description="Per-step numeric feature columns (q_t).")
+    categorical_features: list[str] = Field(default_factory=list, description="Per-step categorical columns, one-hot encoded with a vocabulary fitted on train.")
+    user_features: list[str] = Field(default_factory=list, description="Static numeric user features (f); the first value per user is used.")
+
+
+class PrepareSpec(_Strict):
+    source: Source = Field(description="Converter to use.")
+    input: str = Field(description="Input file: local path or s3:// URI.")
+    output: str = Field(description="Dataset URI (s3://bucket/prefix or a local directory).")
+    gain: str | None = Field(None, description="Gain column. criteo-*: conversion (default), click or attribution.")
+    penalty: float = Field(0.0, ge=0, description="Budget penalty s in r = MinMaxNorm(g - s*w).")
+    splits: SplitSpec = Field(default_factory=SplitSpec)
+    top_k_channels: int = Field(10, ge=2, description="criteo-attribution: keep the K campaigns with most rows as channels.")
+    on_bad_rows: Literal["error", "quarantine"] = Field("error", description="error: stop at the first bad row; quarantine: write bad rows aside and count them.")
+    min_steps: int = Field(2, ge=1, description="Users with fewer steps are dropped (and counted).")
+    shard_max_steps: int = Field(250_000, ge=100, description="Upper bound on steps per Parquet shard.")
+    chunk_rows: int = Field(200_000, ge=1000, description="Rows read per chunk while streaming the input.")
+    max_journey_length: int = Field(0, ge=0, description="Cut journeys longer than this into consecutive journeys (0 = no cut).")
+    journeys: JourneysFormat = Field(default_factory=JourneysFormat, description="Column mapping for source=journeys.")
+    manifest_from: str | None = Field(None, description="Preprocess with an existing manifest (dataset or checkpoint URI): same vocabulary and normalization.")
+
+
+# ----------------------------------------------------------------------------- model
+
+class TCNSpec(_Strict):
+    levels: int = Field(3, ge=1, le=12, description="Residual blocks.")
+    kernel_size: int = Field(3, ge=2, le=9)
+    dilations: list[int] | None = Field(None, description="One per level; default 1, 2, 4, ... Receptive field = 1 + 2*(k-1)*sum(dilations).")
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _dil(self) -> "TCNSpec":
+        if self.dilations is not None and len(self.dilations) != self.levels:
+            raise ValueError(f"dilations has {len(self.dilations)} entries, levels is {self.levels}")
+        return self
+
+
+class AttentionSpec(_Strict):
+    heads: int = Field(4, ge=1)
+    layers: int = Field(1, ge=1, le=8)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class ModelSpec(_Strict):
+    name: ModelName = Field("mtorl", description="mtorl or a baseline: bc_mlp, bc_seq, cql, iql, bcq, dt.")
+    hidden: int = Field(64, ge=4, le=4096, description="Hidden size.")
+    tcn: TCNSpec = Field(default_factory=TCNSpec)
+    attention: AttentionSpec = Field(default_factory=AttentionSpec)
+    decoder_hidden: int = Field(64, ge=4)
+    gamma: float = Field(0.9, ge=0, le=1, description="Discount for the Q-learning baselines and returns-to-go.")
+    cql_alpha: float = Field(1.0, ge=0)
+    iql_expectile: float = Field(0.7, gt=0, lt=1)
+    iql_beta: float = Field(3.0, gt=0)
+    bcq_threshold: float = Field(0.3, ge=0, le=1)
+    target_update_tau: float = Field(0.005, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelSpec":
+        if self.hidden % self.attention.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by attention.heads ({self.attention.heads})")
+        return self
+
+
+class ObjectiveSpec(_Strict):
+    reward_weight: float = Field(1.0, ge=0, description="mu: weight of the reward loss.")
+    pref_weight: float = Field(0.1, ge=0, description="lambda: weight of the return-contrastive preference loss.")
+    pref_beta: float = Field(1.0, gt=0, description="beta of the DPO-style preference term.")
+    reward_loss: Literal["auto", "bce", "mse"] = Field("auto", description="auto: BCE for binary gains, MSE otherwise.")
+
+
+class WindowSpec(_Strict):
+    length: int = Field(20, ge=2, le=4096, description="Training window length (steps).")
+    stride: int | None = Field(None, ge=1, description="Step between window starts; default = length.")
+
+
+class TrainerSpec(_Strict):
+    workers: int = Field(2, ge=0, description="Ray Train workers (0 = run the loop in the driver process).")
+    use_gpu: bool = Field(False)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0, description="Used when use_gpu.")
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1, description="Windows per worker per step.")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    seed: int = Field(0)
+    keep_top_k: int = Field(2, ge=1, description="Checkpoints kept, ranked by metric.")
+    metric: str = Field("val/loss", description="Validation metric ranking checkpoints.")
+    mode: Literal["min", "max"] = "min"
+    max_failures: int = Field(2, ge=-1, description="Worker-group restarts (FailureConfig).")
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+
+
+class TrackingSpec(_Strict):
+    wandb: Literal["offline", "online", "disabled"] = Field("offline", description="offline needs no network or key; online needs WANDB_API_KEY.")
+    project: str = "mtorl"
+    entity: str | None = None
+    group: str | None = None
+
+
+class TrainSpec(_Strict):
+    data: str = Field(description="Prepared dataset URI (holds manifest.json).")
+    output: str = Field(description="Runs root URI; the run lives at OUTPUT/<metadata.name>.")
+    window: WindowSpec = Field(default_factory=WindowSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+class EvaluateSpec(_Strict):
+    checkpoint: str = Field(description="Checkpoint URI (a checkpoint dir, or a run dir: its best checkpoint).")
+    data: str | None = Field(None, description="Prepared dataset URI; default: the checkpoint's own dataset.")
+    split: Literal["train", "val", "test"] = "test"
+    input: str | None = Field(None, description="New raw logs to preprocess with the checkpoint's manifest (needs source).")
+    source: Source | None = None
+    output: str = Field(description="Report URI or directory.")
+    budget_fractions: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 11)])
+    bootstrap: int = Field(200, ge=10, description="Bootstrap resamples for OPE intervals.")
+    compare: list[str] = Field(default_factory=list, description="Further checkpoints put side by side (heuristics always are).")
+    seed: int = 0
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
+
+    @field_validator("budget_fractions")
+    @classmethod
+    def _fr(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < f <= 1 for f in v):
+            raise ValueError("every budget fraction must be in (0, 1]")
+        return sorted(v)
+
+
+# ----------------------------------------------------------------------------- tune
+
+class ParamSpace(_Strict):
+    type: Literal["double", "int", "categorical"] = "double"
+    min: float | None = None
+    max: float | None = None
+    log: bool = False
+    values: list[Any] | None = Field(None, description="categorical (and grid) values.")
+
+    @model_validator(mode="after")
+    def _ok(self) -> "ParamSpace":
+        if self.type == "categorical":
+            if not self.values:
+                raise ValueError("categorical needs values")
+        elif self.values is None and (self.min is None or self.max is None or self.min >= self.max):
+            raise ValueError("needs min < max (or values)")
+        return self
+
+
+class TuneObjective(_Strict):
+    metric: str = "val/reward_auc"
+    mode: Literal["min", "max"] = "max"
+    goal: float | None = Field(None, description="Stop the sweep once a trial reaches it.")
+
+
+class TuneSpec(_Strict):
+    base: TrainSpec = Field(description="The TrainJob spec every trial starts from.")
+    parameters: dict[str, ParamSpace] = Field(description="Dotted TrainSpec paths (objective.reward_weight, ...) to their spaces.")
+    objective: TuneObjective = Field(default_factory=TuneObjective)
+    algorithm: Literal["random", "grid", "tpe"] = "random"
+    early_stopping: Literal["none", "asha", "median"] = "asha"
+    grace_period: int = Field(1, ge=1, description="Epochs before early stopping may act.")
+    max_trials: int = Field(4, ge=1)
+    parallel_trials: int = Field(1, ge=1)
+    max_failed_trials: int = Field(0, ge=0)
+    seed: int = 0
+    output: str = Field(description="Sweep root URI.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
+
+
+# ----------------------------------------------------------------------------- serve
+
+class AutoscalingSpec(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+
+
+class ServeSpec(_Strict):
+    checkpoint: str = Field(description="Checkpoint URI (or run dir: its best).")
+    host: str = Field("127.0.0.1", description="Bind address. Anything but loopback requires auth_token_env.")
+    port: int = Field(8000, ge=1, le=65535)
+    auth_token_env: str | None = Field(None, description="Name of the env var holding the bearer token.")
+    app_name: str = "mtorl"
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    request_timeout_s: float = Field(10.0, gt=0)
+    max_journey_length: int = Field(512, ge=1)
+    max_users_per_request: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(4_000_000, ge=1024)
+    num_cpus_per_replica: float = Field(0.5, gt=0)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
+
+
+# ----------------------------------------------------------------------------- simulate
+
+class SimulateSpec(_Strict):
+    output: str = Field(description="URI (dir) of the journeys Parquet shards.")
+    users: int = Field(2000, ge=1)
+    mean_steps: float = Field(20.0, gt=1, description="Mean journey length.")
+    channels: list[str] = Field(default_factory=lambda: ["search", "social", "video"])
+    channel_costs: list[float] | None = Field(None, description="Cost per exposure per channel; default 1, 2, 3 ...")
+    n_features: int = Field(4, ge=1, description="Observable user features.")
+    base_rate: float = Field(0.1, gt=0, lt=1)
+    logging_temperature: float = Field(1.0, gt=0, description="Softmax temperature of the logging policy.")
+    shard_steps: int = Field(500_000, ge=1000)
+    seed: int = 0
+    calibrate_from: str | None = Field(None, description="Prepared dataset URI to fit channel shares, rates and lengths to.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
+
+
+# ----------------------------------------------------------------------------- envelope
+
+class _Job(_Strict):
+    api_version: Literal["mtorl/v1"] = Field(API_VERSION, alias="apiVersion")
+    metadata: Metadata
+
+
+class PrepareJob(_Job):
+    kind: Literal["PrepareJob"]
+    spec: PrepareSpec
+
+
+class TrainJob(_Job):
+    kind: Literal["TrainJob"]
+    spec: TrainSpec
+
+
+class EvaluateJob(_Job):
+    kind: Literal["EvaluateJob"]
+    spec: EvaluateSpec
+
+
+class TuneJob(_Job):
+    kind: Literal["TuneJob"]
+    spec: TuneSpec
+
+
+class ServeJob(_Job):
+    kind: Literal["ServeJob"]
+    spec: ServeSpec
+
+
+class SimulateJob(_Job):
+    kind: Literal["SimulateJob"]
+    spec: SimulateSpec
+
+
+Job = Annotated[
+    Union[PrepareJob, TrainJob, EvaluateJob, TuneJob, ServeJob, SimulateJob],
+    Field(discriminator="kind"),
+]
+KINDS: dict[str, type[_Job]] = {c.__name__: c for c in (PrepareJob, TrainJob, EvaluateJob, TuneJob, ServeJob, SimulateJob)}

@@ -1,0 +1,34 @@
+"""Test-session settings shared by unit and integration tests.
+
+Integration fixtures (a real SeaweedFS store and a real local Ray) live in tests/fixtures/ and start
+on free loopback ports; they are stopped by PID at the end of the session.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+for _k, _v in {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+pytest_plugins = ["tests.fixtures.store", "tests.fixtures.ray"]
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared sample datasets beside the checkout; skips when absent (a fresh clone elsewhere)."""
+    if not (SHARED_DATA / "kuairand_sequence.csv.gz").exists():
+        pytest.skip(f"shared sample data not found at ../shared/data (looked in {SHARED_DATA})")
+    return SHARED_DATA
