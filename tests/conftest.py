@@ -21,7 +21,7 @@ for _k, _v in {
 }.items():
     os.environ.setdefault(_k, _v)
 
-pytest_plugins = ["tests.fixtures.store", "tests.fixtures.ray"]
+pytest_plugins = ["tests.fixtures.store", "tests.fixtures.ray", "tests.fixtures.datasets"]
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -77,6 +77,8 @@ class PrepareSpec(_Strict):
     max_journey_length: int = Field(0, ge=0, description="Cut journeys longer than this into consecutive journeys (0 = no cut).")
     journeys: JourneysFormat = Field(default_factory=JourneysFormat, description="Column mapping for source=journeys.")
     manifest_from: str | None = Field(None, description="Preprocess with an existing manifest (dataset or checkpoint URI): same vocabulary and normalization.")
+    spill_partitions: int = Field(0, ge=0, le=4096, description="Hash partitions by user spilled to local disk while grouping rows into journeys (0 = one per ~128 MB of input).")
+    spill_dir: str | None = Field(None, description="Local directory for the spill partitions (default: the system temp directory).")
 
 
 # ----------------------------------------------------------------------------- model
@@ -112,6 +114,7 @@ class ModelSpec(_Strict):
     iql_beta: float = Field(3.0, gt=0)
     bcq_threshold: float = Field(0.3, ge=0, le=1)
     target_update_tau: float = Field(0.005, gt=0, le=1)
+    dt_target_return: float | None = Field(None, ge=0, description="dt: return-to-go to condition on at predict time; default: the largest in-window return-to-go seen in training.")
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelSpec":
@@ -271,6 +274,10 @@ class SimulateSpec(_Strict):
     shard_steps: int = Field(500_000, ge=1000)
     seed: int = 0
     calibrate_from: str | None = Field(None, description="Prepared dataset URI to fit channel shares, rates and lengths to.")
+    channel_shares: list[float] | None = Field(None, description="Target share of each channel under the logging policy (sums to 1); default: whatever the random logging weights give.")
+    channel_rates: list[float] | None = Field(None, description="Target mean reward rate of each channel under the logging policy; default: around base_rate, higher for costlier channels.")
+    length_dispersion: float | None = Field(None, gt=0, description="Negative-binomial shape k of (length - 2); None = 1 (geometric). Larger k = less spread.")
+    write_truth: bool = Field(True, description="Also write the ground-truth reward probability of every channel per step (columns true_p0.., not part of the journeys mapping).")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
 
 

@@ -1,0 +1,43 @@
+# mtorl: the two commands of the README do all the set-up on a fresh clone.
+#   make demo   - virtualenv + install, embedded object store, local Ray, the main job end to end
+#   make test   - virtualenv + install, the whole test suite
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?=
+SOURCE ?=
+DEMO_DIR ?= demo-output
+# torch: pinned to the CPU build that pip finds on a machine without a GPU (no multi-GB CUDA download).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-unit test-integration bench clean store-up store-down
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip wheel
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -c "import mtorl, ray, torch; print('installed mtorl', mtorl.__version__, 'ray', ray.__version__, 'torch', torch.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m mtorl.demo --dir $(DEMO_DIR) $(if $(DATA),--data $(DATA)) $(if $(SOURCE),--source $(SOURCE))
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 tests
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -q tests/integration
+
+bench: $(STAMP)
+	$(BIN)/python -m mtorl.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

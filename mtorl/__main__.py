@@ -1,0 +1,5 @@
+import sys
+
+from mtorl.cli import main
+
+sys.exit(main())

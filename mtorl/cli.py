@@ -1,0 +1,321 @@
+"""``mtorl``: one console script, thin; every command calls the layers below.
+
+Exit codes: 0 success, 1 a failed job (one clear line), 2 a bad spec or bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from mtorl.spec import SpecError, load_job, make_job, validate_doc
+from mtorl.spec.loader import apply_overrides
+
+
+def _p(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _common(sp: argparse.ArgumentParser, spec_required: bool = False) -> None:
+    sp.add_argument("spec", nargs=None if spec_required else "?", help="job spec YAML (apiVersion mtorl/v1)")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                    help="override a field, e.g. --set spec.trainer.workers=2 (repeatable)")
+    sp.add_argument("--result", metavar="FILE", help="also write the JSON result (URIs, metrics, timings) here")
+    sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on loopback)")
+
+
+def _job(args: argparse.Namespace, kind: str, from_flags: Callable[[], dict[str, Any]] | None = None) -> Any:
+    if args.spec:
+        job = load_job(args.spec, args.overrides)
+        if job.kind != kind:
+            raise SpecError(args.spec, [("kind", f"this command runs {kind}, the spec is a {job.kind}")])
+        return job
+    if from_flags is None:
+        raise SpecError("<command line>", [("spec", f"a {kind} spec file is required")])
+    doc = {"apiVersion": "mtorl/v1", "kind": kind, "metadata": {"name": getattr(args, "name", None) or kind.lower()},
+           "spec": from_flags()}
+    doc = apply_overrides(doc, args.overrides)
+    return validate_doc(doc, "<command line>")
+
+
+def _write_result(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    if getattr(args, "result", None):
+        Path(args.result).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.result).write_text(json.dumps(result, indent=2, default=str))
+        _p(f"result written to {args.result}")
+
+
+# ------------------------------------------------------------------------------------- commands
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from mtorl.storage.seaweed import store_command
+
+    return store_command(args.action, args.dir, args.port)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    bad = 0
+    for f in args.files:
+        try:
+            job = load_job(f, args.overrides)
+            _p(f"{f}: ok ({job.kind} {job.metadata.name})")
+        except SpecError as e:
+            print(str(e), file=sys.stderr)
+            bad += 1
+    return 2 if bad else 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from mtorl.spec.models import KINDS
+
+    cls = KINDS.get(args.kind)
+    if cls is None:
+        print(f"unknown kind {args.kind!r}; one of {', '.join(KINDS)}", file=sys.stderr)
+        return 2
+    _p(json.dumps(cls.model_json_schema(by_alias=True), indent=1))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from mtorl.data.prepare import prepare
+
+    def flags() -> dict[str, Any]:
+        d: dict[str, Any] = {"source": args.source, "input": args.input, "output": args.output}
+        for k in ("gain", "penalty", "on_bad_rows", "manifest_from"):
+            v = getattr(args, k)
+            if v is not None:
+                d[k] = v
+        return d
+
+    job = _job(args, "PrepareJob", flags if args.source or args.input or args.output else None)
+    t0 = time.time()
+    manifest = prepare(job.spec, progress=_p)
+    sp = manifest["splits"]
+    _p(f"prepared {job.spec.output}: {manifest['rows_read']} rows read, {manifest['rows_written']} written, "
+       f"dropped {manifest['rows_dropped']}; users train/val/test = "
+       f"{sp['train']['users']}/{sp['val']['users']}/{sp['test']['users']}")
+    _write_result(args, {"kind": "PrepareJob", "dataset": job.spec.output, "version": manifest["version"],
+                         "rows_read": manifest["rows_read"], "rows_written": manifest["rows_written"],
+                         "rows_dropped": manifest["rows_dropped"], "splits": {k: {"users": v["users"], "steps": v["steps"]} for k, v in sp.items()},
+                         "wall_s": round(time.time() - t0, 2)})
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    job = _job(args, "TrainJob")
+    from mtorl.raycluster import init_ray
+    from mtorl.training.driver import run_train
+
+    init_ray(args.address)
+    result = run_train(job, progress=_p)
+    _p(f"run: {result['run_uri']}\nbest checkpoint: {result['best_checkpoint']}\nwall time {result['wall_s']} s")
+    _write_result(args, result)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    def flags() -> dict[str, Any]:
+        d: dict[str, Any] = {"checkpoint": args.checkpoint, "output": args.output or "eval-output"}
+        for k in ("data", "split", "input", "source"):
+            if getattr(args, k):
+                d[k] = getattr(args, k)
+        if args.compare:
+            d["compare"] = args.compare
+        return d
+
+    job = _job(args, "EvaluateJob", flags if args.checkpoint else None)
+    if args.online:
+        from mtorl.sim.closed_loop import run_online_evaluation
+
+        result = run_online_evaluation(job.spec, users=args.users, budget=args.budget, progress=_p)
+    else:
+        from mtorl.evaluation.run import run_evaluate
+
+        result = run_evaluate(job.spec, progress=_p)
+    _write_result(args, result)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    job = _job(args, "TuneJob")
+    from mtorl.raycluster import init_ray
+    from mtorl.tuning.sweep import run_tune
+
+    init_ray(args.address)
+    result = run_tune(job, progress=_p)
+    _write_result(args, result)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    def flags() -> dict[str, Any]:
+        d: dict[str, Any] = {"checkpoint": args.checkpoint}
+        if args.port:
+            d["port"] = args.port
+        if args.host:
+            d["host"] = args.host
+        return d
+
+    job = _job(args, "ServeJob", flags if args.checkpoint else None)
+    from mtorl.serving.app import run_serve
+
+    result = run_serve(job, address=args.address, config_out=args.config_out, blocking=not args.detach, progress=_p)
+    _write_result(args, result)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    def flags() -> dict[str, Any]:
+        d: dict[str, Any] = {"output": args.output}
+        if args.users:
+            d["users"] = args.users
+        if args.seed is not None:
+            d["seed"] = args.seed
+        if args.calibrate_from:
+            d["calibrate_from"] = args.calibrate_from
+        return d
+
+    job = _job(args, "SimulateJob", flags if args.output else None)
+    from mtorl.sim.generate import simulate
+
+    result = simulate(job.spec, progress=_p)
+    _write_result(args, result)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from mtorl.jobs import submit
+
+    return submit(args)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from mtorl.jobs import jobs_command
+
+    return jobs_command(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mtorl.bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
+# ------------------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtorl", description="Multi-task offline RL for budget-aware advertising on Ray.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sp = sub.add_parser("store", help="the embedded S3 object store (SeaweedFS) on 127.0.0.1")
+    sp.add_argument("action", choices=["up", "status", "down"])
+    sp.add_argument("--dir", help="data + state directory (default: $MTORL_STORE_DIR or ~/.mtorl/store)")
+    sp.add_argument("--port", type=int, help="S3 port (default 8333)")
+    sp.set_defaults(fn=cmd_store)
+
+    sp = sub.add_parser("validate", help="validate job specs (exit 2 naming file, field and reason)")
+    sp.add_argument("files", nargs="+")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
+    sp.set_defaults(fn=cmd_validate)
+
+    sp = sub.add_parser("explain", help="print the JSON schema of a job kind (every field documented)")
+    sp.add_argument("kind")
+    sp.set_defaults(fn=cmd_explain)
+
+    sp = sub.add_parser("prepare", help="advertising logs -> CMDP trajectories dataset in object storage")
+    _common(sp)
+    sp.add_argument("--source", choices=["kuairand-sequence", "criteo-sequence", "criteo-attribution", "journeys"])
+    sp.add_argument("--input", help="input file (path or s3:// URI)")
+    sp.add_argument("--output", help="dataset URI")
+    sp.add_argument("--gain", help="gain column (criteo: conversion|click|attribution)")
+    sp.add_argument("--penalty", type=float, help="budget penalty s")
+    sp.add_argument("--on-bad-rows", dest="on_bad_rows", choices=["error", "quarantine"])
+    sp.add_argument("--manifest-from", dest="manifest_from", help="reuse a dataset's or checkpoint's manifest")
+    sp.add_argument("--name", help="job name (without a spec)")
+    sp.set_defaults(fn=cmd_prepare)
+
+    sp = sub.add_parser("train", help="data-parallel training on Ray Train (re-run resumes)")
+    _common(sp, spec_required=True)
+    sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("evaluate", help="offline (or --online, simulated) evaluation and budget allocation")
+    _common(sp)
+    sp.add_argument("--checkpoint", help="checkpoint or run URI")
+    sp.add_argument("--data", help="prepared dataset URI (default: the checkpoint's)")
+    sp.add_argument("--split", choices=["train", "val", "test"])
+    sp.add_argument("--input", help="raw held-back logs, preprocessed with the checkpoint's manifest")
+    sp.add_argument("--source", help="source of --input")
+    sp.add_argument("--output", help="report directory or URI")
+    sp.add_argument("--compare", nargs="*", default=[], metavar="CKPT", help="more checkpoints side by side")
+    sp.add_argument("--online", action="store_true", help="closed-loop evaluation in the simulator")
+    sp.add_argument("--users", type=int, default=2000, help="--online: simulated users")
+    sp.add_argument("--budget", type=float, default=0.3, help="--online: budget as a fraction of the logging policy's spend")
+    sp.add_argument("--name")
+    sp.set_defaults(fn=cmd_evaluate)
+
+    sp = sub.add_parser("tune", help="Ray Tune sweep over the action/reward/preference weighting")
+    _common(sp, spec_required=True)
+    sp.set_defaults(fn=cmd_tune)
+
+    sp = sub.add_parser("serve", help="Ray Serve HTTP endpoints: /v1/recommend, /v1/allocate")
+    _common(sp)
+    sp.add_argument("--checkpoint", help="checkpoint or run URI")
+    sp.add_argument("--host")
+    sp.add_argument("--port", type=int)
+    sp.add_argument("--config-out", help="also write a Serve config YAML (serve deploy / KubeRay RayService)")
+    sp.add_argument("--detach", action="store_true", help="deploy and return instead of blocking")
+    sp.add_argument("--name")
+    sp.set_defaults(fn=cmd_serve)
+
+    sp = sub.add_parser("simulate", help="synthetic advertising journeys with a known ground truth")
+    _common(sp)
+    sp.add_argument("--output")
+    sp.add_argument("--users", type=int)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--calibrate-from", dest="calibrate_from")
+    sp.add_argument("--name")
+    sp.set_defaults(fn=cmd_simulate)
+
+    sp = sub.add_parser("submit", help="submit any job spec to a Ray cluster (Ray Jobs API)")
+    sp.add_argument("spec")
+    sp.add_argument("--address", default=None, help="dashboard address, e.g. http://HEAD:8265 (default RAY_ADDRESS)")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
+    sp.add_argument("--wait", action="store_true", help="stream the logs and exit with the job's status")
+    sp.add_argument("--result", help="with --wait: write the job's result JSON here")
+    sp.set_defaults(fn=cmd_submit)
+
+    sp = sub.add_parser("jobs", help="list | status ID | logs ID | stop ID | result ID")
+    sp.add_argument("action", choices=["list", "status", "logs", "stop", "result"])
+    sp.add_argument("id", nargs="?")
+    sp.add_argument("--address", default=None)
+    sp.set_defaults(fn=cmd_jobs)
+
+    sp = sub.add_parser("bench", help="benchmarks: ratios against plain baselines in the same run")
+    sp.add_argument("rest", nargs=argparse.REMAINDER)
+    sp.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mtorl.errors import USER_ERRORS
+
+    try:
+        return int(args.fn(args) or 0)
+    except SpecError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except USER_ERRORS as e:  # one clear line, no stack trace
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Budget allocation: the channel-level and user-level modules (pure numpy).
+
+The same functions serve offline evaluation (`budget_curve`) and the online `/v1/allocate`
+endpoint (`allocate_requests`).
+
+Channel level (per step / user, C candidate channels, policy pi, predicted reward rhat, cost kappa,
+penalty s >= 0):
+
+    net_c = max(rhat_c - s * kappa_c, 0)
+    w_c   = pi_c * net_c / kappa_c     if kappa_c > 0
+    w_c   = pi_c * max(rhat_c, 0)      if kappa_c == 0   (no division: with all costs zero, w = pi * rhat)
+
+    recommended channel c* = argmax_c w_c; a row whose weights are all zero falls back to argmax pi
+    (ties: lowest index). Negative costs are an error. A free channel (kappa = 0) is scored by raw
+    return while the others are scored by return per cost; give free channels a nominal cost when
+    they compete with paid ones.
+
+User level (items = users or user-steps with value v_i >= 0 expected and cost c_i >= 0, budget B):
+
+    value of an item v_i = pi_{c*} * net_{c*}  (the policy-reweighted predicted return of the
+    recommended channel, i.e. w_{c*} * kappa_{c*}); items are ranked by v_i / c_i (free items with
+    v_i > 0 first), ties stable by index, and the longest prefix with cumulative cost <= B is taken
+    (spend is never above B). This prefix is the Lagrangian solution {i: v_i - lam * c_i > 0}; the
+    multiplier lam >= 0 is found by bisection (the smallest lam whose set fits the budget) and
+    returned. With equal costs c the ranking is by value and the prefix is the top floor(B / c).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from mtorl.evaluation.predictions import Predictions, outcome
+
+__all__ = ["channel_scores", "recommended_channel", "score_steps", "Allocation", "allocate_users",
+           "allocate_requests", "budget_curve", "channel_costs"]
+
+
+def _broadcast_cost(cost: np.ndarray | Sequence[float] | float, shape: tuple[int, int]) -> np.ndarray:
+    """cost: scalar, (C,) per channel, (N,) per step (same for every channel) or (N, C) -> (N, C)."""
+    k = np.asarray(cost, dtype=np.float64)
+    n, c = shape
+    if k.ndim == 1 and k.shape[0] == n and (n != c or c == 1):
+        k = k[:, None]
+    elif k.ndim == 1 and k.shape[0] != c:
+        raise ValueError(f"cost of shape {k.shape} matches neither C={c} channels nor N={n} steps")
+    k = np.broadcast_to(k, shape)
+    if np.any(k < 0) or not np.all(np.isfinite(k)):
+        raise ValueError("costs must be finite and >= 0")
+    return k
+
+
+def channel_scores(action_probs: np.ndarray, reward_pred: np.ndarray,
+                   cost: np.ndarray | Sequence[float] | float, penalty: float = 0.0) -> np.ndarray:
+    """Channel-level reweighting (formula in the module docstring).
+
+    action_probs (N, C), reward_pred (N, C), cost scalar | (C,) | (N,) | (N, C)  ->  w (N, C) >= 0.
+    A (N,) cost is used for every channel of the row. When N == C a 1-D cost is read as per channel.
+    """
+    pi = np.asarray(action_probs, dtype=np.float64)
+    r = np.asarray(reward_pred, dtype=np.float64)
+    if pi.shape != r.shape or pi.ndim != 2:
+        raise ValueError(f"action_probs {pi.shape} and reward_pred {r.shape} must both be (N, C)")
+    k = _broadcast_cost(cost, pi.shape)
+    paid = k > 0
+    net = np.maximum(r - penalty * k, 0.0)
+    per_cost = np.divide(net, k, out=np.zeros_like(net), where=paid)
+    return pi * np.where(paid, per_cost, np.maximum(r, 0.0))
+
+
+def recommended_channel(weights: np.ndarray, action_probs: np.ndarray) -> np.ndarray:
+    """(N,) argmax of the weights; argmax of the policy where every weight of the row is 0."""
+    best = np.argmax(weights, axis=1)
+    dead = weights.max(axis=1) <= 0
+    if np.any(dead):
+        best = np.where(dead, np.argmax(action_probs, axis=1), best)
+    return best
+
+
+def score_steps(action_probs: np.ndarray, reward_pred: np.ndarray, cost: Any,
+                penalty: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Both modules' inputs for N items: (weights (N,C), channel (N,), value (N,), channel_cost (N,)).
+
+    value = pi_{c*} * max(rhat_{c*} - s * kappa_{c*}, 0) (pi_{c*} * max(rhat_{c*}, 0) for a free channel).
+    """
+    pi = np.asarray(action_probs, dtype=np.float64)
+    w = channel_scores(pi, reward_pred, cost, penalty)
+    k = _broadcast_cost(cost, pi.shape)
+    best = recommended_channel(w, pi)
+    rows = np.arange(pi.shape[0])
+    kb = k[rows, best]
+    value = np.where(kb > 0, w[rows, best] * kb, w[rows, best])
+    return w, best, value, kb
+
+
+class Allocation(NamedTuple):
+    selected: np.ndarray      # (N,) bool
+    multiplier: float         # Lagrange multiplier lam of the budget (0 when the budget is slack)
+    spend: float              # sum of the selected costs, <= budget
+
+
+def _spend_at(lam: float, v: np.ndarray, c: np.ndarray, free: np.ndarray) -> float:
+    return float(c[(v - lam * c > 0) & ~free].sum())
+
+
+def allocate_users(values: np.ndarray, costs: np.ndarray, budget: float,
+                   require_positive: bool = False, tol: float = 1e-9, max_iter: int = 100) -> Allocation:
+    """User-level module: greedy by value per cost within `budget` (see the module docstring).
+
+    values (N,), costs (N,) >= 0, budget >= 0 -> Allocation(selected (N,) bool, multiplier, spend).
+    require_positive=False also fills the budget with items of value <= 0 after the positive ones
+    (top-k semantics, used by `budget_curve`); True never selects them (online allocation).
+    Free items (cost 0) are always selected (when their value is positive, or require_positive is off).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    c = np.asarray(costs, dtype=np.float64)
+    if v.shape != c.shape or v.ndim != 1:
+        raise ValueError(f"values {v.shape} and costs {c.shape} must both be (N,)")
+    if np.any(c < 0) or not np.all(np.isfinite(c)) or not np.all(np.isfinite(v)):
+        raise ValueError("costs must be finite and >= 0, values finite")
+    budget = max(float(budget), 0.0)
+    free = c == 0
+    ratio = np.divide(v, c, out=np.where(v > 0, np.inf, v).astype(np.float64), where=~free)
+    order = np.argsort(-ratio, kind="stable")
+    eligible = (v[order] > 0) if require_positive else np.ones(v.size, dtype=bool)
+    cum = np.cumsum(np.where(eligible, c[order], 0.0))
+    fits = cum <= budget
+    # longest prefix that fits: everything before the first item that does not fit
+    stop = int(np.argmin(fits)) if not fits.all() else v.size
+    take = np.zeros(v.size, dtype=bool)
+    take[:stop] = True
+    take |= free[order]                # cost nothing: always within budget
+    take &= eligible
+    selected = np.zeros(v.size, dtype=bool)
+    selected[order] = take
+    spend = float(c[selected].sum())
+
+    # Lagrange multiplier: smallest lam >= 0 with spend({v - lam c > 0}) <= budget (bisection)
+    lam = 0.0
+    if v.size and _spend_at(0.0, v, c, free) > budget:
+        lo, hi = 0.0, float(np.max(ratio[np.isfinite(ratio)], initial=0.0)) + 1.0
+        for _ in range(max_iter):
+            mid = 0.5 * (lo + hi)
+            if _spend_at(mid, v, c, free) > budget:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo <= tol * max(1.0, hi):
+                break
+        lam = hi
+    return Allocation(selected=selected, multiplier=float(lam), spend=spend)
+
+
+def allocate_requests(users: Sequence[tuple[Any, Sequence[float], Sequence[float], Sequence[float] | float]],
+                      budget: float, penalty: float | None = None,
+                      channels: Sequence[str] | None = None) -> dict[str, Any]:
+    """Online allocation for a batch of users (the `/v1/allocate` body).
+
+    users: [(user_id, reward_pred (C,), action_probs (C,), cost (C,) or scalar)], budget >= 0,
+    penalty s (None = 0). Each user gets its recommended channel (channel level); users are then
+    chosen by value per cost within the budget (user level, only positive values).
+    Returns {selected: [{user_id, channel, channel_index, expected_reward, value, cost}] in ranking
+    order, total_expected_reward, spend, multiplier}; `channel` is the name when `channels` is given,
+    else the index. expected_reward is rhat of the recommended channel.
+    """
+    s = 0.0 if penalty is None else float(penalty)
+    if not users:
+        return {"selected": [], "total_expected_reward": 0.0, "spend": 0.0, "multiplier": 0.0}
+    ids = [u[0] for u in users]
+    r = np.stack([np.asarray(u[1], dtype=np.float64) for u in users])           # (U, C)
+    pi = np.stack([np.asarray(u[2], dtype=np.float64) for u in users])          # (U, C)
+    k = np.stack([np.broadcast_to(np.asarray(u[3], dtype=np.float64), r.shape[1:]) for u in users])
+    if r.shape != pi.shape:
+        raise ValueError(f"reward_pred {r.shape[1:]} and action_probs {pi.shape[1:]} differ in channels")
+    if channels is not None and len(channels) != r.shape[1]:
+        raise ValueError(f"{len(channels)} channel names for {r.shape[1]} channels")
+    _, best, value, kb = score_steps(pi, r, k, s)
+    alloc = allocate_users(value, kb, budget, require_positive=True)
+    idx = np.flatnonzero(alloc.selected)
+    ratio = np.divide(value[idx], kb[idx], out=np.full(idx.size, np.inf), where=kb[idx] > 0)
+    idx = idx[np.argsort(-ratio, kind="stable")]
+    rows = np.arange(r.shape[0])
+    expected = r[rows, best]
+    out = [{"user_id": ids[i],
+            "channel": channels[best[i]] if channels is not None else int(best[i]),
+            "channel_index": int(best[i]),
+            "expected_reward": float(expected[i]),
+            "value": float(value[i]),
+            "cost": float(kb[i])} for i in idx]
+    return {"selected": out,
+            "total_expected_reward": float(expected[idx].sum()),
+            "spend": float(kb[idx].sum()),
+            "multiplier": alloc.multiplier}
+
+
+def channel_costs(p: Predictions) -> np.ndarray:
+    """(C,) mean logged cost per channel in `p` (a channel never logged gets the overall mean)."""
+    c = p.n_channels
+    n = np.bincount(p.channel, minlength=c).astype(np.float64)
+    tot = np.bincount(p.channel, weights=p.cost, minlength=c)
+    overall = float(p.cost.mean()) if p.n_steps else 1.0
+    return np.where(n > 0, tot / np.maximum(n, 1), overall)
+
+
+def budget_curve(p: Predictions, fractions: Sequence[float], policy: str = "model",
+                 penalty: float = 0.0, cost_per_channel: np.ndarray | None = None,
+                 seed: int = 0) -> dict[str, Any]:
+    """Offline budget curve over user-steps of a split.
+
+    For each fraction f: budget B = f * (total logged cost) (unit costs when the logged costs sum to
+    0); each step's value is `score_steps` with the per-channel costs (`cost_per_channel`, default
+    `channel_costs(p)`), its cost is the LOGGED cost (the spend the log can vouch for), and steps are
+    chosen with `allocate_users` (top-k semantics).
+        select_rate = mean outcome of the selected steps
+        replay_rate = sum of outcomes over selected steps whose recommended channel == logged channel,
+                      divided by the number selected (as the reference notebooks do)
+        roi         = sum of logged gain of the selected steps / spend (None when spend is 0)
+    policy: "model" (pi-reweighted, as above), "reward" (ignore pi: uniform pi), "random" (random
+    values, seeded; the channel is still the model's).
+    Returns {base_rate, total_cost, policy, points: [{fraction, budget, spend, selected, select_rate,
+    replay_rate, roi, multiplier}]}; base_rate = mean outcome of every step.
+    """
+    y = outcome(p)
+    kc = channel_costs(p) if cost_per_channel is None else np.asarray(cost_per_channel, dtype=np.float64)
+    pi = p.action_probs
+    if policy == "reward":
+        pi = np.ones_like(pi)
+    elif policy not in ("model", "random"):
+        raise ValueError(f"unknown policy {policy!r}: model, reward or random")
+    _, best, value, _ = score_steps(pi, p.reward_pred, kc, penalty)
+    if policy == "random":
+        value = np.random.default_rng(seed).random(p.n_steps)
+    step_cost = p.cost if p.cost.sum() > 0 else np.ones(p.n_steps)
+    total = float(step_cost.sum())
+    match = best == p.channel
+    points = []
+    for f in fractions:
+        budget = float(np.round(float(f) * total, 9))
+        a = allocate_users(value, step_cost, budget)
+        n_sel = int(a.selected.sum())
+        points.append({
+            "fraction": float(f),
+            "budget": budget,
+            "spend": a.spend,
+            "selected": n_sel,
+            "select_rate": float(y[a.selected].mean()) if n_sel else None,
+            "replay_rate": float(y[a.selected & match].sum() / n_sel) if n_sel else None,
+            "roi": float(p.gain[a.selected].sum() / a.spend) if a.spend > 0 else None,
+            "multiplier": a.multiplier,
+        })
+    return {"base_rate": float(y.mean()) if p.n_steps else None, "total_cost": total,
+            "policy": policy, "points": points}

@@ -1,0 +1,86 @@
+"""``Predictor``: a checkpoint turned into per-step predictions. No Ray, no Serve.
+
+Offline evaluation and the Serve deployment both use it, so a request is preprocessed exactly as in
+training: the checkpoint's own manifest (vocabulary, normalisation, reward scale) is the only source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from mtorl.data.windows import Journey, pad_journeys
+from mtorl.models import Batch, build_model
+from mtorl.spec import ModelSpec
+from mtorl.training.checkpoint import LoadedCheckpoint, load_checkpoint
+
+
+@dataclass
+class Prediction:
+    action_probs: np.ndarray  # (T, C) π(c | history before t, s_t)
+    reward: np.ndarray  # (T, C) predicted reward of every candidate channel at t
+
+
+class Predictor:
+    def __init__(self, loaded: LoadedCheckpoint, device: str = "cpu", threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.loaded = loaded
+        self.meta = loaded.meta
+        self.manifest: dict[str, Any] = loaded.manifest
+        self.channels: list[str] = list(self.manifest["channels"])
+        args = self.meta["model_args"]
+        self.binary = bool(args["binary"])
+        self.model_spec = ModelSpec.model_validate(self.meta["spec"]["spec"]["model"])
+        self.device = torch.device(device)
+        model = build_model(self.model_spec, state_dim=int(args["state_dim"]), n_channels=int(args["n_channels"]), binary=self.binary)
+        model.load_state_dict(loaded.state_dict)
+        self.model = model.to(self.device).eval()
+
+    @classmethod
+    def from_checkpoint(cls, uri: str, device: str = "cpu") -> "Predictor":
+        return cls(load_checkpoint(uri), device=device)
+
+    @property
+    def name(self) -> str:
+        return self.model_spec.name
+
+    @property
+    def uri(self) -> str:
+        return self.loaded.uri
+
+    @torch.no_grad()
+    def predict_journeys(self, journeys: Sequence[Journey], batch_size: int = 256) -> list[Prediction]:
+        """Predictions at every step of every journey; the prediction at t sees only inputs ≤ t."""
+        out: list[Prediction] = []
+        order = np.argsort([len(j.channel) for j in journeys], kind="stable")  # similar lengths batch together
+        preds: dict[int, Prediction] = {}
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            chunk = [journeys[i] for i in idx]
+            arrays = pad_journeys(chunk)
+            batch = Batch.from_numpy(arrays, device=self.device)
+            probs, reward = self.model.predict(batch)
+            probs, reward = probs.float().cpu().numpy(), reward.float().cpu().numpy()
+            for k, i in enumerate(idx):
+                T = len(journeys[i].channel)
+                preds[int(i)] = Prediction(probs[k, :T], reward[k, :T])
+        for i in range(len(journeys)):
+            out.append(preds[i])
+        return out
+
+    def predict_next(self, journeys: Sequence[Journey], next_states: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Prediction for the step after each journey: inputs (a_{T−1}, r_{T−1}, s_T).
+
+        ``next_states`` (B, D) are the normalised states of the coming opportunity; by default the
+        last observed state is carried forward. Returns action probs (B, C) and rewards (B, C).
+        """
+        extended = []
+        for b, j in enumerate(journeys):
+            s_next = j.state[-1] if next_states is None else next_states[b]
+            extended.append(j.extend(s_next))
+        preds = self.predict_journeys(extended)
+        return np.stack([p.action_probs[-1] for p in preds]), np.stack([p.reward[-1] for p in preds])

@@ -1,0 +1,129 @@
+"""Driver of a TrainJob: builds the Ray Train ``TorchTrainer`` from the typed spec and runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from mtorl import storage
+from mtorl.data.pipeline import load_manifest, manifest_sha256, window_dataset
+from mtorl.spec import TrainJob, job_to_dict
+from mtorl.training.checkpoint import BEST_FILE
+
+PASS_ENV_PREFIXES = ("AWS_", "MTORL_", "WANDB_", "RAY_DATA_")
+
+
+def worker_env() -> dict[str, str]:
+    """Environment the workers need (object-store credentials included; never printed)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(PASS_ENV_PREFIXES)}
+
+
+def run_uri(job: TrainJob) -> str:
+    return storage.join(job.spec.output, job.metadata.name)
+
+
+def storage_args(uri: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for RunConfig: ``bucket/prefix`` plus the S3 filesystem for s3://."""
+    fs, path = storage.resolve(uri)
+    if uri.startswith("s3://"):
+        storage.ensure_bucket(uri)
+        return path, fs
+    os.makedirs(path, exist_ok=True)
+    return path, None
+
+
+def to_uri(output: str, path: str) -> str:
+    return f"s3://{path}" if output.startswith("s3://") else path
+
+
+def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: str | None = None,
+                  storage_path_override: tuple[str, Any] | None = None) -> tuple[TorchTrainer, dict[str, Any]]:
+    spec = job.spec
+    manifest = load_manifest(spec.data)
+    datasets = {
+        "train": window_dataset(spec.data, "train", spec.window, manifest=manifest),
+        "val": window_dataset(spec.data, "val", spec.window, manifest=manifest),
+    }
+    t = spec.trainer
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    storage_path, fs = storage_path_override or storage_args(spec.output)
+    env = worker_env()
+    env.setdefault("WANDB_MODE", spec.tracking.wandb)
+    trainer = TorchTrainer(
+        _loop,
+        train_loop_config={"job": job_to_dict(job), "manifest": manifest, "manifest_sha256": manifest_sha256(spec.data)},
+        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        datasets=datasets,
+        run_config=RunConfig(
+            name=run_name or job.metadata.name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_top_k, checkpoint_score_attribute=t.metric,
+                                               checkpoint_score_order=t.mode),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            worker_runtime_env={"env_vars": env},
+            callbacks=callbacks or None,
+        ),
+    )
+    return trainer, manifest
+
+
+def _loop(config: dict[str, Any]) -> None:
+    from mtorl.training.worker import train_loop
+
+    train_loop(config)
+
+
+def best_of(result: Any, metric: str, mode: str) -> tuple[Any, dict[str, Any]]:
+    best = None
+    for ck, m in result.best_checkpoints or []:
+        v = m.get(metric)
+        if v is None:
+            continue
+        if best is None or (v < best[1][metric] if mode == "min" else v > best[1][metric]):
+            best = (ck, m)
+    if best is None and result.checkpoint is not None:
+        best = (result.checkpoint, result.metrics or {})
+    if best is None:
+        raise RuntimeError("training produced no checkpoint")
+    return best
+
+
+def run_train(job: TrainJob, progress: Any = print) -> dict[str, Any]:
+    """Run (or resume: same run name) a TrainJob; returns the result dict."""
+    spec = job.spec
+    t0 = time.time()
+    if not ray.is_initialized():
+        ray.init(logging_level="WARNING")
+    uri = run_uri(job)
+    progress(f"training {spec.model.name} on {spec.data} with {spec.trainer.workers} worker(s) -> {uri}")
+    trainer, manifest = build_trainer(job)
+    result = trainer.fit()
+    ck, metrics = best_of(result, spec.trainer.metric, spec.trainer.mode)
+    best_uri = to_uri(spec.output, ck.path)
+    storage.write_json(storage.join(uri, BEST_FILE), {"checkpoint": best_uri, "metric": spec.trainer.metric,
+                                                      "value": metrics.get(spec.trainer.metric)})
+    final = result.metrics or {}
+    wall = time.time() - t0
+    out = {
+        "kind": "TrainJob", "name": job.metadata.name, "run_uri": uri, "best_checkpoint": best_uri,
+        "latest_checkpoint": to_uri(spec.output, result.checkpoint.path) if result.checkpoint else None,
+        "best_metrics": _plain(metrics), "final_metrics": _plain(final), "wall_s": round(wall, 2),
+        "samples_per_s": final.get("train/samples_per_s"), "node_ids": final.get("perf/node_ids", []),
+    }
+    progress(f"best checkpoint ({spec.trainer.metric}={metrics.get(spec.trainer.metric)}): {best_uri}")
+    return out
+
+
+def _plain(m: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(m, default=str))

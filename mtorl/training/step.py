@@ -1,0 +1,158 @@
+"""Plain PyTorch training and validation steps (no Ray): the worker glue calls these.
+
+Losses come from ``mtorl.training.losses.compute_loss``; the optimizer step is kept apart from it.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from mtorl.models import Batch
+from mtorl.spec.models import ObjectiveSpec
+from mtorl.training.losses import compute_loss
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss becomes NaN/inf; the last good checkpoint is kept."""
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def autocast(device: torch.device) -> Any:
+    """bf16 autocast on GPU; full precision on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass
+class StepStats:
+    """Running sums of losses weighted by valid steps."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    windows: int = 0
+
+    def add(self, losses: dict[str, torch.Tensor], n_steps: int, n_windows: int) -> None:
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach()) * n_steps
+        self.steps += n_steps
+        self.windows += n_windows
+
+    def means(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}/{k}": v / max(self.steps, 1) for k, v in self.sums.items()}
+
+
+def train_batches(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[dict[str, np.ndarray]],
+    objective: ObjectiveSpec,
+    binary: bool,
+    device: torch.device,
+    grad_clip: float,
+    max_steps: int | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> StepStats:
+    """One pass over ``batches``; raises NonFiniteLossError on a NaN/inf loss."""
+    model.train()
+    stats = StepStats()
+    for i, nb in enumerate(batches):
+        if max_steps is not None and i >= max_steps:
+            break
+        batch = Batch.from_numpy(nb, device=device)
+        with autocast(device):
+            out = model(batch)
+            losses = compute_loss(unwrap(model), out, batch, objective, binary)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"non-finite loss {float(loss)} at batch {i} ({ {k: float(v) for k, v in losses.items()} })")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        after = getattr(unwrap(model), "after_step", None)
+        if callable(after):
+            after()
+        n_steps = int(batch.mask.sum())
+        stats.add(losses, n_steps, int(batch.mask.shape[0]))
+        if on_step is not None:
+            on_step(i, {k: float(v) for k, v in losses.items()})
+    return stats
+
+
+@dataclass
+class ValOutputs:
+    stats: StepStats
+    channel: np.ndarray  # (N,) logged channel of valid steps
+    action_probs: np.ndarray  # (N, C)
+    reward: np.ndarray  # (N,) target reward
+    reward_hat: np.ndarray  # (N,) predicted reward of the logged channel
+
+
+@torch.no_grad()
+def validate_batches(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, np.ndarray]],
+    objective: ObjectiveSpec,
+    binary: bool,
+    device: torch.device,
+) -> ValOutputs:
+    """Losses plus the valid-step predictions needed for cross-worker metrics."""
+    model.eval()
+    stats = StepStats()
+    ch, probs, rew, rhat = [], [], [], []
+    core = unwrap(model)
+    for nb in batches:
+        batch = Batch.from_numpy(nb, device=device)
+        with autocast(device):
+            out = core(batch)
+            losses = compute_loss(core, out, batch, objective, binary)
+        stats.add(losses, int(batch.mask.sum()), int(batch.mask.shape[0]))
+        p, r = core.predict(batch)
+        m = batch.mask
+        idx = batch.channel.clamp(min=0)
+        ch.append(batch.channel[m].cpu().numpy())
+        probs.append(p[m].float().cpu().numpy())
+        rew.append(batch.reward[m].float().cpu().numpy())
+        rhat.append(r.gather(-1, idx.unsqueeze(-1)).squeeze(-1)[m].float().cpu().numpy())
+    cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape, np.float32)  # noqa: E731
+    return ValOutputs(stats, cat(ch, (0,)).astype(np.int64), cat(probs, (0, 0)), cat(rew, (0,)), cat(rhat, (0,)))
+
+
+def val_metrics(channel: np.ndarray, action_probs: np.ndarray, reward: np.ndarray, reward_hat: np.ndarray, binary: bool) -> dict[str, float]:
+    """Metrics over the valid steps of ALL workers (call after gathering)."""
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    out: dict[str, float] = {}
+    if len(channel) == 0:
+        return out
+    pred = action_probs.argmax(-1)
+    out["accuracy"] = float((pred == channel).mean())
+    out["macro_f1"] = float(f1_score(channel, pred, average="macro", labels=np.arange(action_probs.shape[1]), zero_division=0))
+    aucs = []
+    for c in range(action_probs.shape[1]):
+        y = channel == c
+        if 0 < y.sum() < len(y):
+            aucs.append(roc_auc_score(y, action_probs[:, c]))
+    out["mean_auc"] = float(np.mean(aucs)) if aucs else math.nan
+    y = reward > 0.5 if binary else reward
+    if binary and 0 < y.sum() < len(y):
+        out["reward_auc"] = float(roc_auc_score(y, reward_hat))
+    elif not binary:
+        out["reward_mse"] = float(np.mean((reward_hat - reward) ** 2))
+    return out
+
+
+def iterate_numpy(it: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    for b in it:
+        yield {k: np.asarray(v) for k, v in b.items()}

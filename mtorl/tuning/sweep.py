@@ -1,0 +1,252 @@
+"""Ray Tune sweeps over the task weighting (μ, λ, and optionally lr / model size).
+
+Train V2 + Tune: every trial is a small driver function that builds a real ``TorchTrainer`` and
+reports through ``TuneReportCallback`` (``Tuner(trainer)`` is deprecated). The trial driver itself
+takes 0.01 CPU so trials never deadlock with their training workers on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import yaml
+
+from ray.tune.stopper import Stopper
+
+from mtorl import storage
+from mtorl.spec import TrainJob, TuneJob, job_to_dict, validate_doc
+from mtorl.spec.loader import apply_overrides
+from mtorl.spec.models import ParamSpace, TuneSpec
+from mtorl.training.checkpoint import BEST_FILE
+from mtorl.training.driver import best_of, build_trainer, storage_args, to_uri
+
+SEP = "__"  # Tune config keys can't hold dots reliably: objective.reward_weight -> objective__reward_weight
+
+
+def _key(path: str) -> str:
+    return path.replace(".", SEP)
+
+
+def _path(key: str) -> str:
+    return key.replace(SEP, ".")
+
+
+def search_space(spec: TuneSpec) -> dict[str, Any]:
+    """Tune domains from the spec's feasible spaces (grid: the listed values, or 3 points per range)."""
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for path, p in spec.parameters.items():
+        space[_key(path)] = _domain(p, spec.algorithm)
+    return space
+
+
+def _domain(p: ParamSpace, algorithm: str) -> Any:
+    import numpy as np
+    from ray import tune
+
+    if algorithm == "grid":
+        if p.values is not None:
+            return tune.grid_search(list(p.values))
+        assert p.min is not None and p.max is not None
+        pts = np.geomspace(p.min, p.max, 3) if p.log and p.min > 0 else np.linspace(p.min, p.max, 3)
+        return tune.grid_search([int(round(x)) if p.type == "int" else float(x) for x in pts])
+    if p.type == "categorical" or p.values is not None:
+        return tune.choice(list(p.values or []))
+    assert p.min is not None and p.max is not None
+    if p.type == "int":
+        return tune.lograndint(int(p.min), int(p.max) + 1) if p.log else tune.randint(int(p.min), int(p.max) + 1)
+    return tune.loguniform(p.min, p.max) if p.log and p.min > 0 else tune.uniform(p.min, p.max)
+
+
+def trial_job(base: TrainJob, config: dict[str, Any], name: str, output: str) -> TrainJob:
+    doc = job_to_dict(base)
+    doc["metadata"]["name"] = name
+    doc["spec"]["output"] = output
+    doc = apply_overrides(doc, [f"spec.{_path(k)}={json.dumps(v)}" for k, v in config.items()])
+    return validate_doc(doc, f"<trial {name}>")
+
+
+def _make_trial_fn(base_doc: dict[str, Any], trials_uri: str, sweep_name: str, group: str) -> Any:
+    def trial(config: dict[str, Any]) -> None:
+        import ray.tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        base = validate_doc(base_doc, "<tune base>")
+        trial_id = ray.tune.get_context().get_trial_id()
+        name = f"{sweep_name}-{trial_id}".lower().replace("_", "-")
+        doc = job_to_dict(trial_job(base, config, name, trials_uri))
+        doc["spec"]["tracking"]["group"] = group
+        job = validate_doc(doc, f"<trial {name}>")
+        trainer, _ = build_trainer(job, callbacks=[TuneReportCallback()])
+        result = trainer.fit()
+        t = job.spec.trainer
+        ck, m = best_of(result, t.metric, t.mode)
+        storage.write_json(storage.join(trials_uri, name, BEST_FILE),
+                           {"checkpoint": to_uri(trials_uri, ck.path), "metric": t.metric, "value": m.get(t.metric)})
+
+    return trial
+
+
+class GoalStopper(Stopper):
+    """Stops the whole sweep once any trial reaches the objective's goal."""
+
+    def __init__(self, metric: str, mode: str, goal: float | None):
+        self.metric, self.mode, self.goal, self.reached = metric, mode, goal, False
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        v = result.get(self.metric)
+        if self.goal is not None and v is not None and (v >= self.goal if self.mode == "max" else v <= self.goal):
+            self.reached = True
+        return False
+
+    def stop_all(self) -> bool:
+        return self.reached
+
+
+def run_tune(job: TuneJob, progress: Any = print) -> dict[str, Any]:
+    import ray.tune as tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+    from ray.tune.search import BasicVariantGenerator
+    spec = job.spec
+    t0 = time.time()
+    base = TrainJob(apiVersion="mtorl/v1", kind="TrainJob", metadata={"name": job.metadata.name}, spec=spec.base)
+    sweep_uri = storage.join(spec.output, job.metadata.name)
+    trials_uri = storage.join(sweep_uri, "trials")
+    storage_path, fs = storage_args(spec.output)
+    group = spec.base.tracking.group or job.metadata.name
+    metric, mode = spec.objective.metric, spec.objective.mode
+    epochs = spec.base.trainer.epochs
+
+    trainable = tune.with_resources(_make_trial_fn(job_to_dict(base), trials_uri, job.metadata.name, group), {"CPU": 0.01})
+    if spec.early_stopping == "asha":
+        scheduler: Any = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=spec.grace_period, reduction_factor=2)
+    elif spec.early_stopping == "median":
+        scheduler = MedianStoppingRule(time_attr="training_iteration", grace_period=spec.grace_period, min_samples_required=2)
+    else:
+        scheduler = FIFOScheduler()
+    if spec.algorithm == "tpe":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg: Any = OptunaSearch(seed=spec.seed)
+    else:
+        search_alg = BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.parallel_trials)
+
+    callbacks = []
+    if spec.base.tracking.wandb != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        os.environ.setdefault("WANDB_MODE", spec.base.tracking.wandb)
+        callbacks.append(WandbLoggerCallback(project=spec.base.tracking.project, group=group, entity=spec.base.tracking.entity,
+                                             mode=spec.base.tracking.wandb, log_config=True))
+    exp_path = f"{storage_path.rstrip('/')}/{job.metadata.name}/tune"
+    restored = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
+    if restored:
+        progress(f"resuming sweep {job.metadata.name} from {to_uri(spec.output, exp_path)} (completed trials are not re-run)")
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)
+    else:
+        progress(f"sweep {job.metadata.name}: {spec.max_trials} trial(s), {spec.algorithm} search, {spec.early_stopping} early stopping")
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(spec),
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=search_alg, scheduler=scheduler,
+                                        num_samples=1 if spec.algorithm == "grid" else spec.max_trials,
+                                        max_concurrent_trials=spec.parallel_trials),
+            run_config=tune.RunConfig(name="tune", storage_path=f"{storage_path.rstrip('/')}/{job.metadata.name}",
+                                      storage_filesystem=fs, stop=GoalStopper(metric, mode, spec.objective.goal), callbacks=callbacks,
+                                      failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+        )
+    results = tuner.fit()
+    return summarize(job, results, sweep_uri, trials_uri, time.time() - t0, restored, progress)
+
+
+def _state(r: Any, epochs: int) -> str:
+    if r.error is not None:
+        return "failed"
+    it = (r.metrics or {}).get("training_iteration", 0)
+    return "completed" if it >= epochs else "stopped early"
+
+
+def summarize(job: TuneJob, results: Any, sweep_uri: str, trials_uri: str, wall: float, restored: bool, progress: Any) -> dict[str, Any]:
+    spec = job.spec
+    metric, mode = spec.objective.metric, spec.objective.mode
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        cfg = {_path(k): v for k, v in (r.config or {}).items()}
+        hist = r.metrics_dataframe
+        best_v = None
+        if hist is not None and metric in hist:
+            col = hist[metric].dropna()
+            if len(col):
+                best_v = float(col.max() if mode == "max" else col.min())
+        rows.append({"trial": m.get("trial_id") or os.path.basename(str(r.path)), "config": cfg,
+                     "mu": cfg.get("objective.reward_weight", spec.base.objective.reward_weight),
+                     "lambda": cfg.get("objective.pref_weight", spec.base.objective.pref_weight),
+                     "metric": best_v, "epochs": m.get("training_iteration", 0),
+                     "state": _state(r, spec.base.trainer.epochs), "error": str(r.error)[:300] if r.error else None})
+    ok = [r for r in rows if r["metric"] is not None]
+    ok.sort(key=lambda r: r["metric"], reverse=mode == "max")
+    failed = sum(r["state"] == "failed" for r in rows)
+    out: dict[str, Any] = {"kind": "TuneJob", "name": job.metadata.name, "sweep_uri": sweep_uri, "metric": metric, "mode": mode,
+                           "trials": len(rows), "failed_trials": failed, "restored": restored, "leaderboard": rows, "wall_s": round(wall, 2)}
+    if ok:
+        best = ok[0]
+        name = f"{job.metadata.name}-{best['trial']}".lower().replace("_", "-")
+        base = TrainJob(apiVersion="mtorl/v1", kind="TrainJob", metadata={"name": f"{job.metadata.name}-best"}, spec=spec.base)
+        best_job = trial_job(base, {_key(k): v for k, v in best["config"].items()}, f"{job.metadata.name}-best", spec.base.output)
+        best_yaml = f"# mtorl train best-trainjob.yaml\n# best of sweep {job.metadata.name}: {metric}={best['metric']}\n" + yaml.safe_dump(job_to_dict(best_job), sort_keys=False)
+        storage.write_bytes(storage.join(sweep_uri, "best-trainjob.yaml"), best_yaml.encode())
+        best_ptr = storage.join(trials_uri, name, BEST_FILE)
+        out["best"] = {"trial": best["trial"], "config": best["config"], "metric": best["metric"],
+                       "checkpoint": storage.read_json(best_ptr)["checkpoint"] if storage.exists(best_ptr) else None,
+                       "trainjob_yaml": storage.join(sweep_uri, "best-trainjob.yaml")}
+        storage.write_json(storage.join(sweep_uri, BEST_FILE), {"checkpoint": out["best"]["checkpoint"], "metric": metric, "value": best["metric"]})
+    storage.write_json(storage.join(sweep_uri, "leaderboard.json"), rows)
+    md = ["| trial | μ | λ | other parameters | " + metric + " | epochs | state |", "|---|---|---|---|---|---|---|"]
+    for r in ok + [r for r in rows if r["metric"] is None]:
+        other = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["config"].items()
+                          if k not in ("objective.reward_weight", "objective.pref_weight"))
+        md.append(f"| {r['trial']} | {r['mu']:.4g} | {r['lambda']:.4g} | {other} | "
+                  f"{'' if r['metric'] is None else format(r['metric'], '.4f')} | {r['epochs']} | {r['state']} |")
+    storage.write_bytes(storage.join(sweep_uri, "leaderboard.md"), ("\n".join(md) + "\n").encode())
+    png = _plot(rows, metric)
+    if png:
+        storage.write_bytes(storage.join(sweep_uri, "metric_mu_lambda.png"), png)
+        out["plot"] = storage.join(sweep_uri, "metric_mu_lambda.png")
+    progress("\n".join(md))
+    progress(f"leaderboard: {storage.join(sweep_uri, 'leaderboard.md')}")
+    if "best" in out:
+        progress(f"best: {out['best']['config']} {metric}={out['best']['metric']:.4f}\n  checkpoint: {out['best']['checkpoint']}\n  ready-to-run TrainJob: {out['best']['trainjob_yaml']}")
+    if failed > spec.max_failed_trials:
+        raise RuntimeError(f"{failed} trial(s) failed (max_failed_trials={spec.max_failed_trials}); first error: "
+                           f"{next(r['error'] for r in rows if r['error'])}")
+    return out
+
+
+def _plot(rows: list[dict[str, Any]], metric: str) -> bytes | None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r["metric"] is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4))
+    sc = ax.scatter([r["mu"] for r in pts], [r["lambda"] for r in pts], c=[r["metric"] for r in pts], cmap="viridis", s=80, edgecolors="k")
+    fig.colorbar(sc, label=metric)
+    ax.set_xscale("log") if min(r["mu"] for r in pts) > 0 else None
+    ax.set_xlabel("μ (reward weight)")
+    ax.set_ylabel("λ (preference weight)")
+    ax.set_title(f"{metric} over (μ, λ)")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

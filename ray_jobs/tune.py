@@ -1,0 +1,8 @@
+"""`ray job submit -- python -m ray_jobs.tune SPEC`: run a TuneJob spec on the cluster."""
+
+import sys
+
+from ray_jobs._entry import run
+
+if __name__ == "__main__":
+    sys.exit(run("tune"))
