@@ -334,7 +334,7 @@ def _numeric(col: Any, allow_time: bool = False) -> np.ndarray:
         return pc.fill_null(pc.cast(s, pa.float64()), float("nan")).to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass
-    v = pd.to_numeric(pd.Series(s.to_numpy(zero_copy_only=False), dtype=object), errors="coerce").to_numpy(dtype=np.float64)
+    v = pd.to_numeric(pd.Series(s.to_numpy(zero_copy_only=False), dtype=object), errors="coerce").to_numpy(dtype=np.float64, copy=True)
     if allow_time:
         miss = np.isnan(v)
         if miss.any():

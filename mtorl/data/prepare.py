@@ -230,7 +230,6 @@ class _Run:
     def _bad_rows(self, chunk: Chunk) -> None:
         if not chunk.bad_index.size:
             return
-        raw_rows = chunk.rows.num_rows  # noqa: F841 - kept for symmetry in debugging
         first = int(chunk.bad_index[0])
         row_no = self._row0 + first
         if self.spec.on_bad_rows == "error":

@@ -6,7 +6,7 @@ training: the checkpoint's own manifest (vocabulary, normalisation, reward scale
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,6 +22,15 @@ from mtorl.training.checkpoint import LoadedCheckpoint, load_checkpoint
 class Prediction:
     action_probs: np.ndarray  # (T, C) π(c | history before t, s_t)
     reward: np.ndarray  # (T, C) predicted reward of every candidate channel at t
+
+
+def extend_journey(j: Journey, next_state: np.ndarray) -> Journey:
+    """The journey plus one pending step with state ``next_state``; its own labels are placeholders
+    (the model is causal: outputs at the new step depend on a_{T−1}, r_{T−1} and s_T only)."""
+    one = lambda a, v: np.concatenate([a, np.array([v], dtype=a.dtype)])  # noqa: E731
+    return replace(j, channel=one(j.channel, 0), gain=one(j.gain, 0.0), cost=one(j.cost, 0.0),
+                   propensity=one(j.propensity, np.nan), reward=one(j.reward, 0.0),
+                   state=np.concatenate([j.state, np.asarray(next_state, dtype=np.float32)[None, :]]))
 
 
 class Predictor:
@@ -72,15 +81,26 @@ class Predictor:
             out.append(preds[i])
         return out
 
+    @torch.no_grad()
+    def predict_last(self, state: np.ndarray, prev_channel: np.ndarray, prev_reward: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Outputs at the last step of equal-length histories with no padding.
+
+        state (B, T, D) normalised, prev_channel (B, T) (−1 = none), prev_reward (B, T)
+        -> action probs (B, C), reward (B, C).
+        """
+        B, T = prev_channel.shape
+        batch = Batch.from_numpy({"state": state.astype(np.float32), "prev_channel": prev_channel.astype(np.int64),
+                                  "prev_reward": prev_reward.astype(np.float32), "mask": np.ones((B, T), dtype=bool)},
+                                 device=self.device)
+        probs, reward = self.model.predict(batch)
+        return probs[:, -1].float().cpu().numpy(), reward[:, -1].float().cpu().numpy()
+
     def predict_next(self, journeys: Sequence[Journey], next_states: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Prediction for the step after each journey: inputs (a_{T−1}, r_{T−1}, s_T).
 
         ``next_states`` (B, D) are the normalised states of the coming opportunity; by default the
         last observed state is carried forward. Returns action probs (B, C) and rewards (B, C).
         """
-        extended = []
-        for b, j in enumerate(journeys):
-            s_next = j.state[-1] if next_states is None else next_states[b]
-            extended.append(j.extend(s_next))
+        extended = [extend_journey(j, j.state[-1] if next_states is None else next_states[b]) for b, j in enumerate(journeys)]
         preds = self.predict_journeys(extended)
         return np.stack([p.action_probs[-1] for p in preds]), np.stack([p.reward[-1] for p in preds])
