@@ -281,17 +281,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_simulate)
 
     sp = sub.add_parser("submit", help="submit any job spec to a Ray cluster (Ray Jobs API)")
-    sp.add_argument("spec")
-    sp.add_argument("--address", default=None, help="dashboard address, e.g. http://HEAD:8265 (default RAY_ADDRESS)")
-    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
-    sp.add_argument("--wait", action="store_true", help="stream the logs and exit with the job's status")
-    sp.add_argument("--result", help="with --wait: write the job's result JSON here")
+    sp.add_argument("spec", help="job spec YAML; shipped to the cluster with every --set applied")
+    sp.add_argument("--address", default=None,
+                    help="Ray dashboard, e.g. http://HEAD:8265 (default: RAY_ADDRESS, else the local cluster of cluster/local/up.sh)")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                    help="override a field, e.g. --set spec.trainer.workers=2 (repeatable)")
+    sp.add_argument("--wait", action="store_true",
+                    help="stream the logs, apply runPolicy (retries, activeDeadlineSeconds), exit 0 on Succeeded, 1 otherwise")
+    sp.add_argument("--result", metavar="FILE", help="with --wait: fetch the job's result JSON from object storage into FILE")
+    sp.add_argument("--no-credentials", dest="no_credentials", action="store_true",
+                    help="don't forward AWS_* / WANDB_API_KEY: the cluster's nodes hold their own (e.g. a Kubernetes Secret)")
     sp.set_defaults(fn=cmd_submit)
 
     sp = sub.add_parser("jobs", help="list | status ID | logs ID | stop ID | result ID")
     sp.add_argument("action", choices=["list", "status", "logs", "stop", "result"])
-    sp.add_argument("id", nargs="?")
-    sp.add_argument("--address", default=None)
+    sp.add_argument("id", nargs="?", help="submission id (printed by mtorl submit)")
+    sp.add_argument("--address", default=None, help="Ray dashboard (as for submit)")
+    sp.add_argument("-f", "--follow", action="store_true", help="logs: stream until the job ends; exit 0 on Succeeded")
+    sp.add_argument("--result", metavar="FILE", help="result: write the JSON to FILE instead of printing it")
     sp.set_defaults(fn=cmd_jobs)
 
     sp = sub.add_parser("bench", help="benchmarks: ratios against plain baselines in the same run")

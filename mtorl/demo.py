@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _say("object store (SeaweedFS, S3 API on 127.0.0.1)")
     state = seaweed.up(base / "store", None)
-    for k, v in seaweed.env_vars(state).items():
-        os.environ[k] = v
+    os.environ.update(seaweed.env_vars(state))
     print(f"endpoint {state.endpoint}; credentials in {base / 'store' / 'state.json'} (mode 0600)")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_DIR", str(base))

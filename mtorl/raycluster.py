@@ -26,7 +26,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         os.environ.setdefault(k, v)
     address = address or os.environ.get("RAY_ADDRESS")
     env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MTORL_", "WANDB_", "RAY_DATA_", "RAY_TRAIN_"))}
-    kwargs: dict[str, Any] = {"logging_level": "WARNING", "runtime_env": {"env_vars": env_vars}}
+    kwargs: dict[str, Any] = {"logging_level": "WARNING"}
+    if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # inside a Ray job the job's runtime_env applies
+        kwargs["runtime_env"] = {"env_vars": env_vars}
     if address:
         ray.init(address=address, **kwargs)
     else:

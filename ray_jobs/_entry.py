@@ -6,7 +6,25 @@ import json
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
+
+
+def _arm_deadline() -> None:
+    """runPolicy.activeDeadlineSeconds, passed by `mtorl submit` as MTORL_ACTIVE_DEADLINE_SECONDS:
+    the entrypoint ends itself (exit 124) when it expires, with or without a waiting submitter."""
+    raw = os.environ.get("MTORL_ACTIVE_DEADLINE_SECONDS")
+    if not raw:
+        return
+
+    def expire() -> None:
+        print(f"error: runPolicy.activeDeadlineSeconds exceeded ({raw} s left at start); stopping the job",
+              file=sys.stderr, flush=True)
+        os._exit(124)
+
+    timer = threading.Timer(float(raw), expire)
+    timer.daemon = True
+    timer.start()
 
 
 def run(command: str, argv: list[str] | None = None) -> int:
@@ -14,6 +32,7 @@ def run(command: str, argv: list[str] | None = None) -> int:
     from mtorl.cli import main
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    _arm_deadline()
     result_uri = os.environ.get("MTORL_RESULT_URI")
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "result.json"

@@ -120,3 +120,47 @@ def load_checkpoint(uri: str, with_optimizer: bool = False) -> LoadedCheckpoint:
 
 def load_local_dir(directory: str | Path, with_optimizer: bool = True) -> LoadedCheckpoint:
     return load_checkpoint(str(directory), with_optimizer=with_optimizer)
+
+
+# ------------------------------------------------------------------ in-process runs (trainer.workers = 0)
+# Ray Train's local mode keeps checkpoints in memory only, so the worker persists them itself under
+# the run URI, with the same layout, ranking and pruning as Ray Train's checkpoint manager.
+
+LOCAL_PREFIX = "checkpoint_epoch_"
+
+
+def list_run_checkpoints(run_uri: str) -> list[tuple[str, dict[str, Any]]]:
+    """(checkpoint URI, meta) of the run's in-process checkpoints, oldest first."""
+    if not storage.exists(run_uri):
+        return []
+    out = []
+    for f in storage.list_files(run_uri):
+        parent, name = f.rsplit("/", 1)
+        if name == META_FILE and parent.rsplit("/", 1)[-1].startswith(LOCAL_PREFIX):
+            out.append((parent, json.loads(storage.read_bytes(f))))
+    return sorted(out, key=lambda x: int(x[1]["epoch"]))
+
+
+def persist_local(tmp_dir: str | Path, run_uri: str, epoch: int, keep: int, metric: str, mode: str) -> str:
+    """Upload a checkpoint dir into the run and prune to the ``keep`` best (the latest is always kept)."""
+    uri = storage.join(run_uri, f"{LOCAL_PREFIX}{epoch:06d}")
+    storage.upload_dir(tmp_dir, uri)
+    cks = list_run_checkpoints(run_uri)
+    latest = cks[-1][0] if cks else uri
+    ranked = sorted(cks, key=lambda x: _score(x[1], metric, mode))
+    for ck_uri, _ in ranked[keep:]:
+        if ck_uri != latest:
+            storage.delete_prefix(ck_uri)
+    return uri
+
+
+def _score(meta: dict[str, Any], metric: str, mode: str) -> float:
+    v = meta.get("metrics", {}).get(metric)
+    if v is None:
+        return float("inf")
+    return float(v) if mode == "min" else -float(v)
+
+
+def best_run_checkpoint(run_uri: str, metric: str, mode: str) -> tuple[str, dict[str, Any]] | None:
+    cks = list_run_checkpoints(run_uri)
+    return min(cks, key=lambda x: _score(x[1], metric, mode)) if cks else None

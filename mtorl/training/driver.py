@@ -15,7 +15,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from mtorl import storage
 from mtorl.data.pipeline import load_manifest, manifest_sha256, window_dataset
 from mtorl.spec import TrainJob, job_to_dict
-from mtorl.training.checkpoint import BEST_FILE
+from mtorl.training.checkpoint import BEST_FILE, best_run_checkpoint, list_run_checkpoints
 
 PASS_ENV_PREFIXES = ("AWS_", "MTORL_", "WANDB_", "RAY_DATA_")
 
@@ -60,7 +60,9 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: s
     env.setdefault("WANDB_MODE", spec.tracking.wandb)
     trainer = TorchTrainer(
         _loop,
-        train_loop_config={"job": job_to_dict(job), "manifest": manifest, "manifest_sha256": manifest_sha256(spec.data)},
+        train_loop_config={"job": job_to_dict(job), "manifest": manifest, "manifest_sha256": manifest_sha256(spec.data),
+                           "local_run_uri": to_uri(spec.output, f"{storage_path.rstrip('/')}/{run_name or job.metadata.name}")
+                           if t.workers == 0 else None},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         datasets=datasets,
@@ -99,25 +101,43 @@ def best_of(result: Any, metric: str, mode: str) -> tuple[Any, dict[str, Any]]:
     return best
 
 
+def finish_run(job: TrainJob, result: Any, uri: str) -> tuple[str, dict[str, Any], str | None, dict[str, Any]]:
+    """(best checkpoint URI, its metrics, latest checkpoint URI, final metrics); writes ``best.json``."""
+    spec = job.spec
+    if spec.trainer.workers == 0:  # in-process: the loop persisted its checkpoints under the run
+        found = best_run_checkpoint(uri, spec.trainer.metric, spec.trainer.mode)
+        if found is None:
+            raise RuntimeError("training produced no checkpoint")
+        best_uri, meta = found
+        latest_uri, latest_meta = list_run_checkpoints(uri)[-1]
+        metrics, latest, final = meta["metrics"], latest_uri, latest_meta["metrics"]
+    else:
+        ck, metrics = best_of(result, spec.trainer.metric, spec.trainer.mode)
+        best_uri = to_uri(spec.output, ck.path)
+        latest = to_uri(spec.output, result.checkpoint.path) if result.checkpoint else None
+        final = result.metrics or {}
+    storage.write_json(storage.join(uri, BEST_FILE), {"checkpoint": best_uri, "metric": spec.trainer.metric,
+                                                      "value": metrics.get(spec.trainer.metric)})
+    return best_uri, metrics, latest, final
+
+
 def run_train(job: TrainJob, progress: Any = print) -> dict[str, Any]:
     """Run (or resume: same run name) a TrainJob; returns the result dict."""
     spec = job.spec
     t0 = time.time()
     if not ray.is_initialized():
-        ray.init(logging_level="WARNING")
+        from mtorl.raycluster import init_ray
+
+        init_ray()
     uri = run_uri(job)
     progress(f"training {spec.model.name} on {spec.data} with {spec.trainer.workers} worker(s) -> {uri}")
     trainer, manifest = build_trainer(job)
     result = trainer.fit()
-    ck, metrics = best_of(result, spec.trainer.metric, spec.trainer.mode)
-    best_uri = to_uri(spec.output, ck.path)
-    storage.write_json(storage.join(uri, BEST_FILE), {"checkpoint": best_uri, "metric": spec.trainer.metric,
-                                                      "value": metrics.get(spec.trainer.metric)})
-    final = result.metrics or {}
+    best_uri, metrics, latest, final = finish_run(job, result, uri)
     wall = time.time() - t0
     out = {
         "kind": "TrainJob", "name": job.metadata.name, "run_uri": uri, "best_checkpoint": best_uri,
-        "latest_checkpoint": to_uri(spec.output, result.checkpoint.path) if result.checkpoint else None,
+        "latest_checkpoint": latest,
         "best_metrics": _plain(metrics), "final_metrics": _plain(final), "wall_s": round(wall, 2),
         "samples_per_s": final.get("train/samples_per_s"), "node_ids": final.get("perf/node_ids", []),
     }

@@ -86,7 +86,7 @@ def train_batches(
         n_steps = int(batch.mask.sum())
         stats.add(losses, n_steps, int(batch.mask.shape[0]))
         if on_step is not None:
-            on_step(i, {k: float(v) for k, v in losses.items()})
+            on_step(i, {k: float(v.detach()) for k, v in losses.items()})
     return stats
 
 

@@ -89,10 +89,15 @@ def train_loop(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.trainer.lr, weight_decay=spec.trainer.weight_decay)
 
     start_epoch, global_step, history = 0, 0, []
+    local_run = config.get("local_run_uri")  # workers = 0: checkpoints persisted by this loop
     resume = ray.train.get_checkpoint()
+    loaded = None
     if resume is not None:
         with resume.as_directory() as d:
             loaded = ckpt.load_local_dir(d, with_optimizer=True)
+    elif local_run and ckpt.list_run_checkpoints(local_run):
+        loaded = ckpt.load_checkpoint(ckpt.list_run_checkpoints(local_run)[-1][0], with_optimizer=True)
+    if loaded is not None:
         model.load_state_dict(loaded.state_dict)
         if loaded.optimizer_state is not None:
             optimizer.load_state_dict(loaded.optimizer_state)
@@ -186,7 +191,10 @@ def train_loop(config: dict[str, Any]) -> None:
                     "manifest": manifest, "manifest_uri": spec.data, "manifest_sha256": config["manifest_sha256"],
                     "epoch": epoch, "step": global_step, "metrics": metrics, "history": history,
                 })
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                if local_run:
+                    ckpt.persist_local(tmp, local_run, epoch, spec.trainer.keep_top_k, spec.trainer.metric, spec.trainer.mode)
+                else:
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
     if run is not None:
         run.finish()

@@ -21,7 +21,7 @@ from mtorl.spec import TrainJob, TuneJob, job_to_dict, validate_doc
 from mtorl.spec.loader import apply_overrides
 from mtorl.spec.models import ParamSpace, TuneSpec
 from mtorl.training.checkpoint import BEST_FILE
-from mtorl.training.driver import best_of, build_trainer, storage_args, to_uri
+from mtorl.training.driver import build_trainer, finish_run, storage_args, to_uri
 
 SEP = "__"  # Tune config keys can't hold dots reliably: objective.reward_weight -> objective__reward_weight
 
@@ -83,10 +83,7 @@ def _make_trial_fn(base_doc: dict[str, Any], trials_uri: str, sweep_name: str, g
         job = validate_doc(doc, f"<trial {name}>")
         trainer, _ = build_trainer(job, callbacks=[TuneReportCallback()])
         result = trainer.fit()
-        t = job.spec.trainer
-        ck, m = best_of(result, t.metric, t.mode)
-        storage.write_json(storage.join(trials_uri, name, BEST_FILE),
-                           {"checkpoint": to_uri(trials_uri, ck.path), "metric": t.metric, "value": m.get(t.metric)})
+        finish_run(job, result, storage.join(trials_uri, name))  # writes the trial's best.json
 
     return trial
 

@@ -85,7 +85,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(ray_sess
 
     monkeypatch.setenv("MTORL_TEST_NAN_AT_STEP", "5")
     with pytest.raises(TrainingFailedError) as e:
-        run_train(_job("nan", tiny_dataset, f"{s3_bucket}/runs", workers=1, epochs=3, batch_size=16, max_failures=0), progress=print)
+        run_train(_job("nan", tiny_dataset, f"{s3_bucket}/runs", workers=1, epochs=3, batch_size=16, max_steps_per_epoch=3, max_failures=0), progress=print)
     assert "non-finite loss" in str(e.value)
     files = storage.list_files(f"{s3_bucket}/runs/nan")
     assert any(f.endswith("model.safetensors") for f in files), "the epoch-1 checkpoint must survive"

@@ -1,0 +1,633 @@
+"""Jobs on a Ray cluster through the Ray Jobs API (`mtorl submit`, `mtorl jobs ...`), and a local
+multi-node cluster on loopback for development (`cluster/local/up.sh`, `down.sh`).
+
+A submission ships a *staging directory* as the job's ``working_dir``: a copy of the ``mtorl`` and
+``ray_jobs`` packages plus ``mtorl-job/spec.yaml`` (the spec with every ``--set`` applied). The
+entrypoint is ``python -m ray_jobs.<kind> mtorl-job/spec.yaml``, so the cluster runs exactly the
+code and the spec the user validated here. ``python`` resolves through the raylet's PATH: start
+``ray start`` from the project's virtualenv (or use an image that has mtorl installed).
+
+Kubeflow-style run policy (``spec.runPolicy``):
+  * ``retries``: with ``--wait``, a Failed attempt is resubmitted up to N times (a Stopped one is not);
+  * ``activeDeadlineSeconds``: counted from the first submission over all attempts. With ``--wait``
+    the job is stopped when it expires; the entrypoint also gets ``MTORL_ACTIVE_DEADLINE_SECONDS``
+    and stops itself, so the limit holds without ``--wait`` too.
+
+Secrets (``AWS_*`` object-store credentials, ``WANDB_API_KEY``) travel in the job's
+``runtime_env.env_vars`` and are never printed: everything this module prints goes through
+``_redact``. Ray keeps a job's runtime_env in its job table, readable by anyone who can reach the
+dashboard; use token auth on real clusters, or ``--no-credentials`` when the nodes hold their own
+(a Kubernetes Secret, see cluster/kuberay/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+SPEC_PATH = "mtorl-job/spec.yaml"  # inside the working_dir
+ENTRY_MODULES = {"PrepareJob": "prepare", "TrainJob": "train", "EvaluateJob": "evaluate", "TuneJob": "tune",
+                 "ServeJob": "serve", "SimulateJob": "simulate"}
+COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "*.parquet", ".pytest_cache")
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "WANDB_API_KEY", "RAY_AUTH_TOKEN")
+CREDENTIAL_PREFIXES = ("AWS_",)
+FORWARD_PREFIXES = ("WANDB_", "RAY_DATA_", "RAY_TRAIN_")
+FORWARD_NAMES = ("RAY_AUTH_MODE", "MTORL_STORE_DIR", "RAY_USAGE_STATS_ENABLED")
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class ClusterError(Exception):
+    """The dashboard can't be reached or refused a request: printed as one line."""
+
+
+def _p(msg: str = "", err: bool = False) -> None:
+    print(_redact(msg), file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def _redact(text: str) -> str:
+    for name in SECRET_ENV:
+        v = os.environ.get(name)
+        if v and len(v) >= 4:
+            text = text.replace(v, "***")
+    return text
+
+
+# ------------------------------------------------------------------------------------- client
+
+def dashboard_address(address: str | None) -> str:
+    """--address, else RAY_ADDRESS (when it is an http URL), else the local cluster's state file, else :8265."""
+    addr = address or os.environ.get("RAY_ADDRESS", "")
+    if not addr.startswith(("http://", "https://")) and not address:
+        state = _read_state(_state_dir(None))
+        addr = state["dashboard"] if state else DEFAULT_DASHBOARD
+    if not addr.startswith(("http://", "https://")):
+        addr = f"http://{addr}"
+    return addr.rstrip("/")
+
+
+def connect(address: str | None) -> Any:
+    """A JobSubmissionClient, after a direct probe that turns a wrong address into one clear line."""
+    addr = dashboard_address(address)
+    try:
+        with urllib.request.urlopen(f"{addr}/api/version", timeout=10) as r:
+            r.read()
+    except urllib.error.HTTPError as e:
+        if e.code not in (401, 403):  # auth errors: let the client explain them below
+            raise ClusterError(f"cannot reach the Ray dashboard at {addr}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise ClusterError(f"cannot reach the Ray dashboard at {addr}: {reason}") from None
+    import logging
+
+    from ray.job_submission import JobSubmissionClient
+
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                 "ray._private.runtime_env.packaging"):  # package-upload and websocket chatter
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        return JobSubmissionClient(addr)
+    except Exception as e:  # noqa: BLE001 - ConnectionError, auth RuntimeError...: one line
+        raise ClusterError(f"cannot reach the Ray dashboard at {addr}: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return _redact(" ".join(lines[:3]) or type(e).__name__)
+
+
+# ------------------------------------------------------------------------------------- submit
+
+@dataclass
+class Submission:
+    kind: str
+    name: str
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    result_base: str | None   # <base>/<submission id>/result.json
+    retries: int
+    deadline_s: int | None
+
+
+def result_base(job: Any) -> str | None:
+    """Where results of this job's submissions go: ``$MTORL_JOBS_URI``, else ``<spec.output>/_jobs``
+    (ServeJob: ``s3://<checkpoint bucket>/_jobs``)."""
+    from mtorl import storage
+
+    if os.environ.get("MTORL_JOBS_URI"):
+        return os.environ["MTORL_JOBS_URI"].rstrip("/")
+    out = getattr(job.spec, "output", None)
+    if out:
+        return storage.join(out, "_jobs")
+    ck = getattr(job.spec, "checkpoint", "") or ""
+    if ck.startswith("s3://"):
+        return f"s3://{ck[5:].split('/', 1)[0]}/_jobs"
+    return None
+
+
+def _local_path_warnings(job: Any) -> list[str]:
+    warn = []
+    for field in ("input", "data", "output", "checkpoint"):
+        v = getattr(job.spec, field, None)
+        if isinstance(v, str) and v and "://" not in v and not os.path.isabs(v):
+            warn.append(f"warning: spec.{field}={v!r} is a relative local path: on the cluster it resolves inside "
+                        "the job's temporary working directory; use s3:// or an absolute path every node can read")
+    return warn
+
+
+def job_env(job: Any, credentials: bool = True) -> dict[str, str]:
+    """Environment of the job: object-store credentials (unless the nodes hold their own), W&B mode,
+    Ray Data/Train settings, RAY_AUTH_MODE. Never RAY_AUTH_TOKEN."""
+    env: dict[str, str] = {}
+    for k, v in os.environ.items():
+        if (credentials and k.startswith(CREDENTIAL_PREFIXES)) or k.startswith(FORWARD_PREFIXES) or k in FORWARD_NAMES:
+            env[k] = v
+    if not credentials:
+        env.pop("WANDB_API_KEY", None)
+    # the entrypoint's ray.init passes its own runtime_env (env_vars): let Ray merge it with the job's
+    env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    tracking = getattr(job.spec, "tracking", None) or getattr(getattr(job.spec, "base", None), "tracking", None)
+    if tracking is not None:
+        env.setdefault("WANDB_MODE", tracking.wandb)
+    return env
+
+
+def stage(job: Any, root: Path) -> Path:
+    """Copy the mtorl and ray_jobs packages into ``root`` and write the resolved spec; returns root."""
+    import mtorl
+    import ray_jobs
+    from mtorl.spec import job_to_yaml
+
+    for pkg in (mtorl, ray_jobs):
+        src = Path(list(pkg.__path__)[0]).resolve()  # __path__: also right for an editable install
+        shutil.copytree(src, root / src.name, ignore=COPY_IGNORE)
+    spec = root / SPEC_PATH
+    spec.parent.mkdir(parents=True, exist_ok=True)
+    spec.write_text(job_to_yaml(job))
+    return root
+
+
+def prepare_submission(job: Any, staging: Path, credentials: bool = True) -> Submission:
+    stage(job, staging)
+    module = ENTRY_MODULES[job.kind]
+    rp = job.spec.run_policy
+    return Submission(
+        kind=job.kind, name=job.metadata.name, entrypoint=f"python -m ray_jobs.{module} {SPEC_PATH}",
+        runtime_env={"working_dir": str(staging), "env_vars": job_env(job, credentials)},
+        result_base=result_base(job), retries=rp.retries, deadline_s=rp.active_deadline_seconds,
+    )
+
+
+def _submit_attempt(client: Any, sub: Submission, sid: str, attempt: int, deadline_at: float | None) -> str:
+    env = dict(sub.runtime_env["env_vars"])
+    meta = {"mtorl_kind": sub.kind, "mtorl_name": sub.name, "mtorl_attempt": str(attempt)}
+    if sub.result_base:
+        env["MTORL_RESULT_URI"] = meta["mtorl_result_uri"] = f"{sub.result_base}/{sid}/result.json"
+    if deadline_at is not None:
+        env["MTORL_ACTIVE_DEADLINE_SECONDS"] = str(max(1, int(deadline_at - time.time())))
+    env["MTORL_SUBMISSION_ID"] = sid
+    try:
+        return str(client.submit_job(entrypoint=sub.entrypoint, submission_id=sid, metadata=meta,
+                                     runtime_env={**sub.runtime_env, "env_vars": env}, entrypoint_num_cpus=0))
+    except Exception as e:  # noqa: BLE001
+        raise ClusterError(f"submitting {sub.kind} {sub.name} failed: {_one_line(e)}") from None
+
+
+def submit(args: argparse.Namespace) -> int:
+    """``mtorl submit SPEC [--set ...] [--address URL] [--wait [--result FILE]] [--no-credentials]``."""
+    from mtorl.spec import load_job
+
+    job = load_job(args.spec, args.overrides)  # SpecError -> exit 2 in the CLI
+    if job.kind not in ENTRY_MODULES:
+        _p(f"error: no ray_jobs entrypoint for kind {job.kind}", err=True)
+        return 2
+    for w in _local_path_warnings(job):
+        _p(w, err=True)
+    if args.result and not args.wait:
+        _p("error: --result needs --wait (or use `mtorl jobs result ID` once the job has finished)", err=True)
+        return 2
+    try:
+        client = connect(args.address)
+        with tempfile.TemporaryDirectory(prefix="mtorl-submit-") as tmp:
+            sub = prepare_submission(job, Path(tmp), credentials=not getattr(args, "no_credentials", False))
+            if not args.wait:
+                if sub.retries:
+                    _p(f"note: runPolicy.retries={sub.retries} is applied only with --wait", err=True)
+                deadline_at = time.time() + sub.deadline_s if sub.deadline_s else None
+                sid = _submit_attempt(client, sub, new_submission_id(sub.name), 1, deadline_at)
+                _p(f"submitted {sid}")
+                _p(f"follow it with: mtorl jobs logs {sid} --follow --address {dashboard_address(args.address)}")
+                return 0
+            return _supervise(client, sub, args.result)
+    except ClusterError as e:
+        _p(f"error: {e}", err=True)
+        return 1
+
+
+def new_submission_id(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def _supervise(client: Any, sub: Submission, result_file: str | None) -> int:
+    """Submit, stream the logs, retry failed attempts, enforce the deadline. Exit code of the job."""
+    t0 = time.time()
+    deadline_at = t0 + sub.deadline_s if sub.deadline_s else None
+    base = new_submission_id(sub.name)
+    for attempt in range(1, sub.retries + 2):
+        sid = base if attempt == 1 else f"{base}-retry{attempt - 1}"
+        sid = _submit_attempt(client, sub, sid, attempt, deadline_at)
+        _p(f"submitted {sid}" + (f" (attempt {attempt} of {sub.retries + 1})" if sub.retries else ""))
+        status = follow(client, sid, deadline_at)
+        if status == "DEADLINE":
+            _stop_quietly(client, sid)
+            _p(f"error: {sub.kind} {sub.name} ({sid}) exceeded runPolicy.activeDeadlineSeconds={sub.deadline_s}; "
+               "the job was stopped", err=True)
+            return 1
+        info = client.get_job_info(sid)
+        if status == "SUCCEEDED":
+            _p(f"job {sid} succeeded in {time.time() - t0:.1f} s")
+            return _fetch_result(info, result_file)
+        msg = _redact((info.message or "").strip())
+        _p(f"job {sid} {status.lower()}: {msg.splitlines()[0] if msg else 'no message'}", err=True)
+        if status == "STOPPED":
+            return 1
+        if attempt <= sub.retries:
+            _p(f"retrying: attempt {attempt + 1} of {sub.retries + 1} (runPolicy.retries={sub.retries})", err=True)
+    return 1
+
+
+def _fetch_result(info: Any, result_file: str | None) -> int:
+    uri = (info.metadata or {}).get("mtorl_result_uri")
+    if not result_file:
+        if uri:
+            _p(f"result: {uri}")
+        return 0
+    if not uri:
+        _p("error: this job kind stores no result (no output URI)", err=True)
+        return 1
+    from mtorl import storage
+
+    try:
+        data = storage.read_bytes(uri)
+    except Exception as e:  # noqa: BLE001 - StorageError and friends: one line
+        _p(f"error: the job succeeded but its result could not be read from {uri}: {_one_line(e)}", err=True)
+        return 1
+    Path(result_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(result_file).write_bytes(data)
+    _p(f"result written to {result_file}")
+    return 0
+
+
+def _stop_quietly(client: Any, sid: str) -> None:
+    try:
+        client.stop_job(sid)
+    except Exception:  # noqa: BLE001 - already finished
+        pass
+
+
+def follow(client: Any, sid: str, deadline_at: float | None = None) -> str:
+    """Stream a job's logs until it ends. Returns its final status name, or "DEADLINE"."""
+    printed = [0]
+
+    def out(chunk: str) -> None:
+        sys.stdout.write(_redact(chunk))
+        sys.stdout.flush()
+        printed[0] += len(chunk)
+
+    async def tail() -> bool:  # True: the stream ended, False: the deadline passed
+        agen = client.tail_job_logs(sid).__aiter__()
+        while True:
+            timeout = None if deadline_at is None else max(0.0, deadline_at - time.time())
+            try:
+                out(await asyncio.wait_for(agen.__anext__(), timeout))
+            except StopAsyncIteration:
+                return True
+            except asyncio.TimeoutError:
+                return False
+
+    try:
+        if not asyncio.run(tail()):
+            return "DEADLINE"
+    except Exception:  # noqa: BLE001 - websocket trouble: poll instead
+        pass
+    while True:  # the stream ended (or broke): poll until the status is terminal, printing what's new
+        status = _status_name(client.get_job_status(sid))
+        logs = client.get_job_logs(sid)
+        if len(logs) > printed[0]:
+            out(logs[printed[0]:])
+        if status in TERMINAL:
+            return status
+        if deadline_at is not None and time.time() >= deadline_at:
+            return "DEADLINE"
+        time.sleep(1.0)
+
+
+def _status_name(s: Any) -> str:
+    return str(getattr(s, "value", s)).upper()
+
+
+# ------------------------------------------------------------------------------------- jobs
+
+def _ts(ms: int | None) -> str | None:
+    if not ms:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+def conditions(info: Any) -> list[dict[str, Any]]:
+    """Kubeflow-style conditions from a Ray JobInfo (PENDING/RUNNING/SUCCEEDED/FAILED/STOPPED).
+    Ray records only the submission and end times, so Running has no time of its own."""
+    status = _status_name(info.status)
+    start, end = _ts(info.start_time), _ts(info.end_time)
+    msg = _redact((info.message or "").strip().splitlines()[0] if info.message else "")
+    conds = [{"type": "Created", "status": "True", "reason": "JobSubmitted", "lastTransitionTime": start}]
+    if status == "PENDING":
+        conds.append({"type": "Pending", "status": "True", "reason": "JobPending", "message": msg, "lastTransitionTime": start})
+    elif status == "RUNNING":
+        conds.append({"type": "Running", "status": "True", "reason": "JobRunning", "message": msg, "lastTransitionTime": None})
+    else:
+        conds.append({"type": "Running", "status": "False", "reason": "JobEnded", "lastTransitionTime": end})
+        if status == "SUCCEEDED":
+            conds.append({"type": "Succeeded", "status": "True", "reason": "JobSucceeded", "message": msg, "lastTransitionTime": end})
+        else:
+            reason = "JobStopped" if status == "STOPPED" else "JobFailed"
+            conds.append({"type": "Failed", "status": "True", "reason": reason, "message": msg, "lastTransitionTime": end})
+    return conds
+
+
+def describe(info: Any) -> dict[str, Any]:
+    meta = info.metadata or {}
+    return {
+        "submissionId": info.submission_id, "kind": meta.get("mtorl_kind"), "name": meta.get("mtorl_name"),
+        "attempt": meta.get("mtorl_attempt"), "entrypoint": info.entrypoint, "result": meta.get("mtorl_result_uri"),
+        "status": {"phase": _status_name(info.status).capitalize(), "startTime": _ts(info.start_time),
+                   "completionTime": _ts(info.end_time), "conditions": conditions(info)},
+    }  # runtime_env is deliberately left out: it holds the credentials
+
+
+def jobs_command(args: argparse.Namespace) -> int:
+    """``mtorl jobs list | status ID | logs ID [--follow] | stop ID | result ID``."""
+    if args.action != "list" and not args.id:
+        _p(f"error: `mtorl jobs {args.action}` needs a submission id", err=True)
+        return 2
+    try:
+        client = connect(args.address)
+        try:
+            return _jobs_action(client, args)
+        except ClusterError:
+            raise
+        except Exception as e:  # noqa: BLE001 - unknown id, server errors: one line
+            raise ClusterError(_one_line(e)) from None
+    except ClusterError as e:
+        _p(f"error: {e}", err=True)
+        return 1
+
+
+def _jobs_action(client: Any, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        jobs = [j for j in client.list_jobs() if j.submission_id]
+        jobs.sort(key=lambda j: j.start_time or 0)
+        _p(f"{'SUBMISSION ID':<44} {'KIND':<12} {'STATUS':<10} {'STARTED':<21} ENDED")
+        for j in jobs:
+            meta = j.metadata or {}
+            _p(f"{j.submission_id:<44} {meta.get('mtorl_kind', '-'):<12} {_status_name(j.status):<10} "
+               f"{_ts(j.start_time) or '-':<21} {_ts(j.end_time) or '-'}")
+        return 0
+    if args.action == "status":
+        _p(yaml.safe_dump(describe(client.get_job_info(args.id)), sort_keys=False).rstrip())
+        return 0
+    if args.action == "logs":
+        if getattr(args, "follow", False):
+            status = follow(client, args.id)
+            return 0 if status == "SUCCEEDED" else 1
+        sys.stdout.write(_redact(client.get_job_logs(args.id)))
+        return 0
+    if args.action == "stop":
+        stopped = client.stop_job(args.id)
+        _p(f"stop requested for {args.id}" if stopped else f"{args.id} had already finished")
+        return 0
+    if args.action == "result":
+        info = client.get_job_info(args.id)
+        status = _status_name(info.status)
+        if status != "SUCCEEDED":
+            _p(f"error: job {args.id} is {status.lower()}: no result", err=True)
+            return 1
+        out = getattr(args, "result", None)
+        if out:
+            return _fetch_result(info, out)
+        uri = (info.metadata or {}).get("mtorl_result_uri")
+        if not uri:
+            _p("error: this job stores no result", err=True)
+            return 1
+        from mtorl import storage
+
+        try:
+            _p(json.dumps(json.loads(storage.read_bytes(uri)), indent=2))
+        except Exception as e:  # noqa: BLE001
+            _p(f"error: cannot read the result at {uri}: {_one_line(e)}", err=True)
+            return 1
+        return 0
+    raise ClusterError(f"unknown action {args.action}")
+
+
+# ------------------------------------------------------------------------------------- local cluster
+
+STATE_FILE = "cluster.json"
+
+
+def _state_dir(state_dir: str | Path | None) -> Path:
+    return Path(state_dir or os.environ.get("MTORL_CLUSTER_DIR") or Path.home() / ".mtorl" / "cluster")
+
+
+def _read_state(d: Path) -> dict[str, Any] | None:
+    f = d / STATE_FILE
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _node_cmd(ray_bin: str, head: bool, gcs: str, temp_dir: str, cpus: float, object_store_mb: int,
+              dashboard_port: int | None = None) -> list[str]:
+    cmd = [ray_bin, "start", "--block", "--disable-usage-stats", f"--num-cpus={cpus:g}",
+           "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+           f"--object-store-memory={object_store_mb * 1024 * 1024}",
+           # every port explicit (or random): several nodes, and maybe another Ray, share this machine
+           f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+           "--min-worker-port=0", "--max-worker-port=0"]
+    if head:
+        cmd += ["--head", f"--port={gcs.rsplit(':', 1)[1]}", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}"]
+    else:
+        cmd += [f"--address={gcs}"]
+    return cmd
+
+
+def _alive_nodes(dashboard: str) -> int:
+    try:
+        with urllib.request.urlopen(f"{dashboard}/api/v0/nodes?limit=1000&detail=false", timeout=5) as r:
+            body = json.loads(r.read())
+        rows = body["data"]["result"]["result"]
+        return sum(1 for n in rows if n.get("state") == "ALIVE")
+    except Exception:  # noqa: BLE001 - not up yet
+        return 0
+
+
+def local_cluster_up(workers: int, state_dir: str | Path | None = None, cpus_per_node: float = 1,
+                     object_store_mb: int = 256, timeout_s: float = 120) -> dict[str, Any]:
+    """Start a head and ``workers`` worker nodes on loopback, each ``ray start --block`` in its own
+    process group with its own temp dir; PIDs go to ``<state_dir>/cluster.json``."""
+    d = _state_dir(state_dir)
+    if (old := _read_state(d)) and any(_pid_alive(n["pid"]) for n in old["nodes"]):
+        raise ClusterError(f"a local cluster is already running ({old['dashboard']}); run cluster/local/down.sh first")
+    d.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.setdefault("RAY_AUTH_MODE", "token")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # bare `python` = this venv
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    if env["RAY_AUTH_MODE"] == "token":  # ray start refuses token mode without a token; never print it
+        subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
+    gcs = f"127.0.0.1:{free_port()}"
+    dash_port = free_port()
+    state: dict[str, Any] = {"gcs": gcs, "dashboard": f"http://127.0.0.1:{dash_port}",
+                             "auth_mode": env["RAY_AUTH_MODE"], "nodes": []}
+
+    def launch(role: str, head: bool) -> None:
+        tmp = tempfile.mkdtemp(prefix=f"mtorl-ray-{role}-", dir="/tmp")  # short: unix socket paths
+        log = d / f"{role}.log"
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(_node_cmd(ray_bin, head, gcs, tmp, cpus_per_node, object_store_mb, dash_port),
+                                    env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        state["nodes"].append({"role": role, "pid": proc.pid, "temp_dir": tmp, "log": str(log)})
+        (d / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+    def wait_for(n: int, what: str) -> None:
+        end = time.time() + timeout_s
+        while _alive_nodes(state["dashboard"]) < n:
+            dead = [x for x in state["nodes"] if not _pid_alive(x["pid"])]
+            if dead or time.time() > end:
+                local_cluster_down(d)
+                why = f"{dead[0]['role']} exited (see {dead[0]['log']})" if dead else f"not up after {timeout_s:.0f} s"
+                raise ClusterError(f"local cluster: {what} {why}")
+            time.sleep(1.0)
+
+    launch("head", True)
+    wait_for(1, "head")
+    for i in range(workers):
+        launch(f"worker{i + 1}", False)
+    wait_for(1 + workers, "workers")
+    return state
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of this process counts as gone
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def local_cluster_down(state_dir: str | Path | None = None, grace_s: float = 20) -> int:
+    """Stop the nodes recorded in the state file, workers first: SIGTERM to each ``ray start --block``
+    process group, SIGKILL after ``grace_s``. Touches no other Ray on the machine. Returns nodes stopped."""
+    d = _state_dir(state_dir)
+    state = _read_state(d)
+    if not state:
+        return 0
+    nodes = list(reversed(state["nodes"]))
+    for n in nodes:
+        _signal_group(n["pid"], signal.SIGTERM)
+    end = time.time() + grace_s
+    while time.time() < end and any(_group_alive(n["pid"]) for n in nodes):
+        time.sleep(0.5)
+    for n in nodes:
+        _signal_group(n["pid"], signal.SIGKILL)
+        shutil.rmtree(n["temp_dir"], ignore_errors=True)
+    (d / STATE_FILE).unlink(missing_ok=True)
+    return len(nodes)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)  # the node was started with start_new_session: its pid is the group id
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def iter_logs(state_dir: str | Path | None = None) -> Iterator[Path]:
+    state = _read_state(_state_dir(state_dir)) or {"nodes": []}
+    for n in state["nodes"]:
+        yield Path(n["log"])
+
+
+def local_cluster_main(argv: list[str] | None = None) -> int:
+    """Entry of cluster/local/up.sh and down.sh: ``up [WORKERS] | down | status``."""
+    p = argparse.ArgumentParser(prog="cluster/local")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("workers", nargs="?", type=int, default=1)
+    p.add_argument("--state-dir", help="where cluster.json and node logs go (default $MTORL_CLUSTER_DIR or ~/.mtorl/cluster)")
+    p.add_argument("--cpus-per-node", type=float, default=1)
+    p.add_argument("--object-store-mb", type=int, default=256)
+    a = p.parse_args(argv)
+    try:
+        if a.action == "up":
+            st = local_cluster_up(a.workers, a.state_dir, a.cpus_per_node, a.object_store_mb)
+            _p(f"local Ray cluster up: head + {a.workers} worker(s), {a.cpus_per_node:g} CPU each")
+            _p(f"dashboard (submit here): {st['dashboard']}\nGCS: {st['gcs']}\nRAY_AUTH_MODE={st['auth_mode']}")
+            _p(f"state: {_state_dir(a.state_dir) / STATE_FILE}")
+            if st["auth_mode"] == "token":
+                _p("clients need the same mode: export RAY_AUTH_MODE=token (the token is in ~/.ray/auth_token)")
+            return 0
+        if a.action == "down":
+            n = local_cluster_down(a.state_dir)
+            _p(f"stopped {n} node(s)" if n else "no local cluster recorded")
+            return 0
+        st = _read_state(_state_dir(a.state_dir))
+        if not st:
+            _p("no local cluster recorded")
+            return 1
+        alive = [n["role"] for n in st["nodes"] if _pid_alive(n["pid"])]
+        _p(f"dashboard {st['dashboard']}: {_alive_nodes(st['dashboard'])} node(s) alive; processes up: {', '.join(alive) or 'none'}")
+        return 0 if alive else 1
+    except ClusterError as e:
+        _p(f"error: {e}", err=True)
+        return 1

@@ -1,0 +1,7 @@
+"""The one storage exception: a single line naming the URI and the reason."""
+
+from __future__ import annotations
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed: ``"<uri>: <reason>"`` on one line, never a secret."""

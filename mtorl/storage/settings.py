@@ -1,0 +1,125 @@
+"""Object-store settings: the standard AWS variables, else the embedded store's state file.
+
+Resolution order (first hit wins):
+1. ``AWS_ACCESS_KEY_ID`` + ``AWS_SECRET_ACCESS_KEY`` (+ ``AWS_SESSION_TOKEN``); endpoint from
+   ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (none = real AWS S3).
+2. ``$MTORL_STORE_DIR/state.json`` (default ``~/.mtorl/store``), written by ``mtorl store up``.
+3. Nothing: keys are left to boto3 / pyarrow's own default chain (profiles, instance roles).
+The region is ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else the state file's, else ``us-east-1``.
+An endpoint variable always overrides the state file's endpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+DEFAULT_REGION = "us-east-1"
+
+
+def store_dir(path: str | os.PathLike[str] | None = None) -> Path:
+    """The embedded store's directory: ``path``, else ``$MTORL_STORE_DIR``, else ``~/.mtorl/store``."""
+    if path is not None:
+        return Path(path).expanduser().resolve()
+    env = os.environ.get("MTORL_STORE_DIR")
+    return Path(env).expanduser().resolve() if env else Path.home() / ".mtorl" / "store"
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach the object store. ``endpoint`` None means real AWS S3. Secrets never show in repr."""
+
+    endpoint: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
+    region: str = DEFAULT_REGION
+    session_token: str | None = field(default=None, repr=False)
+    source: str = "default"  # "env", "state:<path>" or "default": where the keys came from
+
+    def __repr__(self) -> str:
+        secret = "***" if self.secret_key else None
+        return (f"S3Settings(endpoint={self.endpoint!r}, access_key={self.access_key!r}, "
+                f"secret_key={secret!r}, region={self.region!r}, source={self.source!r})")
+
+    __str__ = __repr__
+
+    @property
+    def where(self) -> str:
+        """Human name of the store for error messages."""
+        return self.endpoint or f"AWS S3 ({self.region})"
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def s3_settings() -> S3Settings:
+    """Resolve the settings from the environment now (cheap; clients are cached per settings)."""
+    env = os.environ
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        return S3Settings(endpoint, env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
+                          region or DEFAULT_REGION, env.get("AWS_SESSION_TOKEN") or None, "env")
+    state_path = store_dir() / "state.json"
+    state = _read_state(state_path)
+    if state and state.get("access_key") and state.get("secret_key"):
+        return S3Settings(endpoint or state.get("endpoint"), state["access_key"], state["secret_key"],
+                          region or state.get("region") or DEFAULT_REGION, None, f"state:{state_path}")
+    return S3Settings(endpoint, None, None, region or DEFAULT_REGION, None, "default")
+
+
+@functools.lru_cache(maxsize=16)
+def _boto3_client(settings: S3Settings) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    cfg = Config(
+        retries={"max_attempts": 4, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=120,
+        s3={"addressing_style": "path"} if settings.endpoint else {},
+    )
+    session = boto3.session.Session()
+    return session.client(
+        "s3",
+        endpoint_url=settings.endpoint,
+        aws_access_key_id=settings.access_key,
+        aws_secret_access_key=settings.secret_key,
+        aws_session_token=settings.session_token,
+        region_name=settings.region,
+        config=cfg,
+    )
+
+
+def boto3_client(settings: S3Settings | None = None) -> Any:
+    """A boto3 S3 client for ``settings`` (default: :func:`s3_settings`), cached per settings."""
+    return _boto3_client(settings or s3_settings())
+
+
+@functools.lru_cache(maxsize=16)
+def _pyarrow_s3(settings: S3Settings) -> Any:
+    from pyarrow import fs as pafs
+
+    kw: dict[str, Any] = {"region": settings.region}
+    if settings.access_key and settings.secret_key:
+        kw.update(access_key=settings.access_key, secret_key=settings.secret_key)
+        if settings.session_token:
+            kw["session_token"] = settings.session_token
+    if settings.endpoint:
+        u = urlparse(settings.endpoint if "://" in settings.endpoint else f"http://{settings.endpoint}")
+        kw.update(endpoint_override=u.netloc, scheme=u.scheme or "http")
+    return pafs.S3FileSystem(**kw)
+
+
+def pyarrow_s3(settings: S3Settings | None = None) -> Any:
+    """A ``pyarrow.fs.S3FileSystem`` for ``settings`` (default: :func:`s3_settings`), cached."""
+    return _pyarrow_s3(settings or s3_settings())
