@@ -32,21 +32,6 @@ def _sweep(name: str, data: str, out: str, **kw: Any) -> Any:
     return make_job("TuneJob", name, spec)
 
 
-def test_sweep_of_four_trials_on_kuairand(ray_session: None, kuairand_dataset: str, s3_bucket: str) -> None:
-    from mtorl.tuning.sweep import run_tune
-
-    res = run_tune(_sweep("sweep4", kuairand_dataset, f"{s3_bucket}/sweeps", max_trials=4, algorithm="random",
-                          early_stopping="none"), progress=print)
-    assert res["trials"] == 4 and res["failed_trials"] == 0
-    assert all(r["state"] == "completed" and r["metric"] is not None for r in res["leaderboard"])
-    assert len({r["mu"] for r in res["leaderboard"]}) == 4
-    best = yaml.safe_load(storage.read_bytes(res["best"]["trainjob_yaml"]))
-    assert best["kind"] == "TrainJob"
-    assert best["spec"]["objective"]["reward_weight"] == pytest.approx(res["best"]["config"]["objective.reward_weight"])
-    assert res["best"]["checkpoint"] and storage.exists(storage.join(res["best"]["checkpoint"], "model.safetensors"))
-    assert storage.exists(res["plot"]) and storage.read_bytes(res["plot"])[:4] == b"\x89PNG"
-
-
 def test_asha_stops_a_bad_trial_early(ray_session: None, tiny_dataset: str, s3_bucket: str) -> None:
     from mtorl.tuning.sweep import run_tune
 
@@ -59,25 +44,25 @@ def test_asha_stops_a_bad_trial_early(ray_session: None, tiny_dataset: str, s3_b
     assert states[1e-9] == "stopped early"
 
 
-def test_interrupted_sweep_resumes_without_rerunning_trials(ray_session: None, tiny_dataset: str, s3_bucket: str,
-                                                            tmp_path: Path) -> None:
+def test_four_trial_kuairand_sweep_interrupted_then_resumed(ray_session: None, kuairand_dataset: str, s3_bucket: str,
+                                                             tmp_path: Path) -> None:
+    """A 4-trial sweep whose driver is killed after its first trial; re-running resumes it via
+    Tuner.restore, completes it, and re-runs no completed trial."""
     import ray
 
     from mtorl.tuning.sweep import run_tune
 
-    job = _sweep("resume", tiny_dataset, f"{s3_bucket}/sweeps", max_trials=3, algorithm="random", early_stopping="none")
+    job = _sweep("sweep4", kuairand_dataset, f"{s3_bucket}/sweeps", max_trials=4, algorithm="random", early_stopping="none")
     spec_file = tmp_path / "tune.yaml"
     spec_file.write_text(yaml.safe_dump(job_to_dict(job)))
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
-    trials = storage.join(s3_bucket, "sweeps", "resume", "trials")
+    trials = storage.join(s3_bucket, "sweeps", "sweep4", "trials")
     proc = subprocess.Popen([sys.executable, "-m", "mtorl", "tune", str(spec_file)], env=env, start_new_session=True)
     first: list[str] = []
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            first = [f for f in storage.list_files(trials) if f.endswith("/best.json")] if storage.exists(trials) or True else []
-            if first:
-                break
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not first:
+            first = [f for f in storage.list_files(trials) if f.endswith("/best.json")]
             time.sleep(1)
         assert first, "the first trial never finished"
     finally:
@@ -85,10 +70,18 @@ def test_interrupted_sweep_resumes_without_rerunning_trials(ray_session: None, t
             os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
             proc.wait()
     done_before = {f: storage.read_bytes(f) for f in first}
+
     res = run_tune(job, progress=print)
     assert res["restored"] is True
-    assert res["trials"] == 3
+    assert res["trials"] == 4 and res["failed_trials"] == 0
     names = [r["trial"] for r in res["leaderboard"]]
     assert len(names) == len(set(names))
+    assert all(r["state"] == "completed" and r["metric"] is not None for r in res["leaderboard"])
+    assert len({r["mu"] for r in res["leaderboard"]}) == 4
     for f, content in done_before.items():  # a completed trial is not re-run: its pointer is untouched
         assert storage.read_bytes(f) == content
+    best = yaml.safe_load(storage.read_bytes(res["best"]["trainjob_yaml"]))
+    assert best["kind"] == "TrainJob"
+    assert best["spec"]["objective"]["reward_weight"] == pytest.approx(res["best"]["config"]["objective.reward_weight"])
+    assert res["best"]["checkpoint"] and storage.exists(storage.join(res["best"]["checkpoint"], "model.safetensors"))
+    assert storage.read_bytes(res["plot"])[:4] == b"\x89PNG"
