@@ -12,8 +12,11 @@ Sources and the MDP they define (state s_t = concat(q_t, f), action = channel, g
   ``play_time_ms`` are outcomes of the exposure at t (known only after it), so they are never part of
   s_t: the policy would see the future. Rows of a user are in time order: file order is kept.
 * ``criteo-sequence``: channels are the ``Type_<id>`` boolean columns, gain ``conversion`` (or
-  ``click``/``attribution``), cost ``cost``, q_t = campaign, cat1..cat9. Outcome columns (conversion,
-  attribution, click, click_nb, cpo) are excluded from the state. File order is time order.
+  ``click``/``attribution``), cost ``cost``, q_t = campaign, cat1..cat7, cat9. ``cat8`` is excluded: it
+  takes exactly 11 values, one per ``Type_<id>`` column (the channel columns are its one-hot), so it
+  would hand the logged action to the policy (a decision tree on cat8 alone predicts the channel with
+  accuracy 1.0). Outcome columns (conversion, attribution, click, click_nb, cpo) are excluded from
+  the state. File order is time order.
 * ``criteo-attribution``: the raw public Criteo Attribution TSV. Channels are the top-K campaigns by
   row count (other rows dropped as ``channel_not_in_top_k``), order by timestamp within a user,
   q_t = cat1..cat9 (hashed categorical ids, each mapped by a stable hash to [0, 1): simple, no
@@ -43,6 +46,7 @@ KUAI_CHANNELS = ["short", "mid", "long"]
 KUAI_USER = ["2_14_day_new", "30day_retention", "UNKNOWN", "day_new", "full_active", "high_active", "low_active",
              "middle_active", "single_low_active"]
 CRITEO_CATS = [f"cat{i}" for i in range(1, 10)]
+CRITEO_SEQUENCE_STATE = ["campaign", *(c for c in CRITEO_CATS if c != "cat8")]  # cat8 is the channel itself
 CRITEO_GAINS = ("conversion", "click", "attribution")
 ATTRIBUTION_COLUMNS = ["timestamp", "uid", "campaign", "conversion", "conversion_timestamp", "conversion_id",
                        "attribution", "click", "click_pos", "click_nb", "cost", "cpo", "time_since_last_click",
@@ -261,7 +265,7 @@ class CriteoSequence(Converter):
         self.fixed_channels = [c[len("Type_"):] for c in types]
         # conversion, attribution, click, click_nb, cpo are outcomes: excluded from the state.
         return Plan(uid="uid", time=None, gain=gain, cost="cost", channel_onehot=[(c, c[len("Type_"):]) for c in types],
-                    step_numeric=["campaign", *CRITEO_CATS])
+                    step_numeric=list(CRITEO_SEQUENCE_STATE))
 
 
 class CriteoAttribution(Converter):

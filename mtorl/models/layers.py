@@ -73,16 +73,44 @@ def step_inputs(batch: Batch, n_channels: int) -> torch.Tensor:
     return torch.cat([onehot, batch.prev_reward.unsqueeze(-1).to(batch.state.dtype), batch.state], dim=-1)
 
 
-class StepEmbedding(nn.Module):
-    """W_e: Linear(C + 1 + D -> H) on x_t."""
+def history_stats(batch: Batch, n_channels: int) -> torch.Tensor:
+    """Causal running statistics of the journey so far, from (a_{k-1}, r_{k-1}) for k <= t:
 
-    def __init__(self, state_dim: int, n_channels: int, hidden: int) -> None:
+        n_t        = number of earlier steps                      -> log(1 + n_t)
+        rate_t     = (Σ r + 0.5) / (n_t + 1)                      overall reward rate, shrunk to 1/2
+        freq_t(c)  = (count_c + 1/C) / (n_t + 1)                  channel frequencies
+        crate_t(c) = (Σ_{a=c} r + rate_t) / (count_c + 1)         per-channel reward rate, shrunk to rate_t
+
+    Returns (B, L, 2 + 2C). These are the sufficient statistics the user's history carries about the
+    next reward and channel; computing them exactly (cumulative sums) spares the encoder learning to
+    count. Padding steps contribute nothing.
+    """
+    valid = (batch.prev_channel >= 0) & batch.mask  # (B, L)
+    dt = batch.state.dtype
+    onehot = F.one_hot(batch.prev_channel.clamp(min=0), n_channels).to(dt) * valid.unsqueeze(-1).to(dt)  # (B, L, C)
+    r = batch.prev_reward.to(dt) * valid.to(dt)  # (B, L)
+    n = valid.to(dt).cumsum(1)  # (B, L)
+    rate = (r.cumsum(1) + 0.5) / (n + 1.0)  # (B, L)
+    cnt = onehot.cumsum(1)  # (B, L, C)
+    freq = (cnt + 1.0 / n_channels) / (n + 1.0).unsqueeze(-1)
+    crate = ((onehot * r.unsqueeze(-1)).cumsum(1) + rate.unsqueeze(-1)) / (cnt + 1.0)
+    return torch.cat([torch.log1p(n).unsqueeze(-1), rate.unsqueeze(-1), freq, crate], dim=-1)
+
+
+class StepEmbedding(nn.Module):
+    """W_e: Linear(C + 1 + D [+ 2 + 2C history statistics] -> H) on x_t."""
+
+    def __init__(self, state_dim: int, n_channels: int, hidden: int, with_history: bool = False) -> None:
         super().__init__()
         self.n_channels = n_channels
-        self.proj = nn.Linear(n_channels + 1 + state_dim, hidden)
+        self.with_history = with_history
+        self.proj = nn.Linear(n_channels + 1 + state_dim + (2 + 2 * n_channels if with_history else 0), hidden)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.proj(step_inputs(batch, self.n_channels))  # (B, L, H)
+        x = step_inputs(batch, self.n_channels)  # (B, L, C + 1 + D)
+        if self.with_history:
+            x = torch.cat([x, history_stats(batch, self.n_channels)], dim=-1)
+        return self.proj(x)  # (B, L, H)
 
 
 def sinusoidal_positions(L: int, dim: int, device: torch.device) -> torch.Tensor:

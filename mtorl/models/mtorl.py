@@ -1,7 +1,8 @@
 """MTORL: causal TCN state encoder + causal multi-head self-attention + two decoders.
 
     x_t   = concat(onehot(a_{t-1}), r_{t-1}, s_t)            (B, L, C + 1 + D)
-    e_t   = W_e x_t                                           (B, L, H)
+    e_t   = W_e [x_t, stats_t]                                (B, L, H)
+            stats_t: causal running statistics of (a, r) before t (``history_stats``; spec.history_stats)
     z_t   = TCN(e_≤t)          dilated causal convolutions    (B, L, H)
     h_t   = AddNorm^N(z_≤t)    causal self-attention + FFN    (B, L, H)
     π(·|h_t)    = softmax(ActionDecoder(h_t))                 (B, L, C)
@@ -36,7 +37,7 @@ class MTORL(SequencePolicy):
     def __init__(self, spec: ModelSpec, state_dim: int, n_channels: int, binary: bool) -> None:
         super().__init__(spec, state_dim, n_channels, binary)
         H = spec.hidden
-        self.embed = StepEmbedding(state_dim, n_channels, H)
+        self.embed = StepEmbedding(state_dim, n_channels, H, with_history=spec.history_stats)
         self.tcn = TemporalConvNet(H, spec.tcn)
         self.blocks = nn.ModuleList(
             AddNormBlock(H, spec.attention.heads, spec.attention.dropout) for _ in range(spec.attention.layers)

@@ -108,6 +108,7 @@ class ModelSpec(_Strict):
     tcn: TCNSpec = Field(default_factory=TCNSpec)
     attention: AttentionSpec = Field(default_factory=AttentionSpec)
     decoder_hidden: int = Field(64, ge=4)
+    history_stats: bool = Field(True, description="mtorl: add causal running statistics of past channels and rewards to x_t (see models/layers.py: history_stats).")
     gamma: float = Field(0.9, ge=0, le=1, description="Discount for the Q-learning baselines and returns-to-go.")
     cql_alpha: float = Field(1.0, ge=0)
     iql_expectile: float = Field(0.7, gt=0, lt=1)

@@ -179,7 +179,7 @@ def test_criteo_sequence_non_contiguous(tmp_path: Path) -> None:
     m = prepare(spec(tmp_path, "criteo-sequence", inp, spill_partitions=3), progress=quiet)
     _invariant(m)
     assert m["channels"] == ["11", "22", "33"] and m["users_read"] == 20 and m["rows_written"] == len(rows)
-    assert m["step_features"] == ["campaign", *[f"cat{i}" for i in range(1, 10)]]
+    assert m["step_features"] == ["campaign", *[f"cat{i}" for i in (1, 2, 3, 4, 5, 6, 7, 9)]]  # cat8 is the channel: excluded
     got = {}
     for split in m["splits"].values():
         for s in split["shards"]:
