@@ -1,0 +1,893 @@
+"""Benchmarks: every stage measures our path and its plain reference in the same run and reports the ratio.
+
+``python -m mtorl.bench [--quick] [--stages prepare,stream,train,serve,scale] [--device cpu|cuda] [--out DIR]``
+(also ``make bench BENCH_ARGS=...`` and ``mtorl bench ...``). Writes ``DIR/results.json``
+(``results-cuda.json`` for ``--device cuda``) and regenerates the table section of ``BENCHMARKS.md``
+between its markers (the prose around it is kept).
+
+Stages (ratio = ours / plain reference, same machine, same data, same run):
+
+- ``prepare``: rows/s of ``prepare`` (CSV logs -> split, normalised dataset in object storage) vs pyarrow
+  alone reading the same CSV and writing one Parquet file to the same store.
+- ``stream``: windows/s that Ray Data (``window_dataset(...).iter_batches``) delivers from object storage
+  vs the rate a plain ``train_batches`` loop consumes in-memory windows (> 1: training is never input-bound).
+- ``train``: samples/s of 1- and 2-worker Ray Train runs (``run_train``) vs the plain single-process loop
+  over the same windows in memory, and the fraction of step time spent waiting for input.
+- ``serve``: p50/p99 latency and requests/s at concurrency 1, 8, 32 over HTTP (one journey of length 20
+  per request) vs the raw ``Predictor`` forward throughput at the serving batch size.
+- ``scale``: peak memory and wall time of ``prepare`` and of one training epoch at two sizes, each in its own
+  subprocess (its own Ray); peak memory is the subprocess's VmHWM and, for the epoch, the sampled peak of the
+  summed RSS of its whole process tree (Ray's raylet, workers and object store included).
+
+The bench starts its own embedded object store (in a temp dir, on free ports) and its own local Ray, and
+stops both at the end (the store by PID). Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+STAGES = ("prepare", "stream", "train", "serve", "scale")
+BUCKET = "s3://mtorl-bench"
+MEAN_STEPS = 20.0
+WINDOW = 20
+BATCH = 64
+# The demo's model: what a user of `make demo` trains.
+MODEL: dict[str, Any] = {"name": "mtorl", "hidden": 32, "tcn": {"levels": 2}, "attention": {"heads": 2}, "decoder_hidden": 32}
+SERVE_LENGTH = 20
+SERVE_BATCH = 32
+CONCURRENCY = (1, 8, 32)
+MARK_START = "<!-- bench:{device}:start -->"
+MARK_END = "<!-- bench:{device}:end -->"
+BENCH_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "WANDB_MODE": "disabled",
+    "WANDB_SILENT": "true",
+}
+TARGETS = {
+    "stream": "stream/train > 1",
+    "train": "1-worker ratio >= 0.8; input wait <= 10%",
+    "serve": "served >= 50% of raw; p99 at c=8 <= 50 ms (CPU)",
+    "scale": "peak memory at the large size <= 1.5x the small",
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Workload sizes of one mode."""
+
+    steps: int                  # simulated steps of the main dataset
+    epochs: int                 # Ray Train epochs per run
+    requests: int               # HTTP requests per concurrency level
+    raw_repeats: int            # Predictor forward passes timed
+    scale: tuple[int, int]      # simulated steps of the two scale points (small, large)
+
+
+QUICK = Sizes(steps=20_000, epochs=1, requests=160, raw_repeats=30, scale=(100_000, 1_000_000))
+FULL = Sizes(steps=400_000, epochs=2, requests=1_000, raw_repeats=200, scale=(1_000_000, 10_000_000))
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def _rate(n: float, seconds: float) -> float:
+    return float(n) / max(seconds, 1e-9)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b or not math.isfinite(a) or not math.isfinite(b):
+        return None
+    return round(a / b, 3)
+
+
+def _vmhwm_mb() -> float:
+    """Peak resident memory of this process (VmHWM), MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _tree_rss_mb(root: int) -> float:
+    """Summed RSS of ``root`` and all its descendants, MiB (shared pages count once per process)."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            parents[int(d)] = int(fields[1])
+            rss[int(d)] = int(Path(f"/proc/{d}/statm").read_text().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+    keep, frontier = {root}, [root]
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    while frontier:
+        for c in children.get(frontier.pop(), []):
+            if c not in keep:
+                keep.add(c)
+                frontier.append(c)
+    return sum(rss.get(p, 0) for p in keep) / (1 << 20)
+
+
+class TreePeak:
+    """Samples the summed RSS of this process tree in a thread; ``peak_mb`` after ``stop``."""
+
+    def __init__(self, period_s: float = 0.5) -> None:
+        self.period, self.peak_mb = period_s, 0.0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, _tree_rss_mb(os.getpid()))
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> "TreePeak":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak_mb = max(self.peak_mb, _tree_rss_mb(os.getpid()))
+
+
+def machine_facts(device: str) -> dict[str, Any]:
+    import pyarrow
+    import ray
+    import torch
+
+    import mtorl
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    facts: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cores": os.cpu_count(), "cpu_model": cpu, "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__, "mtorl": mtorl.__version__, "torch_threads": torch.get_num_threads(),
+        "device": device,
+    }
+    try:
+        facts["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1)
+    except (ValueError, OSError):
+        pass
+    if device == "cuda" and torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name(0)
+        facts["cuda"] = torch.version.cuda
+    return facts
+
+
+# ----------------------------------------------------------------------------- data
+
+def simulate_csv(steps: int, work: Path, say: Callable[[str], Any]) -> tuple[Path, dict[str, Any], int]:
+    """Simulate about ``steps`` steps and stream them into one CSV (the journeys format, no ground truth).
+
+    Returns (csv path, the ``journeys`` column mapping, rows written)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from mtorl.sim.generate import simulate
+    from mtorl.spec import make_job
+
+    sim_dir = work / f"sim-{steps}"
+    users = max(10, int(round(steps / MEAN_STEPS)))
+    spec = make_job("SimulateJob", "bench-sim", {"output": str(sim_dir), "users": users, "mean_steps": MEAN_STEPS,
+                                                 "seed": 0, "write_truth": False, "shard_steps": 500_000}).spec
+    meta = simulate(spec, progress=None)
+    fmt = dict(meta["journeys"])
+    cols = [fmt[k] for k in ("user_col", "time_col", "channel_col", "gain_col", "cost_col", "propensity_col")]
+    cols += list(fmt["numeric_features"]) + list(fmt["user_features"])
+    path = work / f"journeys-{steps}.csv"
+    rows, writer = 0, None
+    try:
+        for shard in meta["shards"]:
+            tab = pq.read_table(sim_dir / shard["path"], columns=cols)
+            if writer is None:
+                writer = pacsv.CSVWriter(str(path), _plain_schema(tab.schema))
+            writer.write_table(tab.cast(_plain_schema(tab.schema)))
+            rows += tab.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    for shard in meta["shards"]:
+        (sim_dir / shard["path"]).unlink(missing_ok=True)
+    say(f"bench: simulated {rows:,} steps of {users:,} users -> {path.name} ({path.stat().st_size / 1e6:.0f} MB)")
+    return path, fmt, rows
+
+
+def _plain_schema(schema: Any) -> Any:
+    import pyarrow as pa
+
+    return pa.schema([pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type) for f in schema])
+
+
+def load_windows(uri: str, split: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """All windows of one split in memory (read with pyarrow, cut with the same numpy code as Ray Data)."""
+    import pyarrow.parquet as pq
+
+    from mtorl import storage
+    from mtorl.data.manifest import load_manifest, shard_uris
+    from mtorl.data.windows import journeys_from_table, make_windows
+
+    m = load_manifest(uri)
+    D = len(m["step_features"]) + len(m["user_features"])
+    parts = []
+    for u in shard_uris(uri, m, split):
+        fs, path = storage.resolve(u)
+        parts.append(make_windows(journeys_from_table(pq.read_table(path, filesystem=fs), m), WINDOW, state_dim=D))
+    if not parts:
+        return make_windows([], WINDOW, state_dim=D), m
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, m
+
+
+def _batches(windows: dict[str, np.ndarray], bs: int) -> Iterator[dict[str, np.ndarray]]:
+    n = len(windows["mask"])
+    for s in range(0, n - bs + 1, bs):  # full batches only: same shapes as the streamed path
+        yield {k: v[s:s + bs] for k, v in windows.items()}
+
+
+def _model_and_opt(manifest: dict[str, Any], device: Any) -> tuple[Any, Any, bool]:
+    import torch
+
+    from mtorl.models import build_model
+    from mtorl.spec import ModelSpec
+
+    binary = bool(manifest.get("gain_binary", True))
+    torch.manual_seed(0)
+    model = build_model(ModelSpec.model_validate(MODEL), state_dim=len(manifest["step_features"]) + len(manifest["user_features"]),
+                        n_channels=len(manifest["channels"]), binary=binary).to(device)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3), binary
+
+
+def plain_train_rate(windows: dict[str, np.ndarray], manifest: dict[str, Any], device: str, threads: int | None,
+                     min_seconds: float = 3.0) -> dict[str, Any]:
+    """Windows/s of the plain PyTorch loop (``train_batches``) over in-memory windows."""
+    import torch
+
+    from mtorl.spec import ObjectiveSpec
+    from mtorl.training.step import train_batches
+
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        dev = torch.device(device)
+        model, opt, binary = _model_and_opt(manifest, dev)
+        obj = ObjectiveSpec()
+        batches = list(_batches(windows, BATCH))
+        if not batches:
+            raise RuntimeError("no full training batch in the dataset; use more --steps")
+        train_batches(model, opt, batches[:3], obj, binary, dev, 1.0)  # warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        n, t0 = 0, time.perf_counter()
+        while True:  # whole passes until min_seconds
+            stats = train_batches(model, opt, batches, obj, binary, dev, 1.0)
+            n += stats.windows
+            if time.perf_counter() - t0 >= min_seconds:
+                break
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        sec = time.perf_counter() - t0
+        return {"windows_per_s": round(_rate(n, sec), 1), "windows": n, "seconds": round(sec, 2),
+                "torch_threads": torch.get_num_threads()}
+    finally:
+        torch.set_num_threads(saved)
+
+
+# ----------------------------------------------------------------------------- the run
+
+class Bench:
+    def __init__(self, sizes: Sizes, device: str, work: Path, say: Callable[[str], Any]) -> None:
+        self.sizes, self.device, self.work, self.say = sizes, device, work, say
+        self.csv: Path | None = None
+        self.fmt: dict[str, Any] = {}
+        self.rows = 0
+        self.dataset: str | None = None
+        self.checkpoint: str | None = None
+        self._plain: dict[str, Any] | None = None
+        self._windows: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
+
+    # -- shared inputs, made on first use
+    def data(self) -> str:
+        """The main prepared dataset URI (simulated CSV -> prepare)."""
+        if self.dataset is None:
+            self._csv()
+            self.dataset = f"{BUCKET}/datasets/main"
+            self._prepare(self.dataset)
+        return self.dataset
+
+    def _csv(self) -> Path:
+        if self.csv is None:
+            self.csv, self.fmt, self.rows = simulate_csv(self.sizes.steps, self.work, self.say)
+        return self.csv
+
+    def _prepare(self, out: str) -> dict[str, Any]:
+        from mtorl.data.prepare import prepare
+        from mtorl.spec import make_job
+
+        spec = make_job("PrepareJob", "bench-prepare", {"source": "journeys", "input": str(self._csv()), "output": out,
+                                                         "journeys": self.fmt}).spec
+        return prepare(spec, progress=lambda _m: None)
+
+    def windows(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        if self._windows is None:
+            self._windows = load_windows(self.data(), "train")
+        return self._windows
+
+    def plain(self) -> dict[str, Any]:
+        """The plain single-process loop, at one worker's CPU share (1 thread) on CPU."""
+        if self._plain is None:
+            w, m = self.windows()
+            self._plain = plain_train_rate(w, m, self.device, threads=1 if self.device == "cpu" else None)
+            self.say(f"bench: plain PyTorch loop {self._plain['windows_per_s']:,.0f} windows/s")
+        return self._plain
+
+    def ray(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            from mtorl.raycluster import init_ray
+
+            init_ray()
+
+    # -- stages
+    def stage_prepare(self) -> dict[str, Any]:
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        from mtorl import storage
+
+        csv = self._csv()
+        csv.read_bytes()  # same page cache for both readers
+        base_uri = f"{BUCKET}/baseline/journeys.parquet"
+        storage.ensure_bucket(base_uri)
+        fs, path = storage.resolve(base_uri)
+        t0 = time.perf_counter()
+        pq.write_table(pacsv.read_csv(str(csv)), path, filesystem=fs)
+        base_s = time.perf_counter() - t0
+        self.dataset = f"{BUCKET}/datasets/main"
+        t0 = time.perf_counter()
+        m = self._prepare(self.dataset)
+        ours_s = time.perf_counter() - t0
+        ours, base = _rate(m["rows_read"], ours_s), _rate(self.rows, base_s)
+        return {"rows": self.rows, "ours": {"rows_per_s": round(ours), "seconds": round(ours_s, 2)},
+                "baseline": {"name": "pyarrow read_csv + write_parquet", "rows_per_s": round(base), "seconds": round(base_s, 2)},
+                "ratio": _ratio(ours, base), "users": sum(s["users"] for s in m["splits"].values())}
+
+    def stage_stream(self) -> dict[str, Any]:
+        from mtorl.data.pipeline import window_dataset
+        from mtorl.spec import WindowSpec
+
+        uri = self.data()
+        plain = self.plain()
+        self.ray()
+        passes = []
+        for _ in range(2):  # the first pass also pays for planning and worker start-up
+            ds = window_dataset(uri, "train", WindowSpec(length=WINDOW))
+            n, first, t0 = 0, None, time.perf_counter()
+            for b in ds.iter_batches(batch_size=BATCH, batch_format="numpy", prefetch_batches=2):
+                if first is None:
+                    first = time.perf_counter()
+                n += len(b["mask"])
+            t1 = time.perf_counter()
+            passes.append({"windows": n, "seconds": round(t1 - t0, 2), "windows_per_s": round(_rate(n, t1 - t0), 1),
+                           "first_batch_s": round((first or t1) - t0, 2)})
+        ours = passes[-1]["windows_per_s"]
+        return {"ours": {"windows_per_s": ours, "passes": passes, "source": "window_dataset(...).iter_batches from the object store"},
+                "baseline": {"name": "plain train_batches over in-memory windows", **plain},
+                "ratio": _ratio(ours, plain["windows_per_s"]), "target": TARGETS["stream"],
+                "met": bool(ours > plain["windows_per_s"])}
+
+    def _train_job(self, name: str, workers: int, epochs: int, max_steps: int | None = None) -> Any:
+        from mtorl.spec import make_job
+
+        trainer: dict[str, Any] = {"workers": workers, "cpus_per_worker": 1, "epochs": epochs, "batch_size": BATCH,
+                                   "use_gpu": self.device == "cuda", "gpus_per_worker": 1.0 / max(workers, 1),
+                                   "max_steps_per_epoch": max_steps}
+        return make_job("TrainJob", name, {"data": self.data(), "output": f"{BUCKET}/runs", "window": {"length": WINDOW},
+                                           "model": MODEL, "trainer": trainer, "tracking": {"wandb": "disabled"}})
+
+    def stage_train(self) -> dict[str, Any]:
+        from mtorl.training.driver import run_train
+
+        plain = self.plain()
+        self.ray()
+        tag = f"{int(time.time()) % 100000}"
+        runs: dict[str, Any] = {}
+        for workers in (1, 2):
+            res = run_train(self._train_job(f"bench-{workers}w-{tag}", workers, self.sizes.epochs), progress=self.say)
+            sps = res.get("samples_per_s")
+            wait = (res.get("final_metrics") or {}).get("train/input_wait_frac")
+            runs[f"{workers}w"] = {"samples_per_s": round(float(sps), 1) if sps is not None else None,
+                                   "input_wait_frac": round(float(wait), 4) if wait is not None else None,
+                                   "wall_s": res.get("wall_s"), "ratio": _ratio(sps, plain["windows_per_s"])}
+            if workers == 1:
+                self.checkpoint = res["best_checkpoint"]
+        r1, w1 = runs["1w"]["ratio"], runs["1w"]["input_wait_frac"]
+        return {"ours": runs, "baseline": {"name": "plain single-process train_batches, windows in memory", **plain},
+                "ratio": r1, "ratio_2w": runs["2w"]["ratio"], "target": TARGETS["train"],
+                "met": bool(r1 is not None and r1 >= 0.8 and w1 is not None and w1 <= 0.10),
+                "note": "samples/s of the last epoch (Ray Train's own metric: windows / per-worker epoch time, summed over "
+                        "workers); the plain loop runs 1 torch thread, the CPU share of one worker"}
+
+    def _ensure_checkpoint(self) -> str:
+        if self.checkpoint is None:
+            from mtorl.training.driver import run_train
+
+            self.ray()
+            res = run_train(self._train_job(f"bench-serve-{int(time.time()) % 100000}", 0, 1, max_steps=30), progress=self.say)
+            self.checkpoint = res["best_checkpoint"]
+        return self.checkpoint
+
+    def stage_serve(self) -> dict[str, Any]:
+        import torch
+
+        from mtorl.serving.predictor import Predictor
+        from mtorl.spec import make_job
+        from mtorl.storage.seaweed import free_ports
+
+        ck = self._ensure_checkpoint()
+        bodies = serve_bodies(self._csv(), self.fmt, SERVE_LENGTH, 64)
+        # raw: the Predictor alone on journeys of the same length, at the serving batch size
+        pred = Predictor.from_checkpoint(ck, device=self.device)
+        journeys = [j for j in _test_journeys(self.data(), SERVE_LENGTH)][:SERVE_BATCH]
+        raw: dict[str, Any] = {}
+        for bs in (1, SERVE_BATCH):
+            chunk = (journeys * SERVE_BATCH)[:bs]
+            pred.predict_next(chunk)
+            t0 = time.perf_counter()
+            for _ in range(self.sizes.raw_repeats):
+                pred.predict_next(chunk)
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            sec = time.perf_counter() - t0
+            raw[f"batch_{bs}"] = {"journeys_per_s": round(_rate(bs * self.sizes.raw_repeats, sec), 1),
+                                  "ms_per_call": round(1000 * sec / self.sizes.raw_repeats, 2)}
+        del pred
+
+        from ray import serve
+
+        from mtorl.serving.app import run_serve
+
+        self.ray()
+        port = free_ports(1)[0]
+        job = make_job("ServeJob", "bench-serve", {"checkpoint": ck, "port": port, "max_batch_size": SERVE_BATCH,
+                                                    "max_ongoing_requests": 64})
+        served = run_serve(job, address=None, config_out=str(self.work / "serve_config.yaml"), blocking=False, progress=self.say)
+        try:
+            url = str(served["url"]).rstrip("/") + RECOMMEND_PATH
+            levels = {f"c{c}": http_load(url, bodies, c, self.sizes.requests if c > 1 else max(50, self.sizes.requests // 2))
+                      for c in CONCURRENCY}
+        finally:
+            serve.shutdown()
+        top = levels[f"c{CONCURRENCY[-1]}"]["requests_per_s"]
+        raw_top = raw[f"batch_{SERVE_BATCH}"]["journeys_per_s"]
+        p99_8 = levels["c8"]["p99_ms"]
+        ratio = _ratio(top, raw_top)
+        return {"ours": levels, "baseline": {"name": f"Predictor.predict_next, journeys of length {SERVE_LENGTH}", **raw},
+                "ratio": ratio, "target": TARGETS["serve"],
+                "met": bool(ratio is not None and ratio >= 0.5 and (self.device != "cpu" or p99_8 <= 50.0)),
+                "note": f"one journey per request; ratio = requests/s at concurrency {CONCURRENCY[-1]} / raw journeys/s at batch {SERVE_BATCH}"}
+
+    def stage_scale(self) -> dict[str, Any]:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()  # each subprocess starts its own local Ray
+        points: dict[str, Any] = {}
+        for steps in self.sizes.scale:
+            csv, fmt, rows = simulate_csv(steps, self.work, self.say)
+            uri = f"{BUCKET}/datasets/scale-{steps}"
+            p = _child(["prepare", "--csv", str(csv), "--fmt", json.dumps(fmt), "--dataset", uri], self.say)
+            csv.unlink(missing_ok=True)
+            e = _child(["epoch", "--dataset", uri, "--device", self.device], self.say)
+            points[str(steps)] = {"rows": rows, "prepare": p, "epoch": e}
+            self.say(f"bench: scale {steps:,} steps: prepare {p['wall_s']}s peak {p['peak_mb']:.0f} MiB; "
+                     f"epoch {e['wall_s']}s peak {e['peak_mb']:.0f} MiB (tree {e['tree_peak_mb']:.0f} MiB)")
+        small, large = (points[str(s)] for s in self.sizes.scale)
+        mem = {"prepare": _ratio(large["prepare"]["peak_mb"], small["prepare"]["peak_mb"]),
+               "epoch": _ratio(large["epoch"]["peak_mb"], small["epoch"]["peak_mb"]),
+               "epoch_tree": _ratio(large["epoch"]["tree_peak_mb"], small["epoch"]["tree_peak_mb"])}
+        wall = {"prepare": _ratio(large["prepare"]["wall_s"], small["prepare"]["wall_s"]),
+                "epoch": _ratio(large["epoch"]["wall_s"], small["epoch"]["wall_s"])}
+        return {"sizes": list(self.sizes.scale), "ours": points, "memory_ratio": mem, "wall_ratio": wall,
+                "ratio": max(v for v in mem.values() if v is not None) if any(v is not None for v in mem.values()) else None,
+                "steps_ratio": round(self.sizes.scale[1] / self.sizes.scale[0], 1), "target": TARGETS["scale"],
+                "met": all(v is not None and v <= 1.5 for v in mem.values()),
+                "note": "each measurement in its own subprocess; peak_mb = its VmHWM; tree_peak_mb = sampled peak of the "
+                        "summed RSS of its process tree (its own Ray included; shared pages counted per process)"}
+
+
+# ----------------------------------------------------------------------------- serving load
+
+RECOMMEND_PATH = "/v1/recommend"
+
+
+def serve_bodies(csv: Path, fmt: dict[str, Any], length: int, n: int) -> list[bytes]:
+    """``n`` request bodies, each one user's first ``length`` logged steps in the journeys format."""
+    import pyarrow.csv as pacsv
+
+    tab = pacsv.read_csv(str(csv), read_options=pacsv.ReadOptions(block_size=1 << 22))
+    rows = tab.slice(0, min(tab.num_rows, 400 * n)).to_pylist()
+    by_user: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_user.setdefault(str(r[fmt["user_col"]]), []).append(r)
+    bodies = []
+    for uid, steps in by_user.items():
+        if len(steps) < length:
+            continue
+        bodies.append(json.dumps(recommend_request(uid, steps[:length], fmt)).encode())
+        if len(bodies) == n:
+            break
+    if not bodies:
+        raise RuntimeError(f"no user with {length} steps in the first rows of {csv.name}")
+    return bodies
+
+
+def recommend_request(user_id: str, steps: list[dict[str, Any]], fmt: dict[str, Any]) -> dict[str, Any]:
+    """One ``/v1/recommend`` request: a user's logged history, raw values (the server normalises)."""
+    feats = list(fmt["numeric_features"]) + list(fmt.get("categorical_features") or [])
+    history = [{"channel": str(s[fmt["channel_col"]]), "gain": float(s[fmt["gain_col"]]), "cost": float(s[fmt["cost_col"]]),
+                "features": {k: s[k] for k in feats}} for s in steps]
+    return {"users": [{"user_id": user_id, "history": history,
+                       "user_features": {k: float(steps[0][k]) for k in fmt["user_features"]}}]}
+
+
+def http_load(url: str, bodies: list[bytes], concurrency: int, requests: int) -> dict[str, Any]:
+    """``requests`` POSTs from ``concurrency`` threads (one keep-alive client each); latency percentiles."""
+    import httpx
+
+    headers = {"content-type": "application/json"}
+    with httpx.Client(timeout=30.0) as c:  # warm-up, and fail early with the server's answer
+        for b in bodies[:3]:
+            r = c.post(url, content=b, headers=headers)
+            if r.status_code != 200:
+                raise RuntimeError(f"POST {url} -> {r.status_code}: {r.text[:300]}")
+    lat: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def worker() -> None:
+        mine: list[float] = []
+        with httpx.Client(timeout=30.0) as c:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    break
+                t = time.perf_counter()
+                r = c.post(url, content=bodies[i % len(bodies)], headers=headers)
+                mine.append(time.perf_counter() - t)
+                if r.status_code != 200:
+                    errors[0] += 1
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sec = time.perf_counter() - t0
+    ms = np.asarray(lat) * 1000.0
+    return {"requests": len(lat), "errors": errors[0], "seconds": round(sec, 2),
+            "requests_per_s": round(_rate(len(lat), sec), 1), "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2), "mean_ms": round(float(ms.mean()), 2)}
+
+
+def _test_journeys(uri: str, length: int) -> Iterator[Any]:
+    """Prepared test (else train) journeys cut to ``length`` steps (those with at least that many)."""
+    import pyarrow.parquet as pq
+    from dataclasses import replace
+
+    from mtorl import storage
+    from mtorl.data.manifest import load_manifest, shard_uris
+    from mtorl.data.windows import journeys_from_table
+
+    m = load_manifest(uri)
+    for split in ("test", "train"):
+        for u in shard_uris(uri, m, split):
+            fs, path = storage.resolve(u)
+            for j in journeys_from_table(pq.read_table(path, filesystem=fs), m):
+                if j.length >= length:
+                    yield replace(j, channel=j.channel[:length], gain=j.gain[:length], cost=j.cost[:length],
+                                  propensity=j.propensity[:length], state=j.state[:length], reward=j.reward[:length])
+
+
+# ----------------------------------------------------------------------------- scale subprocesses
+
+def _child(args: list[str], say: Callable[[str], Any]) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter; it prints one JSON line starting with ``BENCH ``."""
+    proc = subprocess.run([sys.executable, "-m", "mtorl.bench", "--child", *args], capture_output=True, text=True,
+                          env=os.environ.copy())
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("BENCH "):
+            return dict(json.loads(line[6:]))
+    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+    raise RuntimeError(f"scale subprocess {args[0]} failed (exit {proc.returncode}):\n{tail}")
+
+
+def child_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="mtorl.bench --child")
+    ap.add_argument("what", choices=["prepare", "epoch"])
+    ap.add_argument("--csv")
+    ap.add_argument("--fmt")
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args(argv)
+    from mtorl.spec import make_job
+
+    if a.what == "prepare":
+        from mtorl.data.prepare import prepare
+
+        spec = make_job("PrepareJob", "bench-scale", {"source": "journeys", "input": a.csv, "output": a.dataset,
+                                                       "journeys": json.loads(a.fmt)}).spec
+        t0 = time.perf_counter()
+        m = prepare(spec, progress=lambda _m: None)
+        out = {"wall_s": round(time.perf_counter() - t0, 2), "peak_mb": round(_vmhwm_mb(), 1), "rows": m["rows_read"],
+               "rows_per_s": round(_rate(m["rows_read"], time.perf_counter() - t0))}
+    else:
+        import ray
+
+        from mtorl.raycluster import init_ray
+        from mtorl.training.driver import run_train
+
+        with TreePeak() as tree:
+            init_ray()
+            job = make_job("TrainJob", f"bench-scale-{int(time.time()) % 100000}", {
+                "data": a.dataset, "output": f"{BUCKET}/runs", "window": {"length": WINDOW}, "model": MODEL,
+                "trainer": {"workers": 0, "epochs": 1, "batch_size": BATCH, "use_gpu": a.device == "cuda"},
+                "tracking": {"wandb": "disabled"}})
+            t0 = time.perf_counter()
+            res = run_train(job, progress=lambda _m: None)
+            wall = time.perf_counter() - t0
+            peak = _vmhwm_mb()
+            ray.shutdown()
+        out = {"wall_s": round(wall, 2), "peak_mb": round(peak, 1), "tree_peak_mb": round(tree.peak_mb, 1),
+               "samples_per_s": res.get("samples_per_s")}
+    print("BENCH " + json.dumps(out), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- report
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        v = f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    elif isinstance(v, int):
+        v = f"{v:,}"
+    return f"{v}{unit}"
+
+
+def table_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
+    """(stage, ours, plain reference, ratio, target, met) rows of the results."""
+    rows = []
+    st = res["stages"]
+
+    def met(d: dict[str, Any]) -> str:
+        return "" if "met" not in d else ("yes" if d["met"] else "**no**")
+
+    for name in STAGES:
+        d = st.get(name)
+        if d is None:
+            continue
+        if "error" in d or "skipped" in d:
+            rows.append((name, d.get("error") or f"skipped: {d['skipped']}", "", "", TARGETS.get(name, ""), ""))
+            continue
+        if name == "prepare":
+            rows.append(("prepare (rows/s)", _fmt(d["ours"]["rows_per_s"]), f"{_fmt(d['baseline']['rows_per_s'])} (pyarrow CSV -> Parquet)",
+                         _fmt(d["ratio"]), "", ""))
+        elif name == "stream":
+            rows.append(("stream (windows/s)", _fmt(d["ours"]["windows_per_s"]),
+                         f"{_fmt(d['baseline']['windows_per_s'])} (plain training consumes)", _fmt(d["ratio"]), d["target"], met(d)))
+        elif name == "train":
+            for k, r in d["ours"].items():
+                rows.append((f"train {k[0]} worker(s) (samples/s)", f"{_fmt(r['samples_per_s'])}, input wait {_fmt(100 * r['input_wait_frac'] if r['input_wait_frac'] is not None else None, '%')}",
+                             f"{_fmt(d['baseline']['windows_per_s'])} (plain loop, 1 thread)", _fmt(r["ratio"]),
+                             d["target"] if k == "1w" else "", met(d) if k == "1w" else ""))
+        elif name == "serve":
+            raw = d["baseline"][f"batch_{SERVE_BATCH}"]["journeys_per_s"]
+            for k, r in d["ours"].items():
+                last = k == f"c{CONCURRENCY[-1]}"
+                rows.append((f"serve concurrency {k[1:]} (req/s; p50/p99 ms)",
+                             f"{_fmt(r['requests_per_s'])}; {_fmt(r['p50_ms'])}/{_fmt(r['p99_ms'])}",
+                             f"{_fmt(raw)} (Predictor, batch {SERVE_BATCH})" if last else "",
+                             _fmt(d["ratio"]) if last else _fmt(_ratio(r["requests_per_s"], raw)),
+                             d["target"] if k == "c8" else "", met(d) if k == "c8" else ""))
+        elif name == "scale":
+            small, large = (d["ours"][str(s)] for s in d["sizes"])
+            for part in ("prepare", "epoch"):
+                extra = lambda p: f", tree {_fmt(p['tree_peak_mb'])}" if "tree_peak_mb" in p else ""  # noqa: E731
+                rows.append((f"scale {part}: {_fmt(d['sizes'][1])} vs {_fmt(d['sizes'][0])} steps (peak MiB; s)",
+                             f"{_fmt(large[part]['peak_mb'])}{extra(large[part])}; {_fmt(large[part]['wall_s'])}",
+                             f"{_fmt(small[part]['peak_mb'])}{extra(small[part])}; {_fmt(small[part]['wall_s'])}",
+                             f"mem {_fmt(d['memory_ratio'][part])}" + (f" (tree {_fmt(d['memory_ratio']['epoch_tree'])})" if part == "epoch" else "")
+                             + f", time {_fmt(d['wall_ratio'][part])}",
+                             d["target"] if part == "prepare" else "", met(d) if part == "prepare" else ""))
+    return rows
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    head = (f"Measured {m['date']} on {m['cores']} cores ({m['cpu_model']}{', ' + m['gpu'] if m.get('gpu') else ''}), "
+            f"{m.get('memory_gib', '?')} GiB, torch {m['torch']}, ray {m['ray']}, pyarrow {m['pyarrow']}; "
+            f"device `{res['device']}`, mode `{res['mode']}`, {res['total_s']:.0f} s in all.\n\n"
+            f"```bash\n{res['command']}\n```\n\n")
+    lines = ["| stage | ours | plain reference | ratio | target | met |", "|---|---|---|---|---|---|"]
+    for r in table_rows(res):
+        lines.append("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in r) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def update_markdown(path: Path, device: str, body: str) -> None:
+    """Replace the section between this device's markers (appended if absent); the rest is kept."""
+    start, end = MARK_START.format(device=device), MARK_END.format(device=device)
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"{start}\n{body}{end}"
+    if start in text and end in text:
+        a, b = text.index(start), text.index(end) + len(end)
+        text = text[:a] + section + text[b:]
+    else:
+        text = text.rstrip("\n") + f"\n\n## Results ({device})\n\n{section}\n"
+    path.write_text(text)
+
+
+# ----------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mtorl bench", description="Benchmarks: ratios against plain baselines in the same run.")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    ap.add_argument("--quick", action="store_true", help="small sizes (finishes in minutes on 2 cores); scale at 100k vs 1M steps")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the same suite on the GPU paths")
+    ap.add_argument("--out", default="bench", help="folder of results.json (results-cuda.json for --device cuda)")
+    ap.add_argument("--markdown", default="BENCHMARKS.md", help="file whose table section is regenerated")
+    ap.add_argument("--no-markdown", action="store_true", help="leave the markdown file alone")
+    ap.add_argument("--steps", type=int, help="simulated steps of the main dataset (overrides the mode)")
+    ap.add_argument("--scale-steps", help="SMALL,LARGE simulated steps of the scale stage (overrides the mode)")
+    ap.add_argument("--requests", type=int, help="HTTP requests per concurrency level (overrides the mode)")
+    ap.add_argument("--work", help="scratch folder (default: a new temp folder, removed at the end)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--child"]:
+        return child_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        print(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--device cuda: no CUDA device visible to torch", file=sys.stderr)
+            return 2
+    sizes = QUICK if args.quick else FULL
+    over: dict[str, Any] = {}
+    if args.steps:
+        over["steps"] = args.steps
+    if args.requests:
+        over["requests"] = args.requests
+    if args.scale_steps:
+        a, b = (int(x) for x in args.scale_steps.split(","))
+        over["scale"] = (a, b)
+    sizes = Sizes(**{**asdict(sizes), **over})
+    for k, v in BENCH_ENV.items():
+        os.environ.setdefault(k, v)
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    tmp = tempfile.TemporaryDirectory(prefix="mtorl-bench-") if not args.work else None
+    work = Path(args.work) if args.work else Path(tmp.name)  # type: ignore[union-attr]
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = "python -m mtorl.bench " + " ".join(a for a in argv if not a.startswith("--work"))
+    res: dict[str, Any] = {"kind": "mtorl-bench", "command": cmd.strip(), "mode": "quick" if args.quick else "full",
+                           "device": args.device, "sizes": asdict(sizes), "machine": machine_facts(args.device),
+                           "stages": {}}
+    from mtorl.storage import seaweed
+
+    store_dir = work / "store"
+    saved_env = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                                 "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION",
+                                                 "AWS_SESSION_TOKEN", "AWS_PROFILE", "MTORL_STORE_DIR")}
+    failed = False
+    state = seaweed.up(store_dir, seaweed.free_ports(1)[0])
+    try:
+        for k in ("AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+            os.environ.pop(k, None)
+        os.environ.update({**seaweed.env_vars(state), "MTORL_STORE_DIR": str(store_dir)})
+        say(f"bench: store {state.endpoint} (pid {state.pid}); stages {', '.join(stages)}; mode {res['mode']}; device {args.device}")
+        bench = Bench(sizes, args.device, work, say)
+        for name in stages:
+            say(f"\n=== bench {name}")
+            t0 = time.perf_counter()
+            try:
+                out = getattr(bench, f"stage_{name}")()
+            except Exception as e:  # noqa: BLE001 - a failed stage is recorded, the others still run
+                failed = True
+                traceback.print_exc()
+                out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+            out["stage_s"] = round(time.perf_counter() - t0, 1)
+            res["stages"][name] = out
+            say(f"bench {name}: " + json.dumps({k: v for k, v in out.items() if k in ("ratio", "met", "error", "stage_s")}))
+        for name in STAGES:
+            res["stages"].setdefault(name, {"skipped": "not in --stages"})
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            seaweed.down(store_dir, timeout=20)
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            if tmp is not None:
+                tmp.cleanup()
+    res["total_s"] = round(time.perf_counter() - t_all, 1)
+    path = out_dir / ("results.json" if args.device == "cpu" else f"results-{args.device}.json")
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    say(f"\nbench: wrote {path}")
+    table = markdown(res)
+    print(table)
+    if not args.no_markdown:
+        update_markdown(Path(args.markdown), args.device, table)
+        say(f"bench: updated the table in {args.markdown}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
