@@ -40,6 +40,45 @@ def guess_source(path: str) -> str:
     return "journeys"
 
 
+def example_users(dataset_uri: str, n: int = 5, split: str = "test") -> list[dict[str, Any]]:
+    """Requests in the served format (names, raw values) from a split's stored journeys."""
+    import pyarrow.parquet as pq
+
+    from mtorl import storage
+    from mtorl.data.manifest import load_manifest, shard_uris
+
+    man = load_manifest(dataset_uri)
+    fs, path = storage.resolve(shard_uris(dataset_uri, man, split)[0])
+    rows = pq.read_table(path, filesystem=fs).slice(0, n).to_pylist()
+    qn, fn, ch = man["step_features"], man["user_features"], man["channels"]
+    users = []
+    for r in rows:
+        T = r["length"]
+        steps = [{"channel": ch[r["channel"][t]], "gain": r["gain"][t], "cost": r["cost"][t],
+                  "features": dict(zip(qn, r["features"][t * len(qn):(t + 1) * len(qn)]))} for t in range(T)]
+        users.append({"user_id": r["user_id"], "journey": steps, "user_features": dict(zip(fn, r["user_features"]))})
+    return users
+
+
+def demo_queries(url: str, dataset_uri: str, progress: Any = print) -> dict[str, Any]:
+    """POST /v1/recommend and /v1/allocate with a few held-out users; print the answers."""
+    import httpx
+
+    users = example_users(dataset_uri)
+    rec = httpx.post(f"{url}/v1/recommend", json={"users": users}, timeout=30)
+    rec.raise_for_status()
+    for u in rec.json()["users"]:
+        progress(f"  recommend {u['user_id']}: {u['recommended_channel']} (expected reward {u['expected_reward']:.3f})")
+    budget = 2.5 * sum(u["journey"][-1]["cost"] for u in users) / len(users)
+    alloc = httpx.post(f"{url}/v1/allocate", json={"users": users, "budget": budget}, timeout=30)
+    alloc.raise_for_status()
+    a = alloc.json()
+    progress(f"  allocate budget {budget:.2f}: {len(a['selected'])} users selected, spend {a['spend']:.2f}, "
+             f"total expected reward {a['total_expected_reward']:.3f}")
+    model = httpx.get(f"{url}/v1/model", timeout=30).json()
+    return {"recommend": rec.json(), "allocate": a, "model_version": model.get("version")}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mtorl-demo", description=__doc__)
     ap.add_argument("--dir", default="demo-output", help="local folder for the store, reports and results")
@@ -132,13 +171,13 @@ def _run(args: argparse.Namespace, base: Path, results: dict[str, Any], t0: floa
     results["tune"] = run_tune(tune_job, progress=print)
 
     _say("serve the best model (Ray Serve on 127.0.0.1) and query it")
-    from mtorl.serving.app import demo_queries, run_serve
+    from mtorl.serving.app import run_serve
 
     best = (results["tune"].get("best") or {}).get("checkpoint") or results["train"]["best_checkpoint"]
     serve_job = make_job("ServeJob", "demo-serve", {"checkpoint": best, "port": _free_port()})
     served = run_serve(serve_job, address=None, config_out=str(base / "serve_config.yaml"), blocking=False, progress=print)
     try:
-        results["serve"] = {**served, "queries": demo_queries(served["url"], storage_uri=prep_spec["output"], progress=print)}
+        results["serve"] = {**served, "queries": demo_queries(served["url"], prep_spec["output"], progress=print)}
     finally:
         from ray import serve
 

@@ -9,6 +9,7 @@ from typing import Any
 # command starts Ray, never at import time, and never over a value the user set.
 LOCAL_DEFAULTS = {
     "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",

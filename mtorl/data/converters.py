@@ -35,6 +35,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -45,6 +46,7 @@ from mtorl.data.errors import DataError
 KUAI_CHANNELS = ["short", "mid", "long"]
 KUAI_USER = ["2_14_day_new", "30day_retention", "UNKNOWN", "day_new", "full_active", "high_active", "low_active",
              "middle_active", "single_low_active"]
+DATA_SUFFIXES = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv", ".tsv.gz")
 CRITEO_CATS = [f"cat{i}" for i in range(1, 10)]
 CRITEO_SEQUENCE_STATE = ["campaign", *(c for c in CRITEO_CATS if c != "cat8")]  # cat8 is the channel itself
 CRITEO_GAINS = ("conversion", "click", "attribution")
@@ -106,16 +108,32 @@ class Converter:
                             f"(found {len(columns)} columns: {', '.join(columns[:12])}{'...' if len(columns) > 12 else ''})")
 
     # -- reading
-    def read_chunks(self) -> Iterator[pa.Table]:
-        """Raw chunks of about ``chunk_rows`` rows; CSV values as strings (checked by us, not guessed)."""
+    def input_files(self) -> list[tuple[str, Any, str]]:
+        """(uri, filesystem, path) of the input: one file, or every data file under a directory/prefix."""
         uri = self.spec.input
         fs, path = _io.resolve(uri)
         try:
             info = fs.get_file_info(path)
         except Exception as e:  # noqa: BLE001 - storage errors become one line
             raise DataError(f"{uri}: can't read input ({e})") from None
-        if info.type.name != "File":
-            raise DataError(f"{uri}: input file not found")
+        if info.type.name == "File":
+            return [(uri, fs, path)]
+        if info.type.name == "Directory":
+            sel = pafs.FileSelector(path, recursive=True)
+            files = sorted(i.path for i in fs.get_file_info(sel) if i.type.name == "File" and i.path.lower().endswith(DATA_SUFFIXES))
+            if files:
+                base = uri.rstrip("/")
+                return [(f"{base}/{f[len(path.rstrip('/')) + 1:]}", fs, f) for f in files]
+            raise DataError(f"{uri}: a directory with no data files ({', '.join(DATA_SUFFIXES)})")
+        raise DataError(f"{uri}: input file not found")
+
+    def read_chunks(self) -> Iterator[pa.Table]:
+        """Raw chunks of about ``chunk_rows`` rows; CSV values as strings (checked by us, not guessed).
+        A directory (or S3 prefix) input is read file by file, in name order."""
+        for uri, fs, path in self.input_files():
+            yield from self._read_file(uri, fs, path)
+
+    def _read_file(self, uri: str, fs: Any, path: str) -> Iterator[pa.Table]:
         low = uri.lower()
         if low.endswith(".parquet") or low.endswith(".pq"):
             pf = pq.ParquetFile(fs.open_input_file(path))
@@ -150,9 +168,11 @@ class Converter:
 
     def size_hint(self) -> int:
         """Estimated uncompressed bytes of the input (to size the spill partitions)."""
-        fs, path = _io.resolve(self.spec.input)
-        n = int(fs.get_file_info(path).size or 0)
-        return n * 6 if self.spec.input.lower().endswith(".gz") else n
+        total = 0
+        for uri, fs, path in self.input_files():
+            n = int(fs.get_file_info(path).size or 0)
+            total += n * 6 if uri.lower().endswith(".gz") else n
+        return total
 
     # -- channel vocabulary from the counts of valid rows
     def channels(self, all_counts: dict[str, int], train_counts: dict[str, int]) -> list[str]:

@@ -62,7 +62,10 @@ class Batch:
         out = {}
         for k, dt in _DTYPES.items():
             v = d[k] if k in d else defaults[k]
-            out[k] = torch.as_tensor(np.asarray(v)).to(device=device, dtype=dt)
+            a = np.asarray(v)
+            if not a.flags.writeable:  # Ray Data hands out read-only views; torch wants writable memory
+                a = a.copy()
+            out[k] = torch.as_tensor(a).to(device=device, dtype=dt)
         return cls(**out)
 
     @classmethod

@@ -1,0 +1,403 @@
+"""The Ray Serve application: channel recommendation and budget allocation over HTTP.
+
+Import path for Serve configs (``serve run`` / ``serve deploy`` / KubeRay ``serveConfigV2``)::
+
+    applications:
+    - name: mtorl
+      route_prefix: /
+      import_path: mtorl.serving.app:build_app
+      args: {checkpoint: s3://bucket/runs/name, ...}     # the ServeSpec fields (ServeArgs)
+
+``mtorl serve SPEC --config-out serve.yaml`` writes such a file. Endpoints (FastAPI, docs at ``/docs``):
+
+* ``POST /v1/recommend``  users' journeys -> channel probabilities, predicted rewards, recommended channel
+* ``POST /v1/allocate``   the same users + a budget -> the users to target, within budget
+  (``mtorl.evaluation.allocation.allocate_requests``, the offline evaluation's code)
+* ``GET /v1/model``       checkpoint version, training spec and metrics, data manifest summary
+* ``GET /healthz``        liveness (never needs the token)
+
+Bad input is a 4xx whose ``detail`` names the field (``users[0].journey[3].features.foo: ...``);
+request parsing and checks are in ``mtorl.serving.schemas``. When ``auth_token_env`` is set, ``/v1/*``
+need ``Authorization: Bearer <token>``; it is required whenever ``host`` is not a loopback address.
+The replica reads the token from its own environment (deployed from a config file: set the variable on
+the cluster's nodes, e.g. from a Kubernetes Secret); ``mtorl serve`` passes its replicas only the
+token's SHA-256 digest. The token is never logged.
+"""
+
+# No ``from __future__ import annotations`` here: Ray Serve reads the builder's parameter annotation
+# (a class, not a string) to validate the config's ``args`` into ``ServeArgs``.
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.openapi.utils import get_openapi
+from pydantic import ValidationError, model_validator
+from ray import serve
+from ray.serve import Application
+
+import mtorl
+from mtorl.serving.schemas import (
+    AllocateRequest, AllocateResponse, Limits, Prepared, Preprocessor, RecommendRequest, RecommendResponse,
+    RequestError, allocation, parse_request, recommendations,
+)
+from mtorl.spec import ServeJob, ServeSpec, SpecError
+
+IMPORT_PATH = "mtorl.serving.app:build_app"
+DEPLOYMENT_NAME = "MtorlPredictor"
+LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class ServeArgs(ServeSpec):
+    """The ``args`` of the Serve application: the ServeSpec fields, validated by Serve (typed builder)."""
+
+    @model_validator(mode="after")
+    def _auth_off_loopback(self) -> "ServeArgs":
+        if not is_loopback(self.host) and not self.auth_token_env:
+            raise ValueError(f"host {self.host!r} is not a loopback address: set auth_token_env "
+                             "(the env var holding the bearer token) to expose the endpoints")
+        return self
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ FastAPI ingress
+
+api = FastAPI(
+    title="mtorl",
+    version=mtorl.__version__,
+    description="Budget-aware channel recommendation (multi-task offline RL). Bad input is a 4xx naming the "
+                "field; /v1/* need `Authorization: Bearer <token>` when the server has a token.",
+)
+_BODIES = {"recommend": RecommendRequest, "allocate": AllocateRequest}
+
+
+def _openapi() -> dict[str, Any]:
+    """The request bodies are read by hand (size limit, one-line errors): add their schemas to the docs."""
+    if api.openapi_schema:
+        return api.openapi_schema
+    schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in _BODIES.values():
+        s = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps.update(s.pop("$defs", {}))
+        comps[model.__name__] = s
+    api.openapi_schema = schema
+    return schema
+
+
+api.openapi = _openapi  # type: ignore[method-assign]
+
+
+def _body_doc(name: str) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{_BODIES[name].__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _http(e: RequestError) -> HTTPException:
+    return HTTPException(status_code=e.status, detail=e.detail)
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=10, health_check_timeout_s=30,
+                  graceful_shutdown_wait_loop_s=1, graceful_shutdown_timeout_s=30)
+@serve.ingress(api)
+class MtorlPredictor:
+    """One replica: a ``Predictor`` loaded from object storage plus request preprocessing from its manifest."""
+
+    def __init__(self, args: dict[str, Any], digest: Optional[str] = None):
+        from mtorl.serving.predictor import Predictor
+
+        self.args = ServeArgs.model_validate(args)
+        self._digest = digest
+        if self._digest is None and self.args.auth_token_env:
+            token = os.environ.get(self.args.auth_token_env)
+            if not token:
+                raise RuntimeError(f"auth_token_env: environment variable {self.args.auth_token_env} is not set "
+                                   "on this replica's node; refusing to serve without the token")
+            self._digest = token_digest(token)
+        if self._digest is None and not is_loopback(self.args.host):
+            raise RuntimeError(f"host {self.args.host!r} is not loopback and no token is configured")
+        threads = max(1, int(round(self.args.num_cpus_per_replica)))
+        self.predictor = Predictor.from_checkpoint(self.args.checkpoint)
+        import torch
+
+        torch.set_num_threads(threads)
+        self.pre = Preprocessor(self.predictor.manifest, Limits(self.args.max_users_per_request, self.args.max_journey_length))
+        meta = self.predictor.meta
+        self.version = str(meta.get("sha256", {}).get("model.safetensors", ""))[:12] or "unknown"
+        self._forward.set_max_batch_size(self.args.max_batch_size)
+        self._forward.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self.stats = {"requests": 0, "users": 0, "batches": 0}
+
+    def check_health(self) -> None:
+        if self.predictor is None or self.pre is None:
+            raise RuntimeError("model not loaded")
+
+    # -- request plumbing
+    def _authorize(self, request: Request) -> None:
+        if self._digest is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        ok = hmac.compare_digest(token_digest(token.strip() if scheme.lower() == "bearer" else ""), self._digest)
+        if not ok or not token.strip():
+            raise HTTPException(status_code=401, detail="authorization: missing or invalid bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    async def _json(self, request: Request) -> Any:
+        limit = self.args.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                n = int(declared)
+            except ValueError:
+                raise HTTPException(status_code=400, detail="content-length: not an integer") from None
+            if n > limit:
+                raise HTTPException(status_code=413, detail=f"body: {n} bytes, the limit is {limit} (max_body_bytes)")
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise HTTPException(status_code=413, detail=f"body: more than {limit} bytes (max_body_bytes)")
+        try:
+            return json.loads(buf)
+        except (ValueError, RecursionError) as e:
+            raise HTTPException(status_code=400, detail=f"body: not valid JSON ({str(e)[:200]})") from None
+
+    async def _prepare(self, request: Request, model: type) -> tuple[Any, Prepared]:
+        self._authorize(request)
+        try:
+            req = parse_request(model, await self._json(request))
+            return req, self.pre.prepare(req.users)
+        except RequestError as e:
+            raise _http(e) from None
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _forward(self, requests: list[Prepared]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One model forward for the users of many concurrent requests (dynamic batching)."""
+        journeys = [j for p in requests for j in p.journeys]
+        nxt = np.concatenate([p.next_states for p in requests])                      # (sum B, D)
+        probs, reward = await asyncio.to_thread(self.predictor.predict_next, journeys, nxt)  # (sum B, C) each
+        self.stats["batches"] += 1
+        out, s = [], 0
+        for p in requests:
+            out.append((probs[s:s + len(p)], reward[s:s + len(p)]))
+            s += len(p)
+        return out
+
+    async def _predict(self, p: Prepared) -> tuple[np.ndarray, np.ndarray]:
+        self.stats["requests"] += 1
+        self.stats["users"] += len(p)
+        return await self._forward(p)
+
+    # -- endpoints
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "model_version": self.version}
+
+    @api.post("/v1/recommend", response_model=RecommendResponse, openapi_extra=_body_doc("recommend"),
+              responses={401: {"description": "missing or wrong token"}, 413: {"description": "body too large"},
+                         422: {"description": "bad input (detail names the field)"}})
+    async def recommend(self, request: Request) -> dict[str, Any]:
+        """Next-channel recommendation for each user."""
+        _, p = await self._prepare(request, RecommendRequest)
+        probs, reward = await self._predict(p)
+        return {"model_version": self.version, "users": recommendations(p, probs, reward, self.pre.channels)}
+
+    @api.post("/v1/allocate", response_model=AllocateResponse, openapi_extra=_body_doc("allocate"),
+              responses={401: {"description": "missing or wrong token"}, 413: {"description": "body too large"},
+                         422: {"description": "bad input (detail names the field)"}})
+    async def allocate(self, request: Request) -> dict[str, Any]:
+        """Which users to target, and on which channel, within a budget (spend <= budget)."""
+        req, p = await self._prepare(request, AllocateRequest)
+        probs, reward = await self._predict(p)
+        res = allocation(p, probs, reward, self.pre.channels, req.budget, req.penalty)
+        return {"model_version": self.version, **res}
+
+    @api.get("/v1/model")
+    async def model(self, request: Request) -> dict[str, Any]:
+        """Checkpoint version, training spec and metrics, data manifest summary."""
+        self._authorize(request)
+        meta, man = self.predictor.meta, self.predictor.manifest
+        return {
+            "model_version": self.version,
+            "checkpoint": self.predictor.uri,
+            "model": self.predictor.name,
+            "mtorl_version": meta.get("mtorl_version"),
+            "epoch": meta.get("epoch"),
+            "step": meta.get("step"),
+            "spec": meta.get("spec"),
+            "metrics": meta.get("metrics", {}),
+            "data": {
+                "version": man.get("version"),
+                "source": man.get("source"),
+                "created_at": man.get("created_at"),
+                "channels": man.get("channels"),
+                "step_features": man.get("step_features"),
+                "user_features": man.get("user_features"),
+                "categorical": man.get("categorical", {}),
+                "gain": man.get("gain"),
+                "gain_binary": man.get("gain_binary"),
+                "cost": man.get("cost"),
+                "penalty": man.get("penalty"),
+                "splits": {s: {"users": v.get("users"), "steps": v.get("steps")} for s, v in (man.get("splits") or {}).items()},
+            },
+            "serving": {k: getattr(self.args, k) for k in ("max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests",
+                                                           "max_journey_length", "max_users_per_request", "max_body_bytes")},
+            "stats": dict(self.stats),
+        }
+
+
+# ------------------------------------------------------------------------------------------ builder
+
+def _bind(args: ServeArgs, digest: Optional[str] = None) -> Application:
+    dep = MtorlPredictor.options(
+        ray_actor_options={"num_cpus": args.num_cpus_per_replica},
+        max_ongoing_requests=args.max_ongoing_requests,
+        autoscaling_config={
+            "min_replicas": args.autoscaling.min_replicas,
+            "max_replicas": args.autoscaling.max_replicas,
+            "target_ongoing_requests": args.autoscaling.target_ongoing_requests,
+        },
+    )
+    return dep.bind(args.model_dump(), digest)
+
+
+def build_app(args: ServeArgs) -> Application:
+    """Typed application builder (``import_path: mtorl.serving.app:build_app``); Serve validates the
+    config's ``args`` into ``ServeArgs``. The replica reads the token from ``auth_token_env`` itself."""
+    if not isinstance(args, ServeArgs):  # called by hand with a dict
+        args = ServeArgs.model_validate(args)
+    return _bind(args)
+
+
+def spec_args(spec: ServeSpec) -> dict[str, Any]:
+    """ServeSpec -> the application's ``args`` (every field but runPolicy)."""
+    return spec.model_dump(mode="json", exclude={"run_policy"})
+
+
+def serve_config(args: ServeArgs) -> dict[str, Any]:
+    """A Serve config (``serve deploy`` / ``serve run`` / KubeRay RayService ``serveConfigV2``)."""
+    return {
+        "http_options": {"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s},
+        "applications": [{
+            "name": args.app_name,
+            "route_prefix": "/",
+            "import_path": IMPORT_PATH,
+            "args": spec_args(args),
+        }],
+    }
+
+
+def serve_config_yaml(args: ServeArgs) -> str:
+    import yaml
+
+    head = ("# Ray Serve config for mtorl (written by `mtorl serve --config-out`).\n"
+            "# Run: serve deploy THIS_FILE (needs the Ray dashboard), or serve run THIS_FILE;\n"
+            "# KubeRay: paste under RayService spec.serveConfigV2 (a string).\n")
+    if args.auth_token_env:
+        head += f"# The replicas read the bearer token from the environment variable {args.auth_token_env}.\n"
+    return head + yaml.safe_dump(serve_config(args), sort_keys=False)
+
+
+def _examples(url: str, pre: Preprocessor, auth_env: Optional[str]) -> list[str]:
+    feats = {f: 0.0 for f in pre.step_features if f not in pre.optional_step}
+    user = {"user_id": "u1", "journey": [{"channel": pre.channels[0], "gain": 0.0, "cost": 1.0, "features": feats}]}
+    if pre.user_features:
+        user["user_features"] = {f: 0.0 for f in pre.user_features}
+    auth = f" -H \"Authorization: Bearer ${auth_env}\"" if auth_env else ""
+    rec = json.dumps({"users": [user]})
+    alloc = json.dumps({"users": [user], "budget": 10.0})
+    return [f"curl -s {url}/healthz",
+            f"curl -s{auth} {url}/v1/model",
+            f"curl -s{auth} -H 'Content-Type: application/json' -d '{rec}' {url}/v1/recommend",
+            f"curl -s{auth} -H 'Content-Type: application/json' -d '{alloc}' {url}/v1/allocate"]
+
+
+def run_serve(job: ServeJob, address: Optional[str] = None, config_out: Optional[str] = None, blocking: bool = True,
+              progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Deploy the application on Ray Serve (``mtorl serve``); block until Ctrl-C when ``blocking``.
+
+    Returns {url, docs, app_name, checkpoint (resolved), model_version, serve_config (dict), config_out}.
+    """
+    from mtorl.training.checkpoint import load_checkpoint
+
+    try:
+        args = ServeArgs.model_validate(spec_args(job.spec))
+    except ValidationError as e:
+        raise SpecError("<ServeJob>", [("spec." + ".".join(str(x) for x in err["loc"]) if err["loc"] else "spec.host",
+                                        err["msg"].removeprefix("Value error, ")) for err in e.errors()]) from None
+    digest = None
+    if args.auth_token_env:
+        token = os.environ.get(args.auth_token_env)
+        if not token:
+            raise SpecError("<ServeJob>", [("spec.auth_token_env",
+                                            f"environment variable {args.auth_token_env} is not set (or empty)")])
+        digest = token_digest(token)
+    loaded = load_checkpoint(args.checkpoint)  # fail fast here (checksum, version) rather than in a replica
+    args = ServeArgs.model_validate({**spec_args(args), "checkpoint": loaded.uri})  # pin a run dir to its best checkpoint
+    config = serve_config(args)
+    if config_out:
+        from mtorl import storage
+
+        storage.write_bytes(config_out, serve_config_yaml(args).encode())
+        progress(f"[serve] Serve config written to {config_out} (serve deploy / KubeRay serveConfigV2)")
+
+    from mtorl.raycluster import init_ray
+
+    init_ray(address)
+    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
+    t0 = time.time()
+    progress(f"[serve] deploying {args.app_name} from {loaded.uri} ...")
+    serve.run(_bind(args, digest), name=args.app_name, route_prefix="/")
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{shown}:{args.port}"
+    pre = Preprocessor(loaded.manifest)
+    progress(f"[serve] {args.app_name} is up at {url} ({time.time() - t0:.1f}s); API docs: {url}/docs")
+    for line in _examples(url, pre, args.auth_token_env):
+        progress(f"  {line}")
+    result = {"url": url, "docs": f"{url}/docs", "app_name": args.app_name, "checkpoint": loaded.uri,
+              "model_version": str(loaded.meta.get("sha256", {}).get("model.safetensors", ""))[:12],
+              "serve_config": config, "config_out": config_out}
+    if blocking:
+        _block_until_interrupted(progress)
+    return result
+
+
+def _block_until_interrupted(progress: Callable[[str], None]) -> None:
+    """Serve until Ctrl-C (or SIGTERM), then shut Serve down."""
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        def _term(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+        old = signal.signal(signal.SIGTERM, _term)
+    progress("[serve] serving; Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        progress("[serve] stopping")
+    finally:
+        serve.shutdown()
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)

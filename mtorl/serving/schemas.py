@@ -1,0 +1,295 @@
+"""HTTP request/response models of the Serve endpoints and request preprocessing. No Ray, no torch.
+
+A request is turned into model inputs with the checkpoint's manifest only, exactly as the data pipeline
+does for training (``mtorl.data.windows``): step features are put in ``manifest["step_features"]`` order,
+user features in ``manifest["user_features"]`` order, the state is ``normalise_state(q, f, manifest)`` and
+the reward of each logged step is ``compute_reward(gain, cost, manifest)``.
+
+Input rules (every violation is a ``RequestError`` whose ``detail`` starts with the field's path,
+e.g. ``users[0].journey[3].features.foo: unknown feature ...``):
+
+* ``channel`` must be in the manifest's channel vocabulary.
+* ``features`` / ``next_features`` are ``{name: value}`` over ``step_features``; ``user_features`` over the
+  manifest's ``user_features``. Unknown names are rejected; every numeric feature is required. One-hot
+  columns of categorical features (``column=value``) may be left out: absent means 0, as for a value
+  unseen in training.
+* Values are finite (JSON ``NaN``/``Infinity`` are rejected); ``cost >= 0``.
+* ``1 <= len(journey) <= max_journey_length``; ``1 <= len(users) <= max_users_per_request``; user ids unique.
+
+Cost of a channel for a user (used by both endpoints' channel-level module and by allocation): the
+user's most recent logged cost for that channel in the request's journey, else the manifest's mean cost
+of that channel when the manifest records one (``channel_cost_mean``: a list per channel or a
+``{channel: mean}`` dict), else 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
+
+from mtorl.data.windows import Journey, compute_reward, normalise_state
+
+Features = dict[str, FiniteFloat]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StepIn(_In):
+    """One logged step of a user's journey (time order)."""
+
+    channel: str = Field(description="Channel shown at this step (a name from the model's channel list).")
+    gain: FiniteFloat = Field(description="Logged gain g_t (e.g. 1 for a conversion).")
+    cost: FiniteFloat = Field(ge=0, description="Logged cost w_t of the exposure (cost units, >= 0).")
+    features: Features = Field(default_factory=dict, description="Step features by name (the model's step_features).")
+
+
+class UserIn(_In):
+    user_id: str = Field(min_length=1, max_length=256)
+    journey: list[StepIn] = Field(description="The user's logged steps, oldest first (at least one).")
+    next_features: Features | None = Field(None, description="Step features of the coming opportunity; default: the last step's.")
+    user_features: Features | None = Field(None, description="Static user features by name (the model's user_features).")
+
+
+class RecommendRequest(_In):
+    users: list[UserIn]
+
+
+class AllocateRequest(RecommendRequest):
+    budget: FiniteFloat = Field(ge=0, description="Budget in cost units; the spend never exceeds it.")
+    penalty: FiniteFloat | None = Field(None, ge=0, description="Budget penalty s of the channel-level module (default 0).")
+
+
+class UserRecommendation(BaseModel):
+    user_id: str
+    channel_probs: dict[str, float] = Field(description="Policy pi(c | history) for the next step.")
+    recommended_channel: str = Field(description="argmax_c pi_c * rhat_c / cost_c (channel-level module of mtorl.evaluation.allocation).")
+    predicted_reward: dict[str, float] = Field(description="Predicted reward of every channel for the next step.")
+    expected_reward: float = Field(description="Predicted reward of the recommended channel.")
+    cost: float = Field(description="Cost of the recommended channel for this user.")
+
+
+class RecommendResponse(BaseModel):
+    model_version: str
+    users: list[UserRecommendation]
+
+
+class AllocatedUser(BaseModel):
+    user_id: str
+    channel: str
+    expected_reward: float
+    value: float = Field(description="pi_c * max(rhat_c - s * cost_c, 0) of the chosen channel: the ranking value.")
+    cost: float
+
+
+class AllocateResponse(BaseModel):
+    model_version: str
+    budget: float
+    penalty: float
+    selected: list[AllocatedUser] = Field(description="Chosen users, best value per cost first.")
+    total_expected_reward: float
+    spend: float = Field(description="Sum of the selected costs; never above the budget.")
+    multiplier: float = Field(description="Lagrange multiplier of the budget constraint.")
+    n_users: int
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+class RequestError(ValueError):
+    """Bad input. ``status`` is the HTTP status; ``detail`` is ``"<field path>: <reason>"``."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        self.field, self.message, self.status = field, message, status
+        super().__init__(self.detail)
+
+    @property
+    def detail(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+def field_path(loc: Iterable[Any]) -> str:
+    """pydantic ``loc`` -> ``users[0].journey[3].features.foo`` (a leading ``body`` is dropped)."""
+    out = ""
+    for p in loc:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif not out and p == "body":
+            continue
+        else:
+            out += ("." if out else "") + str(p)
+    return out
+
+
+def validation_detail(err: ValidationError, limit: int = 5) -> str:
+    """One line naming each failing field (at most ``limit``)."""
+    parts = []
+    for e in err.errors()[:limit]:
+        path = field_path(e.get("loc", ()))
+        parts.append(f"{path or 'body'}: {e.get('msg', 'invalid')}")
+    more = len(err.errors()) - limit
+    return "; ".join(parts) + (f"; ... {more} more" if more > 0 else "")
+
+
+def parse_request(model: type[BaseModel], obj: Any) -> Any:
+    """Validate a decoded JSON body; ``RequestError`` (422) names the first failing fields."""
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise RequestError("", validation_detail(e)) from None
+
+
+# ------------------------------------------------------------------------------------------ preprocessing
+
+@dataclass(frozen=True)
+class Limits:
+    max_users: int = 1000
+    max_journey_length: int = 512
+
+
+@dataclass
+class Prepared:
+    """Model inputs of one request's B users (C channels, D state features)."""
+
+    user_ids: list[str]
+    journeys: list[Journey]      # normalised states, rewards from the manifest
+    next_states: np.ndarray      # (B, D) normalised state of the coming step
+    costs: np.ndarray            # (B, C) cost of each channel for each user
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+
+class Preprocessor:
+    """Requests -> model inputs, with the checkpoint's manifest as the only source of preprocessing."""
+
+    def __init__(self, manifest: Mapping[str, Any], limits: Limits = Limits()):
+        self.manifest = manifest
+        self.limits = limits
+        self.channels: list[str] = [str(c) for c in manifest["channels"]]
+        self.channel_index = {c: i for i, c in enumerate(self.channels)}
+        self.step_features: list[str] = [str(f) for f in manifest["step_features"]]
+        self.user_features: list[str] = [str(f) for f in manifest["user_features"]]
+        onehot = {f"{col}={v}" for col, vocab in (manifest.get("categorical") or {}).items() for v in vocab}
+        self.optional_step = {f for f in self.step_features if f in onehot}
+        self.default_cost = self._default_costs(manifest)  # (C,)
+        self._index = {id(names): {n: i for i, n in enumerate(names)} for names in (self.step_features, self.user_features)}
+
+    def _default_costs(self, manifest: Mapping[str, Any]) -> np.ndarray:
+        c = len(self.channels)
+        rec = manifest.get("channel_cost_mean")
+        out = np.ones(c, dtype=np.float64)
+        if isinstance(rec, Mapping):
+            for name, v in rec.items():
+                if name in self.channel_index and v is not None and math.isfinite(float(v)) and float(v) >= 0:
+                    out[self.channel_index[name]] = float(v)
+        elif isinstance(rec, Sequence) and len(rec) == c:
+            for i, v in enumerate(rec):
+                if v is not None and math.isfinite(float(v)) and float(v) >= 0:
+                    out[i] = float(v)
+        return out
+
+    # -- feature vectors
+    def _vector(self, given: Mapping[str, float] | None, names: list[str], optional: set[str], where: str,
+                what: str) -> np.ndarray:
+        given = given or {}
+        index = self._index.get(id(names)) or {n: i for i, n in enumerate(names)}
+        for k in given:
+            if k not in index:
+                hint = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "") if names else "none"
+                raise RequestError(f"{where}.{k}", f"unknown {what} (the model's {what}s: {hint})")
+        missing = [n for n in names if n not in given and n not in optional]
+        if missing:
+            need = len(names) - len(optional)
+            raise RequestError(where, f"wrong {what} count: got {len(given)}, the model needs {need} "
+                                      f"(missing: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''})")
+        v = np.zeros(len(names), dtype=np.float64)
+        for k, x in given.items():
+            v[index[k]] = float(x)
+        return v
+
+    def user(self, i: int, u: UserIn) -> tuple[Journey, np.ndarray, np.ndarray]:
+        """One user -> (journey, next state (D,), channel costs (C,))."""
+        where = f"users[{i}]"
+        T = len(u.journey)
+        if T == 0:
+            raise RequestError(f"{where}.journey", "empty journey: at least one logged step is needed")
+        if T > self.limits.max_journey_length:
+            raise RequestError(f"{where}.journey", f"{T} steps, the limit is {self.limits.max_journey_length} "
+                                                   "(max_journey_length): send the most recent steps")
+        ch = np.empty(T, dtype=np.int64)
+        q = np.zeros((T, len(self.step_features)), dtype=np.float64)  # (T, Dq) raw step features
+        for t, s in enumerate(u.journey):
+            c = self.channel_index.get(s.channel)
+            if c is None:
+                raise RequestError(f"{where}.journey[{t}].channel",
+                                   f"unknown channel {s.channel!r} (the model's channels: {', '.join(self.channels)})")
+            ch[t] = c
+            q[t] = self._vector(s.features, self.step_features, self.optional_step, f"{where}.journey[{t}].features", "feature")
+        f = self._vector(u.user_features, self.user_features, set(), f"{where}.user_features", "user feature")  # (Df,)
+        gain = np.array([s.gain for s in u.journey], dtype=np.float32)
+        cost = np.array([s.cost for s in u.journey], dtype=np.float32)
+        state = normalise_state(q, f, self.manifest)                                   # (T, D)
+        if u.next_features is None:
+            nxt = state[-1]
+        else:
+            qn = self._vector(u.next_features, self.step_features, self.optional_step, f"{where}.next_features", "feature")
+            nxt = normalise_state(qn[None, :], f, self.manifest)[0]                    # (D,)
+        journey = Journey(user_id=u.user_id, channel=ch, gain=gain, cost=cost,
+                          propensity=np.full(T, np.nan, dtype=np.float32), state=state,
+                          reward=compute_reward(gain, cost, self.manifest))
+        costs = self.default_cost.copy()
+        for t in range(T):  # later steps overwrite earlier ones: the most recent logged cost wins
+            costs[ch[t]] = float(cost[t])
+        return journey, nxt, costs
+
+    def prepare(self, users: Sequence[UserIn]) -> Prepared:
+        if not users:
+            raise RequestError("users", "at least one user is needed")
+        if len(users) > self.limits.max_users:
+            raise RequestError("users", f"{len(users)} users, the limit is {self.limits.max_users} (max_users_per_request)")
+        seen: dict[str, int] = {}
+        for i, u in enumerate(users):
+            if u.user_id in seen:
+                raise RequestError(f"users[{i}].user_id", f"duplicate user_id {u.user_id!r} (also users[{seen[u.user_id]}])")
+            seen[u.user_id] = i
+        out = [self.user(i, u) for i, u in enumerate(users)]
+        return Prepared(user_ids=[u.user_id for u in users], journeys=[o[0] for o in out],
+                        next_states=np.stack([o[1] for o in out]).astype(np.float32),
+                        costs=np.stack([o[2] for o in out]))
+
+
+# ------------------------------------------------------------------------------------------ responses
+
+def recommendations(p: Prepared, probs: np.ndarray, reward: np.ndarray, channels: Sequence[str]) -> list[dict[str, Any]]:
+    """probs (B, C), reward (B, C) -> per-user recommendations. The recommended channel is the
+    channel-level module of offline evaluation (``score_steps`` with penalty 0): argmax pi*rhat/cost."""
+    from mtorl.evaluation.allocation import score_steps
+
+    _, best, _, kb = score_steps(probs, reward, p.costs, 0.0)
+    out = []
+    for b, uid in enumerate(p.user_ids):
+        c = int(best[b])
+        out.append({"user_id": uid,
+                    "channel_probs": {ch: float(probs[b, k]) for k, ch in enumerate(channels)},
+                    "recommended_channel": channels[c],
+                    "predicted_reward": {ch: float(reward[b, k]) for k, ch in enumerate(channels)},
+                    "expected_reward": float(reward[b, c]),
+                    "cost": float(kb[b])})
+    return out
+
+
+def allocation(p: Prepared, probs: np.ndarray, reward: np.ndarray, channels: Sequence[str], budget: float,
+               penalty: float | None) -> dict[str, Any]:
+    """The offline evaluation's allocation code (``allocate_requests``) on one request's users."""
+    from mtorl.evaluation.allocation import allocate_requests
+
+    users = [(uid, reward[b], probs[b], p.costs[b]) for b, uid in enumerate(p.user_ids)]
+    res = allocate_requests(users, budget=budget, penalty=penalty, channels=list(channels))
+    res["selected"] = [{k: s[k] for k in ("user_id", "channel", "expected_reward", "value", "cost")} for s in res["selected"]]
+    res.update(budget=float(budget), penalty=float(penalty or 0.0), n_users=len(p.user_ids))
+    return res

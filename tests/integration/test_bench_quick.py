@@ -1,0 +1,37 @@
+"""`mtorl bench --quick` runs end to end (its own store and Ray, in a subprocess) and writes every stage.
+
+No timing assertions: the numbers depend on the machine; BENCHMARKS.md records them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtorl.bench import STAGES
+
+pytestmark = pytest.mark.integration
+
+
+def test_quick_bench_completes_and_writes_every_stage(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    md = tmp_path / "BENCHMARKS.md"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "MTORL_STORE_DIR"))}
+    proc = subprocess.run([sys.executable, "-m", "mtorl.bench", "--quick", "--out", str(out), "--markdown", str(md),
+                           "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=Path(__file__).resolve().parents[2])
+    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+    assert proc.returncode == 0, tail
+    res = json.loads((out / "results.json").read_text())
+    assert set(STAGES) <= set(res["stages"]), res["stages"].keys()
+    for name in STAGES:
+        assert "error" not in res["stages"][name], (name, res["stages"][name])
+        assert "ratio" in res["stages"][name], name
+    assert res["machine"]["cores"] and res["machine"]["torch"] and res["machine"]["ray"]
+    text = md.read_text()
+    assert "<!-- bench:cpu:start -->" in text and "| stage |" in text

@@ -1,0 +1,159 @@
+"""Serving request validation and preprocessing (no Ray): the same states and rewards as the data pipeline."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mtorl.data.windows import journeys_from_table
+from mtorl.evaluation.allocation import allocate_requests
+from mtorl.serving.schemas import (
+    AllocateRequest, Limits, Preprocessor, RecommendRequest, RequestError, allocation, parse_request, recommendations,
+)
+
+MANIFEST: dict[str, Any] = {
+    "channels": ["search", "social", "video"],
+    "step_features": ["hour", "depth", "device=ios", "device=web"],
+    "user_features": ["age"],
+    "categorical": {"device": ["ios", "web"]},
+    "normalization": {"mean": [11.0, 2.0, 0.5, 0.5, 30.0], "std": [6.0, 1.5, 0.5, 0.5, 10.0]},
+    "penalty": 0.1,
+    "reward_norm": {"min": -0.3, "max": 0.9},
+}
+
+
+def _user(uid: str = "u1", steps: int = 3, **kw: Any) -> dict[str, Any]:
+    j = [{"channel": MANIFEST["channels"][t % 3], "gain": float(t % 2), "cost": 1.0 + t,
+          "features": {"hour": 3.0 * t, "depth": 1.0 + t, "device=ios": float(t % 2)}} for t in range(steps)]
+    return {"user_id": uid, "journey": j, "user_features": {"age": 41.0}, **kw}
+
+
+def _pre(**limits: int) -> Preprocessor:
+    return Preprocessor(MANIFEST, Limits(**limits))
+
+
+def _err(body: Any, model: type = RecommendRequest, pre: Preprocessor | None = None) -> RequestError:
+    with pytest.raises(RequestError) as e:
+        req = parse_request(model, json.loads(json.dumps(body)) if not isinstance(body, str) else json.loads(body))
+        (pre or _pre()).prepare(req.users)
+    return e.value
+
+
+def test_state_and_reward_equal_the_data_pipeline() -> None:
+    u = _user(steps=4)
+    req = parse_request(RecommendRequest, {"users": [u]})
+    p = _pre().prepare(req.users)
+    # the same journey as a prepared-dataset row (features row-major in step_features order)
+    feats = [[s["features"].get(f, 0.0) for f in MANIFEST["step_features"]] for s in u["journey"]]
+    row = {"user_id": ["u1"], "channel": [np.array([0, 1, 2, 0])], "gain": [np.array([s["gain"] for s in u["journey"]])],
+           "cost": [np.array([s["cost"] for s in u["journey"]])], "propensity": [np.full(4, np.nan)],
+           "features": [np.array(feats).reshape(-1)], "user_features": [np.array([41.0])]}
+    ref = journeys_from_table(row, MANIFEST)[0]
+    got = p.journeys[0]
+    np.testing.assert_allclose(got.state, ref.state, rtol=1e-6)
+    np.testing.assert_allclose(got.reward, ref.reward, rtol=1e-6)
+    np.testing.assert_array_equal(got.channel, ref.channel)
+    # hand-computed: step 1 hour=3 -> (3-11)/6; age (41-30)/10; ios one-hot 1 -> (1-.5)/.5
+    np.testing.assert_allclose(got.state[1], [(3 - 11) / 6, (2 - 2) / 1.5, 1.0, -1.0, 1.1], rtol=1e-6)
+    # reward: clip((g - 0.1 w - min) / (max - min)); step 1: g=1, w=2 -> (0.8 + 0.3) / 1.2
+    assert got.reward[1] == pytest.approx(1.1 / 1.2, rel=1e-6)
+    # no next_features: the last state is carried forward
+    np.testing.assert_allclose(p.next_states[0], got.state[-1])
+
+
+def test_feature_order_is_the_manifests_not_the_requests() -> None:
+    a = _user()
+    b = json.loads(json.dumps(a))
+    for s in b["journey"]:
+        s["features"] = dict(reversed(list(s["features"].items())))
+    pa = _pre().prepare(parse_request(RecommendRequest, {"users": [a]}).users)
+    pb = _pre().prepare(parse_request(RecommendRequest, {"users": [b]}).users)
+    np.testing.assert_array_equal(pa.journeys[0].state, pb.journeys[0].state)
+
+
+def test_next_features_and_optional_one_hot_columns() -> None:
+    u = _user(next_features={"hour": 23.0, "depth": 5.0, "device=web": 1.0})
+    p = _pre().prepare(parse_request(RecommendRequest, {"users": [u]}).users)
+    np.testing.assert_allclose(p.next_states[0], [(23 - 11) / 6, 2.0, -1.0, 1.0, 1.1], rtol=1e-6)
+
+
+def test_channel_costs_most_recent_then_manifest_mean_then_one() -> None:
+    u = _user(steps=2)  # search cost 1, social cost 2
+    u["journey"].append({"channel": "search", "gain": 0.0, "cost": 5.0, "features": {"hour": 1.0, "depth": 1.0}})
+    req = parse_request(RecommendRequest, {"users": [u]})
+    np.testing.assert_array_equal(_pre().prepare(req.users).costs[0], [5.0, 2.0, 1.0])
+    man = dict(MANIFEST, channel_cost_mean={"video": 3.5})
+    np.testing.assert_array_equal(Preprocessor(man).prepare(req.users).costs[0], [5.0, 2.0, 3.5])
+
+
+@pytest.mark.parametrize("mutate, field, words", [
+    (lambda b: b["users"][0]["journey"][1].update(channel="tv"), "users[0].journey[1].channel", "unknown channel 'tv'"),
+    (lambda b: b["users"][0]["journey"][2]["features"].update(foo=1.0), "users[0].journey[2].features.foo", "unknown feature"),
+    (lambda b: b["users"][0]["journey"][0]["features"].pop("hour"), "users[0].journey[0].features", "wrong feature count"),
+    (lambda b: b["users"][0].update(user_features={}), "users[0].user_features", "wrong user feature count"),
+    (lambda b: b["users"][0].update(user_features={"age": 1.0, "income": 2.0}), "users[0].user_features.income", "unknown user feature"),
+    (lambda b: b["users"][0].update(next_features={"hour": 1.0, "depth": 1.0, "bar": 1.0}), "users[0].next_features.bar", "unknown feature"),
+    (lambda b: b["users"][0].update(journey=[]), "users[0].journey", "empty journey"),
+    (lambda b: b["users"][0]["journey"].extend(_user(steps=4)["journey"]), "users[0].journey", "limit is 5"),
+    (lambda b: b["users"].extend([_user(f"x{i}") for i in range(3)]), "users", "limit is 3"),
+    (lambda b: b.update(users=[]), "users", "at least one user"),
+    (lambda b: b["users"].append(_user("u1")), "users[1].user_id", "duplicate user_id"),
+    (lambda b: b["users"][0]["journey"][0].update(cost=-1.0), "users[0].journey[0].cost", "greater than or equal to 0"),
+    (lambda b: b["users"][0]["journey"][0].update(gain="abc"), "users[0].journey[0].gain", "valid number"),
+    (lambda b: b["users"][0]["journey"][0].pop("gain"), "users[0].journey[0].gain", "Field required"),
+    (lambda b: b["users"][0].update(userid="x"), "users[0].userid", "Extra inputs"),
+])
+def test_bad_input_names_the_field(mutate: Any, field: str, words: str) -> None:
+    body = {"users": [_user(steps=3)]}
+    mutate(body)
+    e = _err(body, pre=_pre(max_users=3, max_journey_length=5))
+    assert e.status == 422
+    assert e.detail.startswith(field + ":"), e.detail
+    assert words in e.detail, e.detail
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_json_nan_and_inf_are_rejected(token: str) -> None:
+    raw = json.dumps({"users": [_user()]}).replace('"hour": 3.0', f'"hour": {token}', 1)
+    assert token in raw
+    e = _err(raw)
+    assert e.detail.startswith("users[0].journey[1].features.hour:") and "finite" in e.detail, e.detail
+    raw = json.dumps({"users": [_user()], "budget": 1.0}).replace('"budget": 1.0', f'"budget": {token}')
+    assert _err(raw, AllocateRequest).detail.startswith("budget:")
+
+
+def test_allocate_request_needs_a_budget() -> None:
+    e = _err({"users": [_user()]}, AllocateRequest)
+    assert e.detail.startswith("budget:") and "required" in e.detail
+
+
+def _fake_outputs(b: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=b)  # (B, C)
+    reward = rng.random((b, 3))                # (B, C)
+    return probs, reward
+
+
+def test_recommendation_and_allocation_use_the_evaluation_code() -> None:
+    users = [_user(f"u{i}", steps=1 + i % 3) for i in range(6)]
+    p = _pre().prepare(parse_request(RecommendRequest, {"users": users}).users)
+    probs, reward = _fake_outputs(6)
+    recs = recommendations(p, probs, reward, MANIFEST["channels"])
+    for b, r in enumerate(recs):
+        w = probs[b] * reward[b] / p.costs[b]
+        c = int(np.argmax(w))
+        assert r["recommended_channel"] == MANIFEST["channels"][c]
+        assert r["expected_reward"] == pytest.approx(reward[b, c])
+        assert sum(r["channel_probs"].values()) == pytest.approx(1.0)
+    res = allocation(p, probs, reward, MANIFEST["channels"], budget=4.0, penalty=None)
+    ref = allocate_requests([(u, reward[b], probs[b], p.costs[b]) for b, u in enumerate(p.user_ids)], 4.0, None,
+                            MANIFEST["channels"])
+    assert [s["user_id"] for s in res["selected"]] == [s["user_id"] for s in ref["selected"]]
+    assert res["spend"] == pytest.approx(ref["spend"]) and res["spend"] <= 4.0
+    assert res["total_expected_reward"] == pytest.approx(sum(s["expected_reward"] for s in res["selected"]))
+    by_id = {r["user_id"]: r for r in recs}
+    for s in res["selected"]:
+        assert s["channel"] == by_id[s["user_id"]]["recommended_channel"]
