@@ -152,6 +152,7 @@ class TrainerSpec(_Strict):
     mode: Literal["min", "max"] = "min"
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts (FailureConfig).")
     max_steps_per_epoch: int | None = Field(None, ge=1)
+    cache_windows_max_steps: int = Field(5_000_000, ge=0, description="Splits with at most this many steps are windowed once and kept in Ray's object store (spread over the cluster) for every epoch; larger ones stream from storage each epoch. 0 = always stream.")
 
 
 class TrackingSpec(_Strict):

@@ -268,6 +268,27 @@ def test_journeys_csv_and_parquet(tmp_path: Path, fmt: str) -> None:
                 assert r["user_features"] == [mine[0]["age"]]
 
 
+def test_journeys_directory_of_shards(tmp_path: Path) -> None:
+    """A directory (or S3 prefix) of shards is one input, read file by file; other files are ignored."""
+    rows = journeys_rows()
+    d = tmp_path / "logs"
+    d.mkdir()
+    half = len(rows) // 2
+    pq.write_table(pa.Table.from_pylist(rows[:half]), d / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[half:]), d / "part-00001.parquet")
+    (d / "simulation.json").write_text("{}")
+    m = prepare(spec(tmp_path, "journeys", d, journeys=JFMT), progress=quiet)
+    _invariant(m)
+    assert m["rows_read"] == len(rows)
+    whole = tmp_path / "w.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), whole)
+    m2 = prepare(spec(tmp_path / "b", "journeys", whole, journeys=JFMT), progress=quiet)
+    assert {k: v["steps"] for k, v in m["splits"].items()} == {k: v["steps"] for k, v in m2["splits"].items()}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no data files"):
+        prepare(spec(tmp_path, "journeys", tmp_path / "empty", journeys=JFMT), progress=quiet)
+
+
 def test_journeys_propensity_and_bad_rows(tmp_path: Path) -> None:
     rows = journeys_rows()
     for r in rows:
