@@ -10,9 +10,10 @@ ds=$1; input=$2; workers=${WORKERS:-0}
 mtorl prepare ray_jobs/specs/$ds-prepare.yaml --set spec.input=$input
 ckpts=()
 for m in mtorl bc_mlp bc_seq cql iql bcq dt; do
-  mtorl train ray_jobs/specs/$ds-train.yaml --set metadata.name=$ds-$m --set spec.model.name=$m \
+  name=$ds-${m//_/-}
+  mtorl train ray_jobs/specs/$ds-train.yaml --set metadata.name=$name --set spec.model.name=$m \
     --set spec.trainer.workers=$workers --set spec.tracking.wandb=disabled
-  ckpts+=("s3://mtorl/runs/$ds-$m")
+  ckpts+=("s3://mtorl/runs/$name")
 done
 mtorl evaluate --checkpoint "${ckpts[0]}" --compare "${ckpts[@]:1}" --output s3://mtorl/reports/$ds-compare \
   --result compare-$ds.json
