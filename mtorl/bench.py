@@ -43,6 +43,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from mtorl.raycluster import LOCAL_DEFAULTS
+
 STAGES = ("prepare", "stream", "train", "serve", "scale")
 BUCKET = "s3://mtorl-bench"
 MEAN_STEPS = 20.0
@@ -55,13 +57,9 @@ SERVE_BATCH = 32
 CONCURRENCY = (1, 8, 32)
 MARK_START = "<!-- bench:{device}:start -->"
 MARK_END = "<!-- bench:{device}:end -->"
-BENCH_ENV = {
+BENCH_ENV = {  # the local-Ray defaults of mtorl.raycluster, plus no auth and no W&B for a throwaway cluster
+    **LOCAL_DEFAULTS,
     "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "WANDB_MODE": "disabled",
     "WANDB_SILENT": "true",
 }

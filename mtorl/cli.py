@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from mtorl.spec import SpecError, load_job, make_job, validate_doc
+from mtorl.spec import SpecError, load_job, validate_doc
 from mtorl.spec.loader import apply_overrides
 
 

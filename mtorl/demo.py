@@ -112,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, base: Path, results: dict[str, Any], t0: float) -> int:
-    from mtorl import storage
     from mtorl.data.prepare import prepare
     from mtorl.raycluster import init_ray
 

@@ -17,7 +17,6 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mtorl.models.batch import Batch, ModelOutput
 from mtorl.models.layers import (

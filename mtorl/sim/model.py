@@ -205,7 +205,7 @@ class Simulator:
         user (N,), t (N,), timestamp (N,), channel (N,), gain (N,), propensity (N,), q (N, 3),
         true_p (N, C). With ``record=False`` only per-channel sums (for calibration) are returned.
         """
-        n, C = st.n, self.n_channels
+        C = self.n_channels
         start = np.concatenate([[0], np.cumsum(st.length)[:-1]])
         total = int(st.length.sum())
         pi = self.logging_probs(st.x)  # (n, C), static per user
@@ -241,7 +241,7 @@ class Simulator:
 
     def _calibrate(self, n_users: int | None) -> None:
         """Fit logging biases to channel_shares and offsets to the target rates (Monte-Carlo, common random numbers)."""
-        spec, C = self.spec, self.n_channels
+        spec = self.spec
         if n_users is None:
             n_users = int(np.clip(150_000 / max(spec.mean_steps, 2.0), 1000, 8000))
         if spec.channel_shares is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -151,8 +151,3 @@ def val_metrics(channel: np.ndarray, action_probs: np.ndarray, reward: np.ndarra
     elif not binary:
         out["reward_mse"] = float(np.mean((reward_hat - reward) ** 2))
     return out
-
-
-def iterate_numpy(it: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-    for b in it:
-        yield {k: np.asarray(v) for k, v in b.items()}

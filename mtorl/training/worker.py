@@ -123,7 +123,6 @@ def train_loop(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
         wait = [0.0]
-        last = [time.time()]
 
         def on_step(i: int, losses: dict[str, float]) -> None:
             nonlocal global_step

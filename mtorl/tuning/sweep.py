@@ -36,7 +36,6 @@ def _path(key: str) -> str:
 
 def search_space(spec: TuneSpec) -> dict[str, Any]:
     """Tune domains from the spec's feasible spaces (grid: the listed values, or 3 points per range)."""
-    from ray import tune
 
     space: dict[str, Any] = {}
     for path, p in spec.parameters.items():

@@ -25,7 +25,7 @@ def test_specs_exist_for_both_samples() -> None:
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
 def test_every_shipped_spec_validates_and_names_its_command(path: Path) -> None:
-    job = load_job(path)
+    load_job(path)
     first = path.read_text().splitlines()[0]
     assert first.startswith("# mtorl "), f"{path.name} must open with the command that runs it"
     assert path.name in first
