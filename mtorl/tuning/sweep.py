@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -20,9 +21,12 @@ from mtorl import storage
 from mtorl.spec import TrainJob, TuneJob, job_to_dict, validate_doc
 from mtorl.spec.loader import apply_overrides
 from mtorl.spec.models import ParamSpace, TuneSpec
-from mtorl.training.checkpoint import BEST_FILE
+from mtorl.training.checkpoint import BEST_FILE, META_FILE
 from mtorl.training.driver import build_trainer, finish_run, storage_args, to_uri
 
+# Test-only: the trial function kills the sweep's driver right after a trial writes its best.json,
+# before Tune can record the trial as finished (the window a restored sweep must handle).
+KILL_DRIVER_AFTER_TRIAL_ENV = "MTORL_TEST_KILL_DRIVER_AFTER_TRIAL"
 SEP = "__"  # Tune config keys can't hold dots reliably: objective.reward_weight -> objective__reward_weight
 
 
@@ -69,7 +73,7 @@ def trial_job(base: TrainJob, config: dict[str, Any], name: str, output: str) ->
     return validate_doc(doc, f"<trial {name}>")
 
 
-def _make_trial_fn(base_doc: dict[str, Any], trials_uri: str, sweep_name: str, group: str) -> Any:
+def _make_trial_fn(base_doc: dict[str, Any], trials_uri: str, sweep_name: str, group: str, kill_pid: int | None = None) -> Any:
     def trial(config: dict[str, Any]) -> None:
         import ray.tune
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -80,11 +84,33 @@ def _make_trial_fn(base_doc: dict[str, Any], trials_uri: str, sweep_name: str, g
         doc = job_to_dict(trial_job(base, config, name, trials_uri))
         doc["spec"]["tracking"]["group"] = group
         job = validate_doc(doc, f"<trial {name}>")
+        run_dir = storage.join(trials_uri, name)
+        # A restored sweep restarts the trial function of a trial whose driver died. Tune must see the
+        # epochs that already ran, or it would see a finished trial with no metric (or fewer epochs).
+        for metrics in previous_history(run_dir):
+            ray.tune.report(metrics)
+        if storage.exists(storage.join(run_dir, BEST_FILE)):
+            return  # completed before the driver died: its best.json is the record; nothing is re-run
         trainer, _ = build_trainer(job, callbacks=[TuneReportCallback()])
-        result = trainer.fit()
-        finish_run(job, result, storage.join(trials_uri, name))  # writes the trial's best.json
+        result = trainer.fit()  # resumes from the run's latest checkpoint, if any
+        finish_run(job, result, run_dir)  # writes the trial's best.json
+        if kill_pid is not None:
+            os.kill(kill_pid, signal.SIGKILL)
 
     return trial
+
+
+def previous_history(run_dir: str) -> list[dict[str, Any]]:
+    """Per-epoch metrics recorded in the run's latest checkpoint (empty for a fresh run)."""
+    if not storage.exists(run_dir):
+        return []
+    latest: dict[str, Any] | None = None
+    for f in storage.list_files(run_dir):
+        if f.endswith("/" + META_FILE):
+            meta = storage.read_json(f)
+            if latest is None or int(meta.get("epoch", -1)) > int(latest.get("epoch", -1)):
+                latest = meta
+    return list(latest.get("history", [])) if latest else []
 
 
 class GoalStopper(Stopper):
@@ -117,7 +143,8 @@ def run_tune(job: TuneJob, progress: Any = print) -> dict[str, Any]:
     metric, mode = spec.objective.metric, spec.objective.mode
     epochs = spec.base.trainer.epochs
 
-    trainable = tune.with_resources(_make_trial_fn(job_to_dict(base), trials_uri, job.metadata.name, group), {"CPU": 0.01})
+    kill_pid = os.getpid() if os.environ.get(KILL_DRIVER_AFTER_TRIAL_ENV) == "1" else None
+    trainable = tune.with_resources(_make_trial_fn(job_to_dict(base), trials_uri, job.metadata.name, group, kill_pid), {"CPU": 0.01})
     if spec.early_stopping == "asha":
         scheduler: Any = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=spec.grace_period, reduction_factor=2)
     elif spec.early_stopping == "median":

@@ -46,29 +46,30 @@ def test_asha_stops_a_bad_trial_early(ray_session: None, tiny_dataset: str, s3_b
 
 def test_four_trial_kuairand_sweep_interrupted_then_resumed(ray_session: None, kuairand_dataset: str, s3_bucket: str,
                                                              tmp_path: Path) -> None:
-    """A 4-trial sweep whose driver is killed after its first trial; re-running resumes it via
-    Tuner.restore, completes it, and re-runs no completed trial."""
+    """A 4-trial sweep whose driver is killed after its first trial wrote its result but before Tune
+    recorded it; re-running resumes it via Tuner.restore, completes it, re-runs no completed trial,
+    and still reports the completed trial's epochs to Tune."""
     import ray
 
-    from mtorl.tuning.sweep import run_tune
+    from mtorl.tuning.sweep import KILL_DRIVER_AFTER_TRIAL_ENV, run_tune
 
     job = _sweep("sweep4", kuairand_dataset, f"{s3_bucket}/sweeps", max_trials=4, algorithm="random", early_stopping="none")
     spec_file = tmp_path / "tune.yaml"
     spec_file.write_text(yaml.safe_dump(job_to_dict(job)))
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     trials = storage.join(s3_bucket, "sweeps", "sweep4", "trials")
+    # the driver dies right after the first trial writes its best.json, before Tune records it as done
+    env[KILL_DRIVER_AFTER_TRIAL_ENV] = "1"
     proc = subprocess.Popen([sys.executable, "-m", "mtorl", "tune", str(spec_file)], env=env, start_new_session=True)
-    first: list[str] = []
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and not first:
-            first = [f for f in storage.list_files(trials) if f.endswith("/best.json")]
-            time.sleep(1)
-        assert first, "the first trial never finished"
+        rc = proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    assert rc == -signal.SIGKILL, f"the sweep driver was not killed after its first trial (exit {rc})"
+    first = [f for f in storage.list_files(trials) if f.endswith("/best.json")]
+    assert len(first) == 1, first
     done_before = {f: storage.read_bytes(f) for f in first}
 
     res = run_tune(job, progress=print)
