@@ -75,9 +75,23 @@ def prepare_with_manifest(
     journeys in memory (rewards and states normalised with the manifest), in input user order.
     """
     base = manifest if manifest is not None else (resolve_manifest_from(spec.manifest_from) if spec.manifest_from else None)
+    spec = _with_simulation_mapping(spec, progress)
     if not write and base is None:
         raise DataError("write=False needs a manifest (or manifest_from) to normalise with")
     return _Run(spec, base, progress, write, keep_journeys).execute()
+
+
+def _with_simulation_mapping(spec: PrepareSpec, progress: Progress) -> PrepareSpec:
+    """``source: journeys`` on an ``mtorl simulate`` output with no ``journeys`` mapping in the spec:
+    take the mapping the simulation recorded (its features, user features and propensities)."""
+    if spec.source != "journeys" or "journeys" in spec.model_fields_set:
+        return spec
+    from mtorl.sim.generate import SIDECAR, journeys_format
+
+    if not _io.exists(_io.join(spec.input, SIDECAR)):
+        return spec
+    progress(f"{spec.input}: simulated logs; journeys mapping from its {SIDECAR}")
+    return spec.model_copy(update={"journeys": JourneysFormat(**journeys_format(spec.input))})
 
 
 def load_journeys(

@@ -32,7 +32,7 @@ from mtorl.evaluation.allocation import score_steps
 from mtorl.evaluation.predictions import Predictions, journey_order, outcome
 
 __all__ = ["BehaviourModel", "fit_behaviour_model", "behaviour_propensities", "greedy_policy",
-           "off_policy_estimates", "evaluate_policies"]
+           "off_policy_estimates", "target_policies", "evaluate_policies"]
 
 ESTIMATORS = ("ips", "snips", "dm", "dr", "pdis")
 
@@ -196,6 +196,19 @@ def off_policy_estimates(p: Predictions, target: np.ndarray, behaviour: np.ndarr
     return out
 
 
+def target_policies(p: Predictions, epsilon: float = 0.05, penalty: float = 0.0,
+                    cost_per_channel: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The model's two target policies (N, C): epsilon-greedy on the channel-level module's pick, and
+    the action decoder's renormalised probabilities (see `evaluate_policies`)."""
+    from mtorl.evaluation.allocation import channel_costs
+
+    kc = channel_costs(p) if cost_per_channel is None else cost_per_channel
+    _, best, _, _ = score_steps(p.action_probs, p.reward_pred, kc, penalty)
+    greedy = greedy_policy(p.action_probs, epsilon, best=best)
+    soft = p.action_probs / np.maximum(p.action_probs.sum(axis=1, keepdims=True), 1e-12)
+    return greedy, soft
+
+
 def evaluate_policies(p: Predictions, behaviour_probs: np.ndarray | None = None, n_boot: int = 200,
                       seed: int = 0, gamma: float = 1.0, epsilon: float = 0.05, penalty: float = 0.0,
                       cost_per_channel: np.ndarray | None = None, **kw: Any) -> dict[str, Any]:
@@ -209,13 +222,8 @@ def evaluate_policies(p: Predictions, behaviour_probs: np.ndarray | None = None,
     `off_policy_estimates`; the greedy estimates are also copied to the top level (ips, ..., pdis,
     ess, warnings) as the headline numbers.
     """
-    from mtorl.evaluation.allocation import channel_costs
-
     b, source = behaviour_propensities(p, behaviour_probs)
-    kc = channel_costs(p) if cost_per_channel is None else cost_per_channel
-    _, best, _, _ = score_steps(p.action_probs, p.reward_pred, kc, penalty)
-    greedy = greedy_policy(p.action_probs, epsilon, best=best)
-    soft = p.action_probs / np.maximum(p.action_probs.sum(axis=1, keepdims=True), 1e-12)
+    greedy, soft = target_policies(p, epsilon, penalty, cost_per_channel)
     res_g = off_policy_estimates(p, greedy, b, n_boot=n_boot, seed=seed, gamma=gamma, **kw)
     res_s = off_policy_estimates(p, soft, b, n_boot=n_boot, seed=seed, gamma=gamma, **kw)
     if source == "none":

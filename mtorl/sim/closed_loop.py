@@ -18,18 +18,24 @@ from mtorl.evaluation.allocation import score_steps
 from mtorl.spec import EvaluateSpec, SimulateSpec
 
 
-def simulator_for(manifest: dict[str, Any]) -> Any:
+def simulation_uri(manifest: dict[str, Any]) -> str:
+    """The ``mtorl simulate`` output a dataset was prepared from (ValueError when it was not)."""
     from mtorl.sim.generate import SIDECAR
-    from mtorl.sim.model import Simulator
 
     src = manifest.get("input")
     uri = src.get("uri") if isinstance(src, dict) else src
     if not uri:
         raise ValueError("the checkpoint's manifest names no input: --online needs a model trained on simulated logs")
-    side = storage.join(str(uri).rstrip("/"), SIDECAR)
-    if not storage.exists(side):
+    if not storage.exists(storage.join(str(uri).rstrip("/"), SIDECAR)):
         raise ValueError(f"{uri}: no {SIDECAR}; --online needs a model trained on logs written by `mtorl simulate`")
-    meta = storage.read_json(side)
+    return str(uri).rstrip("/")
+
+
+def simulator_for(manifest: dict[str, Any]) -> Any:
+    from mtorl.sim.generate import SIDECAR
+    from mtorl.sim.model import Simulator
+
+    meta = storage.read_json(storage.join(simulation_uri(manifest), SIDECAR))
     return Simulator(SimulateSpec.model_validate(meta["spec"]))
 
 
@@ -85,12 +91,99 @@ def run_online_evaluation(spec: EvaluateSpec, users: int = 2000, budget: float =
         e = r["expected_reward"]
         progress(f"  {name:<8} true reward {e['value']:.1f} (95% CI {e['ci95'][0]:.1f}–{e['ci95'][1]:.1f})  "
                  f"spend {r['spend']['value']:.1f}  ROI {r['roi_expected']['value']:.4f}")
+    ope = ope_vs_truth(predictor, sim, spec, progress=progress)
     out = {"kind": "EvaluateJob", "mode": "online", "checkpoint": predictor.uri, "users": users, "budget": W,
-           "budget_fraction": budget, "results": _strip(rows), "wall_s": round(time.time() - t0, 2)}
+           "budget_fraction": budget, "results": _strip(rows), "ope_vs_truth": _strip(ope), "wall_s": round(time.time() - t0, 2)}
+    storage.write_bytes(storage.join(spec.output, "online.md"), online_markdown(out).encode())
     target = storage.join(spec.output, "online.json")
-    storage.write_json(target, out)
-    progress(f"online results: {target}")
+    storage.write_json(target, out)  # written last: its presence means the run is complete
+    progress(f"online results: {target} (table: {storage.join(spec.output, 'online.md')})")
     return out
+
+
+def ope_vs_truth(predictor: Any, sim: Any, spec: EvaluateSpec, progress: Any = print) -> dict[str, Any]:
+    """Each off-policy estimate of the checkpoint's policies on the logged split, against the truth.
+
+    The logged users of ``spec.split`` (never seen in training) keep the simulator's response model
+    per step (``true_p``). For a target policy pi the estimators (IPS, SNIPS, DM, DR) estimate the
+    per-step value with contexts fixed to the logged ones; its true value is
+    mean_t sum_c pi(c | s_t) p(s_t, c). PDIS estimates a per-journey return and is not compared.
+    Returns {split, users, steps, unaligned_users, policies: {greedy|softmax: {truth, errors}}}.
+    """
+    from mtorl.evaluation.ope import behaviour_propensities, off_policy_estimates, target_policies
+    from mtorl.evaluation.run import model_predictions, read_split
+    from mtorl.sim.generate import read_journeys
+    from mtorl.sim.online import ope_error, true_policy_value
+
+    man = predictor.manifest
+    data_uri = spec.data or predictor.meta["manifest_uri"]
+    journeys = read_split(data_uri, spec.split)
+    want = {j.user_id: j for j in journeys}
+    sim_channels = list(sim.spec.channels)
+    to_sim = np.array([sim_channels.index(c) for c in predictor.channels])  # model channel -> sim column
+    truth: dict[str, np.ndarray] = {}
+    unaligned = 0
+    for d in read_journeys(simulation_uri(man)):
+        j = want.get(d["user_id"])
+        if j is None:
+            continue
+        if "true_p" not in d:
+            raise ValueError(f"{simulation_uri(man)}: the simulation kept no ground truth (true_p); nothing to compare OPE with")
+        # the prepared journey must be the logged one step for step (same channels in the same order)
+        if len(d["channel"]) != j.length or not np.array_equal(to_sim[j.channel], d["channel"]):
+            unaligned += 1
+            continue
+        truth[j.user_id] = np.asarray(d["true_p"], dtype=np.float64)[:, to_sim]
+    kept = [j for j in journeys if j.user_id in truth]
+    if not kept:
+        raise ValueError(f"no {spec.split} journey of {data_uri} matches its simulated log step for step")
+    p = model_predictions(predictor, kept, predictor.name)
+    b, source = behaviour_propensities(p)
+    tp = np.concatenate([truth[j.user_id] for j in kept])
+    bounds = np.cumsum([0] + [j.length for j in kept])
+    out: dict[str, Any] = {"split": spec.split, "users": len(kept), "steps": int(p.n_steps), "unaligned_users": unaligned,
+                           "behaviour_source": source, "policies": {}}
+    greedy, soft = target_policies(p, penalty=float(man.get("penalty", 0.0)), cost_per_channel=np.asarray(sim.costs)[to_sim])
+    for name, pi in (("greedy", greedy), ("softmax", soft)):
+        true = true_policy_value(sim, lambda jj: jj["pi"], ({"true_p": tp[a:z], "pi": pi[a:z]} for a, z in zip(bounds[:-1], bounds[1:])))
+        est = off_policy_estimates(p, pi, b, n_boot=spec.bootstrap, seed=spec.seed)
+        ests = {k: {"value": est[k]["value"], "ci95": [est[k]["ci_low"], est[k]["ci_high"]] if est[k]["ci_low"] is not None else None}
+                for k in ("ips", "snips", "dm", "dr") if est[k]["value"] is not None}
+        out["policies"][name] = {"truth": true, "errors": ope_error(ests, true["value"]), "ess": est["ess"], "warnings": est["warnings"]}
+    logged_true = float(tp[np.arange(len(tp)), p.channel].mean())
+    out["logged"] = {"observed": float((p.gain > 0).mean()), "true": logged_true}
+    progress(f"OPE vs the simulator's truth on {len(kept)} {spec.split} users ({p.n_steps} steps; behaviour: {source}):")
+    for name, r in out["policies"].items():
+        errs = "  ".join(f"{k} {e['estimate']:.4f} (err {e['abs_error']:.4f}{'' if 'covered' not in e else ', CI covers' if e['covered'] else ', CI misses'})"
+                         for k, e in r["errors"].items())
+        progress(f"  {name:<8} true {r['truth']['value']:.4f}  {errs}")
+    return out
+
+
+def online_markdown(out: dict[str, Any]) -> str:
+    """The closed-loop table and the OPE-vs-truth table of an ``evaluate --online`` result."""
+    md = [f"# Closed-loop evaluation of {out['checkpoint']}", "",
+          f"{out['users']} fresh simulated users; budget {out['budget']:.1f} = {out['budget_fraction']:.0%} of the logging "
+          "policy's unconstrained spend. True reward = sum of the response model's probabilities of the served steps.", "",
+          "| policy | true reward | 95% CI | spend | ROI |", "|---|---|---|---|---|"]
+    for name, r in out["results"].items():
+        e = r["expected_reward"]
+        md.append(f"| {name} | {e['value']:.1f} | {e['ci95'][0]:.1f}–{e['ci95'][1]:.1f} | {r['spend']['value']:.1f} | "
+                  f"{r['roi_expected']['value']:.4f} |")
+    ope = out.get("ope_vs_truth")
+    if ope:
+        md += ["", f"## Off-policy estimates vs the simulator's truth ({ope['split']} split)", "",
+               f"{ope['users']} logged users never seen in training, {ope['steps']} steps; behaviour propensities: "
+               f"{ope['behaviour_source']}. Per-step value with contexts fixed to the logged ones; the logging "
+               f"policy's observed rate is {ope['logged']['observed']:.4f} (true {ope['logged']['true']:.4f}).", "",
+               "| target policy | true value | estimator | estimate | abs. error | rel. error | 95% CI covers truth |",
+               "|---|---|---|---|---|---|---|"]
+        for pol, r in ope["policies"].items():
+            for k, e in r["errors"].items():
+                cov = "–" if "covered" not in e else ("yes" if e["covered"] else "no")
+                md.append(f"| {pol} | {r['truth']['value']:.4f} | {k.upper()} | {e['estimate']:.4f} | {e['abs_error']:.4f} | "
+                          f"{e['rel_error']:.1%} | {cov} |")
+    return "\n".join(md) + "\n"
 
 
 def _strip(x: Any) -> Any:

@@ -29,4 +29,13 @@ def test_trained_policy_beats_logging_policy_at_same_budget(ray_session: None, s
     for k, v in r.items():  # the same budget for all, never exceeded
         assert v["spend"]["value"] <= res["budget"] + 1e-6, k
     assert value["oracle"] > value["mtorl"] > value["logging"], value
-    assert storage.exists(f"{s3_bucket}/rep/online.json")
+    assert storage.exists(f"{s3_bucket}/rep/online.json") and storage.exists(f"{s3_bucket}/rep/online.md")
+    # every off-policy estimate of the trained policy, against the simulator's truth on unseen users
+    ope = res["ope_vs_truth"]
+    assert ope["unaligned_users"] == 0 and ope["users"] > 100 and ope["behaviour_source"] == "logged"
+    for pol in ("greedy", "softmax"):
+        errs = ope["policies"][pol]["errors"]
+        assert set(errs) == {"ips", "snips", "dm", "dr"}
+        assert 0.0 < ope["policies"][pol]["truth"]["value"] < 1.0
+        # importance-weighted estimators on logged propensities are unbiased: within 25% of the truth
+        assert errs["snips"]["rel_error"] < 0.25 and errs["dr"]["rel_error"] < 0.25, (pol, errs)

@@ -188,6 +188,38 @@ def test_true_policy_value_of_logging_policy_matches_logged_rewards(generated: t
     assert best["value"] > v["value"]
 
 
+def test_ope_estimates_recover_the_simulators_true_value(generated: tuple[SimulateSpec, dict[str, Any], pa.Table]) -> None:
+    """IPS/SNIPS/DR of a target policy unlike the logger, from the logged propensities, against the
+    response model's truth: unbiased estimators' 95% intervals hold it; a wrong reward model (DM
+    with zero predictions) does not."""
+    from mtorl.evaluation.ope import off_policy_estimates
+    from mtorl.evaluation.predictions import Predictions
+
+    spec, _, _ = generated
+    sim = Simulator(spec)
+    journeys = list(read_journeys(spec.output))
+    C = len(spec.channels)
+    lens = [len(j["channel"]) for j in journeys]
+    n = sum(lens)
+    tp = np.concatenate([j["true_p"] for j in journeys]).astype(np.float64)
+    # target: 70% on the channel with the largest cost-free feature score, 30% uniform (full support)
+    pi = np.full((n, C), 0.3 / C)
+    pi[np.arange(n), np.concatenate([np.full(len(j["channel"]), int(np.argmax(j["user_features"][:C]))) for j in journeys])] += 0.7
+    truth = true_policy_value(sim, lambda j: j["pi"], ({"true_p": tp[a:b], "pi": pi[a:b]} for a, b in
+                                                          zip(np.cumsum([0] + lens[:-1]), np.cumsum(lens))))
+    cat = lambda k: np.concatenate([j[k] for j in journeys])  # noqa: E731
+    p = Predictions(user=np.repeat(np.arange(len(journeys)), lens), t=np.concatenate([np.arange(m) for m in lens]),
+                    channel=cat("channel"), gain=cat("gain"), cost=cat("cost"), reward=cat("gain"), propensity=cat("propensity"),
+                    action_probs=pi, reward_pred=np.zeros((n, C)), channels=list(spec.channels))
+    est = off_policy_estimates(p, pi, p.propensity, n_boot=200, seed=0)
+    err = ope_error({k: {"value": est[k]["value"], "ci95": [est[k]["ci_low"], est[k]["ci_high"]]} for k in ("ips", "snips", "dr", "dm")},
+                    truth["value"])
+    assert abs(truth["value"] - float(p.gain.mean())) > 0.005  # the target really differs from the logger
+    for k in ("ips", "snips", "dr"):
+        assert err[k]["covered"] == 1.0 and err[k]["rel_error"] < 0.1, (k, err[k], truth["value"])
+    assert err["dm"]["covered"] == 0.0 and err["dm"]["estimate"] == 0.0
+
+
 def test_ope_error_hand_computed() -> None:
     err = ope_error({"ips": 0.12, "dm": {"value": 0.08, "ci95": [0.07, 0.09]}}, 0.1)
     assert err["ips"]["abs_error"] == pytest.approx(0.02) and err["ips"]["rel_error"] == pytest.approx(0.2)
@@ -245,3 +277,17 @@ def test_calibration_hits_target_shares_rates_lengths(tmp_path: Path) -> None:
 def test_spec_lists_must_match_channels() -> None:
     with pytest.raises(ValueError, match="channel_rates"):
         Simulator(SimulateSpec(output="x", channel_rates=[0.1, 0.2]))
+
+
+def test_prepare_takes_the_mapping_of_simulated_logs(generated: tuple[SimulateSpec, dict[str, Any], pa.Table], tmp_path: Path) -> None:
+    """`source: journeys` on a simulation output needs no `journeys:` block: the sidecar's mapping is used."""
+    from mtorl.data.prepare import prepare
+    from mtorl.spec import make_job
+
+    spec, meta, _ = generated
+    man = prepare(make_job("PrepareJob", "p", {"source": "journeys", "input": spec.output, "output": str(tmp_path / "ds")}).spec,
+                  progress=lambda *_: None)
+    assert man["step_features"] == list(meta["journeys"]["numeric_features"])
+    assert man["user_features"] == list(meta["journeys"]["user_features"])
+    assert man["journeys_format"]["propensity_col"] == "propensity"
+    assert man["rows_read"] == meta["steps"]
