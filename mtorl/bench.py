@@ -906,7 +906,11 @@ def main(argv: list[str] | None = None) -> int:
     say(f"\nbench: wrote {path}")
     table = markdown(res)
     print(table)
-    if not args.no_markdown:
+    if args.no_markdown:
+        pass
+    elif set(stages) != set(STAGES):  # a partial run must not replace the whole-suite table
+        say(f"bench: only {', '.join(stages)} ran: {args.markdown} left unchanged (the table above is this run's)")
+    else:
         update_markdown(Path(args.markdown), args.device, table)
         say(f"bench: updated the table in {args.markdown}")
     return 1 if failed else 0
