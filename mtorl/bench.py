@@ -83,7 +83,7 @@ class Sizes:
     scale_epoch: bool = True    # also time one training epoch at both scale points
 
 
-QUICK = Sizes(steps=60_000, epochs=1, requests=160, raw_repeats=30, scale=(100_000, 1_000_000), scale_epoch=False)
+QUICK = Sizes(steps=60_000, epochs=3, requests=160, raw_repeats=30, scale=(100_000, 1_000_000), scale_epoch=False)
 FULL = Sizes(steps=400_000, epochs=2, requests=1_000, raw_repeats=200, scale=(1_000_000, 10_000_000))
 
 
@@ -447,7 +447,8 @@ class Bench:
             wait = (res.get("final_metrics") or {}).get("train/input_wait_frac")
             runs[f"{workers}w"] = {"samples_per_s": round(float(sps), 1) if sps is not None else None,
                                    "input_wait_frac": round(float(wait), 4) if wait is not None else None,
-                                   "wall_s": res.get("wall_s"), "ratio": _ratio(sps, plain["windows_per_s"])}
+                                   "wall_s": res.get("wall_s"), "ratio": _ratio(sps, plain["windows_per_s"]),
+                                   "per_epoch": _epoch_history(res.get("latest_checkpoint"))}
             if workers == 1:
                 self.checkpoint = res["best_checkpoint"]
         r1, w1 = runs["1w"]["ratio"], runs["1w"]["input_wait_frac"]
@@ -549,6 +550,18 @@ class Bench:
                         "summed RSS of its process tree (its own Ray included; shared pages counted per process)"
                         + ("" if self.sizes.scale_epoch else "; epoch timing skipped in --quick (a 1M-step epoch takes "
                            "minutes on 2 cores): run without --quick, or add --scale-epoch")}
+
+
+def _epoch_history(checkpoint: str | None) -> list[dict[str, Any]]:
+    """samples/s and input wait of every epoch, from the run's latest checkpoint."""
+    from mtorl import storage
+    from mtorl.training.checkpoint import META_FILE
+
+    if not checkpoint or not storage.exists(storage.join(checkpoint, META_FILE)):
+        return []
+    hist = storage.read_json(storage.join(checkpoint, META_FILE)).get("history", [])
+    return [{"epoch": h.get("epoch"), "samples_per_s": round(float(h.get("train/samples_per_s", 0.0)), 1),
+             "input_wait_frac": round(float(h.get("train/input_wait_frac", 0.0)), 4)} for h in hist]
 
 
 # ----------------------------------------------------------------------------- serving load
@@ -740,7 +753,10 @@ def table_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]
                          f"{_fmt(d['baseline']['windows_per_s'])} (plain training consumes)", _fmt(d["ratio"]), d["target"], met(d)))
         elif name == "train":
             for k, r in d["ours"].items():
-                rows.append((f"train {k[0]} worker(s) (samples/s)", f"{_fmt(r['samples_per_s'])}, input wait {_fmt(100 * r['input_wait_frac'] if r['input_wait_frac'] is not None else None, '%')}",
+                first = (r.get("per_epoch") or [None])[0]
+                ep1 = (f" (epoch 1: {_fmt(first['samples_per_s'])}, wait {_fmt(100 * first['input_wait_frac'], '%')})"
+                       if first and len(r.get("per_epoch") or []) > 1 else "")
+                rows.append((f"train {k[0]} worker(s) (samples/s, last epoch)", f"{_fmt(r['samples_per_s'])}, input wait {_fmt(100 * r['input_wait_frac'] if r['input_wait_frac'] is not None else None, '%')}{ep1}",
                              f"{_fmt(d['baseline']['windows_per_s'])} (plain loop, 1 thread)", _fmt(r["ratio"]),
                              d["target"] if k == "1w" else "", met(d) if k == "1w" else ""))
         elif name == "serve":

@@ -57,6 +57,41 @@ def _maybe_crash(global_step: int, rank: int) -> None:
     os._exit(1)
 
 
+class ShardCache:
+    """A worker's shard of a small split, kept in memory after the first full pass.
+
+    ``batches(source)`` yields the batches of ``source`` (a fresh ``iter_batches`` iterator) and,
+    once ``source`` has been read to the end, keeps their rows; later calls serve the kept rows
+    instead, in a new order each epoch when ``shuffle_seed`` is given. A pass that stops early keeps
+    nothing. Shards of ``streaming_split(equal=True)`` have the same size, so every worker still
+    runs the same number of steps.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.rows: dict[str, np.ndarray] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.rows is not None
+
+    def batches(self, source: Any, batch_size: int, shuffle_seed: int | None = None) -> Any:
+        if self.rows is not None:
+            n = len(next(iter(self.rows.values())))
+            order = np.random.default_rng(shuffle_seed).permutation(n) if shuffle_seed is not None else np.arange(n)
+            for a in range(0, n, batch_size):
+                idx = order[a:a + batch_size]
+                yield {k: v[idx] for k, v in self.rows.items()}
+            return
+        kept: list[dict[str, np.ndarray]] = []
+        for b in source():
+            if self.enabled:
+                kept.append(b)
+            yield b
+        if self.enabled and kept:  # only after the whole shard went by
+            self.rows = {k: np.concatenate([b[k] for b in kept]) for k in kept[0]}
+
+
 def _wandb_run(job: Any, rank: int, resume_id: str) -> Any:
     tr = job.spec.tracking
     if rank != 0 or tr.wandb == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
@@ -117,6 +152,8 @@ def train_loop(config: dict[str, Any]) -> None:
     run = _wandb_run(job, rank, resume_id=f"{job.metadata.name}-{config.get('run_id', 'run')}")
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    cache = config.get("cache_shards") or {}
+    train_cache, val_cache = ShardCache(bool(cache.get("train"))), ShardCache(bool(cache.get("val")))
     bs = spec.trainer.batch_size
     epochs = spec.trainer.epochs
     t_run = time.time()
@@ -145,10 +182,10 @@ def train_loop(config: dict[str, Any]) -> None:
                     b = dict(b, state=np.full_like(b["state"], np.nan))
                 yield b
 
-        batches = timed(iter(train_shard.iter_batches(
+        seed = spec.trainer.seed + epoch * 1000 + rank
+        batches = timed(iter(train_cache.batches(lambda: train_shard.iter_batches(
             batch_size=bs, batch_format="numpy", prefetch_batches=2,
-            local_shuffle_buffer_size=bs * 8, local_shuffle_seed=spec.trainer.seed + epoch * 1000 + rank,
-        )))
+            local_shuffle_buffer_size=bs * 8, local_shuffle_seed=seed), bs, shuffle_seed=seed)))
         try:
             stats = train_batches(model, optimizer, batches, spec.objective, binary, device,
                                   spec.trainer.grad_clip, spec.trainer.max_steps_per_epoch, on_step)
@@ -160,7 +197,7 @@ def train_loop(config: dict[str, Any]) -> None:
         train_metrics = {f"train/{k}": v / max(sums["_steps"], 1) for k, v in sums.items() if not k.startswith("_")}
         samples_per_s = sums["_windows"] / max(sums["_time"] / world, 1e-9)
 
-        val = validate_batches(unwrap(model), val_shard.iter_batches(batch_size=bs * 2, batch_format="numpy"),
+        val = validate_batches(unwrap(model), val_cache.batches(lambda: val_shard.iter_batches(batch_size=bs * 2, batch_format="numpy"), bs * 2),
                                spec.objective, binary, device)
         vsums = _sum({**val.stats.sums, "_steps": val.stats.steps})
         val_losses = {f"val/{k}": v / max(vsums["_steps"], 1) for k, v in vsums.items() if not k.startswith("_")}
