@@ -1,7 +1,8 @@
 """``make demo``: the main job end to end on embedded defaults.
 
 embedded object store -> data (simulated, or DATA=file) -> prepare -> train (Ray Train, 2 workers)
--> evaluate (report + plots) -> tune (small sweep) -> serve the best model and query it.
+-> evaluate (report + plots) -> closed loop + OPE vs truth (simulated data only) -> tune (small sweep)
+-> serve the best model and query it.
 Prints where every result went.
 """
 
@@ -97,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
 
     _say("object store (SeaweedFS, S3 API on 127.0.0.1)")
-    state = seaweed.up(base / "store", None)
+    try:
+        state = seaweed.up(base / "store", None)
+    except seaweed.PortInUseError:  # e.g. `mtorl store up` holds 8333: the demo's own store goes elsewhere
+        port = seaweed.free_ports(1)[0]
+        print(f"the default S3 port {seaweed.DEFAULT_PORT} is taken (another store?); the demo's own store uses port {port}")
+        state = seaweed.up(base / "store", port)
     os.environ.update(seaweed.env_vars(state))
     print(f"endpoint {state.endpoint}; credentials in {base / 'store' / 'state.json'} (mode 0600)")
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -157,6 +163,14 @@ def _run(args: argparse.Namespace, base: Path, results: dict[str, Any], t0: floa
                                                "output": str(base / "report"), "bootstrap": 50})
     results["evaluate"] = run_evaluate(ev.spec, progress=print)
 
+    if not args.data:
+        _say("closed loop in the simulator (true reward under a budget) and OPE against the truth")
+        from mtorl.sim.closed_loop import run_online_evaluation
+
+        on = make_job("EvaluateJob", "demo-online", {"checkpoint": results["train"]["best_checkpoint"],
+                                                     "output": str(base / "online"), "bootstrap": 50})
+        results["online"] = run_online_evaluation(on.spec, users=1000, budget=0.3, progress=print)
+
     _say(f"tune ({args.trials} trials over μ and λ, ASHA)")
     from mtorl.tuning.sweep import run_tune
 
@@ -189,6 +203,8 @@ def _run(args: argparse.Namespace, base: Path, results: dict[str, Any], t0: floa
     print(f"  training run       {results['train']['run_uri']}")
     print(f"  best checkpoint    {results['train']['best_checkpoint']}")
     print(f"  evaluation report  {base / 'report' / 'report.md'} (+ metrics.json, PNG plots)")
+    if "online" in results:
+        print(f"  closed loop + OPE  {base / 'online' / 'online.md'}")
     print(f"  sweep leaderboard  {results['tune']['sweep_uri']}/leaderboard.md")
     print(f"  serve config       {base / 'serve_config.yaml'}")
     print(f"  all results        {base / 'results.json'}")

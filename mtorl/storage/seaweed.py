@@ -158,6 +158,10 @@ def _port_free(port: int) -> bool:
     return True
 
 
+class PortInUseError(StorageError):
+    """The S3 port asked for (or the default) is taken by another process."""
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct free loopback ports (held together while picking, so they differ)."""
     socks = []
@@ -175,7 +179,7 @@ def free_ports(n: int) -> list[int]:
 def _choose_ports(s3_port: int, previous: dict[str, int]) -> dict[str, int]:
     """Keep the previous internal ports when still free (stable master dir), else pick new ones."""
     if not _port_free(s3_port):
-        raise StorageError(f"127.0.0.1:{s3_port}: port already in use; pick another with --port")
+        raise PortInUseError(f"127.0.0.1:{s3_port}: port already in use; pick another with --port")
     prev = [previous.get(k) for k in _PORT_NAMES]
     if all(prev) and len(set(prev) | {s3_port}) == len(prev) + 1 and all(_port_free(p) for p in prev):  # type: ignore[arg-type]
         ports = dict(zip(_PORT_NAMES, prev))  # type: ignore[arg-type]
