@@ -908,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
             if ray.is_initialized():
                 ray.shutdown()
         finally:
-            seaweed.down(store_dir, timeout=20)
+            seaweed.down(store_dir)
             for k, v in saved_env.items():
                 if v is None:
                     os.environ.pop(k, None)

@@ -566,7 +566,7 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
-def local_cluster_down(state_dir: str | Path | None = None, grace_s: float = 20) -> int:
+def local_cluster_down(state_dir: str | Path | None = None, grace_s: float = 5) -> int:
     """Stop the nodes recorded in the state file, workers first: SIGTERM to each ``ray start --block``
     process group, SIGKILL after ``grace_s``. Touches no other Ray on the machine. Returns nodes stopped."""
     d = _state_dir(state_dir)

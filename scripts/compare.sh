@@ -16,4 +16,4 @@ for m in mtorl bc_mlp bc_seq cql iql bcq dt; do
   ckpts+=("s3://mtorl/runs/$name")
 done
 mtorl evaluate --checkpoint "${ckpts[0]}" --compare "${ckpts[@]:1}" --output s3://mtorl/reports/$ds-compare \
-  --result compare-$ds.json
+  --result docs/results/$ds-compare.json

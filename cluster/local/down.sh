@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # cluster/local/down.sh: stop the nodes recorded by up.sh, by process group (SIGTERM, then SIGKILL
-# after 20 s), and remove their temp dirs. Other Ray clusters on the machine are left alone.
+# after 5 s), and remove their temp dirs. Other Ray clusters on the machine are left alone.
 #   Options: --state-dir DIR
 set -euo pipefail
 PY="${PYTHON:-python}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 import uuid
@@ -30,6 +31,8 @@ def test_up_write_down_up_keeps_data(tmp_path: Path, capsys: pytest.CaptureFixtu
         c = storage.boto3_client(st.settings())
         c.create_bucket(Bucket="keep")
         c.put_object(Bucket="keep", Key="a/b.txt", Body=b"persist me")
+        big = os.urandom(3 * 1024 * 1024 + 17)  # several chunks, written just before `down`
+        c.put_object(Bucket="keep", Key="a/big.bin", Body=big)
         assert seaweed.up(d).was_running  # second up: already running, same pid
         assert seaweed.store_command("status", str(d), None) == 0
         pid = st.pid
@@ -44,8 +47,10 @@ def test_up_write_down_up_keeps_data(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert (st2.port, st2.access_key, st2.secret_key) == (port, st.access_key, st.secret_key)
         body = storage.boto3_client(st2.settings()).get_object(Bucket="keep", Key="a/b.txt")["Body"].read()
         assert body == b"persist me"
+        got = storage.boto3_client(st2.settings()).get_object(Bucket="keep", Key="a/big.bin")["Body"].read()
+        assert got == big
     finally:
-        seaweed.down(d, timeout=20)
+        seaweed.down(d)
 
     # the secret only ever appears in `store up`'s env lines (and the 0600 state/config files)
     assert st.secret_key not in other_out
