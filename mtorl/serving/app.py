@@ -270,10 +270,30 @@ class MtorlPredictor:
 
 # ------------------------------------------------------------------------------------------ builder
 
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Ray Serve's direct-ingress switches for ``ingress: direct``: the ingress replica runs its own HTTP
+    server on exactly ``port`` (host from the http options), so requests skip the proxy actor and the
+    replica's actor-call path. The controller and the replica must both see them (controller_options and
+    the deployment's runtime_env). No external load balancer drains it, so the drain wait is 1 s."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port), "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+            "RAY_SERVE_DIRECT_INGRESS_PORT_RETRY_COUNT": "3", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
+def proxy_port(args: ServeArgs) -> int:
+    """The port of Serve's own HTTP proxy: ``port`` itself, or with ``ingress: direct`` (where the replica
+    takes ``port``) the next one, which nothing is routed through."""
+    return args.port if args.ingress == "proxy" else (args.port + 1 if args.port < 65535 else args.port - 1)
+
+
 def _bind(args: ServeArgs, digest: Optional[str] = None) -> Application:
+    actor: dict[str, Any] = {"num_cpus": args.num_cpus_per_replica}
+    if args.ingress == "direct":
+        actor["runtime_env"] = {"env_vars": direct_ingress_env(args.port)}
     dep = MtorlPredictor.options(
-        ray_actor_options={"num_cpus": args.num_cpus_per_replica},
+        ray_actor_options=actor,
         max_ongoing_requests=args.max_ongoing_requests,
+        logging_config={"enable_access_log": args.access_log, "log_level": args.log_level},
         autoscaling_config={
             "min_replicas": args.autoscaling.min_replicas,
             "max_replicas": args.autoscaling.max_replicas,
@@ -298,8 +318,12 @@ def spec_args(spec: ServeSpec) -> dict[str, Any]:
 
 def serve_config(args: ServeArgs) -> dict[str, Any]:
     """A Serve config (``serve deploy`` / ``serve run`` / KubeRay RayService ``serveConfigV2``)."""
+    config: dict[str, Any] = {
+        "http_options": {"host": args.host, "port": proxy_port(args), "request_timeout_s": args.request_timeout_s}}
+    if args.ingress == "direct":
+        config["controller_options"] = {"runtime_env": {"env_vars": direct_ingress_env(args.port)}}
     return {
-        "http_options": {"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s},
+        **config,
         "applications": [{
             "name": args.app_name,
             "route_prefix": "/",
@@ -366,12 +390,18 @@ def run_serve(job: ServeJob, address: Optional[str] = None, config_out: Optional
     from mtorl.raycluster import init_ray
 
     init_ray(address)
-    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
+    start: dict[str, Any] = {"http_options": {"host": args.host, "port": proxy_port(args),
+                                              "request_timeout_s": args.request_timeout_s}}
+    if args.ingress == "direct":
+        start["controller_options"] = config["controller_options"]
+    serve.start(**start)
     t0 = time.time()
-    progress(f"[serve] deploying {args.app_name} from {loaded.uri} ...")
+    progress(f"[serve] deploying {args.app_name} from {loaded.uri} ({args.ingress} ingress) ...")
     serve.run(_bind(args, digest), name=args.app_name, route_prefix="/")
     shown = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{shown}:{args.port}"
+    if args.ingress == "direct":
+        _await_direct_ingress(url, args.request_timeout_s)
     pre = Preprocessor(loaded.manifest)
     progress(f"[serve] {args.app_name} is up at {url} ({time.time() - t0:.1f}s); API docs: {url}/docs")
     for line in _examples(url, pre, args.auth_token_env):
@@ -382,6 +412,25 @@ def run_serve(job: ServeJob, address: Optional[str] = None, config_out: Optional
     if blocking:
         _block_until_interrupted(progress)
     return result
+
+
+def _await_direct_ingress(url: str, timeout_s: float) -> None:
+    """With ``ingress: direct`` the replica itself must answer on ``port``; Serve ignores the switches when a
+    controller was already running on the cluster without them, so say so instead of serving nothing."""
+    import httpx
+
+    deadline = time.time() + max(30.0, timeout_s)
+    last = ""
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5.0).status_code == 200:
+                return
+            last = "healthz did not answer 200"
+        except httpx.HTTPError as e:
+            last = f"{type(e).__name__}: {e}"
+        time.sleep(0.5)
+    raise RuntimeError(f"ingress 'direct': no replica answers at {url} ({last}). Serve keeps the options of a controller "
+                       "that is already running: stop it first (serve shutdown), or use ingress 'proxy'")
 
 
 def _block_until_interrupted(progress: Callable[[str], None]) -> None:

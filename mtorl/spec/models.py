@@ -258,8 +258,21 @@ class ServeSpec(_Strict):
     max_users_per_request: int = Field(1000, ge=1)
     max_body_bytes: int = Field(4_000_000, ge=1024)
     num_cpus_per_replica: float = Field(0.5, gt=0)
+    access_log: bool = Field(True, description="Log every request from the replica (Serve's access log).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Replica log level.")
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    ingress: Literal["proxy", "direct"] = Field(
+        "proxy", description="proxy: Serve's HTTP proxy routes requests to the replicas (autoscaling, zero-downtime "
+        "updates). direct: the single replica serves HTTP on `port` itself (Ray Serve direct ingress), skipping the "
+        "proxy hop: several times the requests/s on a small CPU budget (BENCHMARKS.md); one replica, no rolling update.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
+
+    @model_validator(mode="after")
+    def _direct_is_one_replica(self) -> "ServeSpec":
+        if self.ingress == "direct" and self.autoscaling.max_replicas != 1:
+            raise ValueError("ingress 'direct' serves from one replica on `port`: set autoscaling.max_replicas to 1 "
+                             "(or use ingress 'proxy' to autoscale)")
+        return self
 
 
 # ----------------------------------------------------------------------------- simulate
