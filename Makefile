@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(BIN)/python -m mtorl.demo --dir $(DEMO_DIR) $(if $(DATA),--data $(DATA)) $(if $(SOURCE),--source $(SOURCE))
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=25 tests
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
