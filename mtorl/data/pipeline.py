@@ -6,6 +6,7 @@ concurrent re-prepare (a new version directory) is never mixed in.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -30,7 +31,17 @@ def read_split(dataset_uri: str, split: str, manifest: dict[str, Any] | None = N
         return ray.data.from_arrow(JOURNEY_SCHEMA.empty_table())
     fs, _ = _io.resolve(dataset_uri)
     paths = [_io.resolve(u)[1] for u in uris]
-    return ray.data.read_parquet(paths, filesystem=fs, **read_kwargs)
+    ctx = ray.data.DataContext.get_current()
+    prev = ctx.use_datasource_v2
+    if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
+        # The shard list comes from the manifest, so nothing needs listing. Ray Data's V2 Parquet reader
+        # starts a pool of footer-reading actors on every read, which cost ~2.5 s per pass (per epoch)
+        # on 2 cores against ~0.2 s for the V1 reader (BENCHMARKS.md). The flag is only read here.
+        ctx.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(paths, filesystem=fs, **read_kwargs)
+    finally:
+        ctx.use_datasource_v2 = prev
 
 
 def window_dataset(dataset_uri: str, split: str, window: WindowSpec, manifest: dict[str, Any] | None = None,

@@ -31,7 +31,11 @@ def test_prepare_to_s3_then_windows(shared_data: Path, s3_bucket: Any, ray_sessi
 
     L = 16
     D = len(m["step_features"]) + len(m["user_features"])
-    ds = window_dataset(uri, "val", WindowSpec(length=L), manifest=m)
+    import ray
+
+    v2 = ray.data.DataContext.get_current().use_datasource_v2
+    ds = window_dataset(uri, "val", WindowSpec(length=L), manifest=m)  # reads with the V1 Parquet reader ...
+    assert ray.data.DataContext.get_current().use_datasource_v2 == v2  # ... and leaves the global context alone
     n_windows = valid = done = 0
     for b in ds.iter_batches(batch_size=128, batch_format="numpy"):
         B = b["state"].shape[0]
