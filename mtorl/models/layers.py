@@ -49,12 +49,14 @@ class SequencePolicy(nn.Module):
 
         Runs with eval-mode semantics (no dropout) whatever the module's mode, and restores it.
         """
-        was_training = self.training
-        self.eval()
-        try:
+        if self.training:
+            self.eval()
+            try:
+                logits, reward = self.policy_logits(batch)
+            finally:
+                self.train(True)
+        else:  # already in eval mode (serving, evaluation): no walk over the module tree per call
             logits, reward = self.policy_logits(batch)
-        finally:
-            self.train(was_training)
         probs = torch.softmax(logits.float(), dim=-1)  # (B, L, C)
         reward = torch.sigmoid(reward.float()) if self.binary else reward.float()  # (B, L, C)
         return probs, reward

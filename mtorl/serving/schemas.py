@@ -178,6 +178,7 @@ class Preprocessor:
         self.optional_step = {f for f in self.step_features if f in onehot}
         self.default_cost = self._default_costs(manifest)  # (C,)
         self._index = {id(names): {n: i for i, n in enumerate(names)} for names in (self.step_features, self.user_features)}
+        self._step_set = frozenset(self.step_features)
 
     def _default_costs(self, manifest: Mapping[str, Any]) -> np.ndarray:
         c = len(self.channels)
@@ -222,14 +223,20 @@ class Preprocessor:
             raise RequestError(f"{where}.journey", f"{T} steps, the limit is {self.limits.max_journey_length} "
                                                    "(max_journey_length): send the most recent steps")
         ch = np.empty(T, dtype=np.int64)
-        q = np.zeros((T, len(self.step_features)), dtype=np.float64)  # (T, Dq) raw step features
+        rows: list[Any] = []  # (T, Dq) raw step features
+        names, exact = self.step_features, self._step_set
         for t, s in enumerate(u.journey):
             c = self.channel_index.get(s.channel)
             if c is None:
                 raise RequestError(f"{where}.journey[{t}].channel",
                                    f"unknown channel {s.channel!r} (the model's channels: {', '.join(self.channels)})")
             ch[t] = c
-            q[t] = self._vector(s.features, self.step_features, self.optional_step, f"{where}.journey[{t}].features", "feature")
+            feats = s.features
+            if feats.keys() == exact:  # every feature named once: nothing to check or default
+                rows.append([feats[n] for n in names])
+            else:
+                rows.append(self._vector(feats, names, self.optional_step, f"{where}.journey[{t}].features", "feature"))
+        q = np.array(rows, dtype=np.float64).reshape(T, len(names))
         f = self._vector(u.user_features, self.user_features, set(), f"{where}.user_features", "user feature")  # (Df,)
         gain = np.array([s.gain for s in u.journey], dtype=np.float32)
         cost = np.array([s.cost for s in u.journey], dtype=np.float32)
@@ -243,8 +250,8 @@ class Preprocessor:
                           propensity=np.full(T, np.nan, dtype=np.float32), state=state,
                           reward=compute_reward(gain, cost, self.manifest))
         costs = self.default_cost.copy()
-        for t in range(T):  # later steps overwrite earlier ones: the most recent logged cost wins
-            costs[ch[t]] = float(cost[t])
+        seen, last = np.unique(ch[::-1], return_index=True)  # the most recent logged cost of each channel wins
+        costs[seen] = cost[::-1][last]
         return journey, nxt, costs
 
     def prepare(self, users: Sequence[UserIn]) -> Prepared:
@@ -265,12 +272,21 @@ class Preprocessor:
 
 # ------------------------------------------------------------------------------------------ responses
 
-def recommendations(p: Prepared, probs: np.ndarray, reward: np.ndarray, channels: Sequence[str]) -> list[dict[str, Any]]:
-    """probs (B, C), reward (B, C) -> per-user recommendations. The recommended channel is the
-    channel-level module of offline evaluation (``score_steps`` with penalty 0): argmax pi*rhat/cost."""
+def recommend_scores(probs: np.ndarray, reward: np.ndarray, costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The channel-level module of offline evaluation (``score_steps`` with penalty 0), argmax pi*rhat/cost:
+    probs, reward, costs (B, C) -> (recommended channel (B,), its cost (B,)). Rows are independent, so one
+    call can score the users of many requests."""
     from mtorl.evaluation.allocation import score_steps
 
-    _, best, _, kb = score_steps(probs, reward, p.costs, 0.0)
+    _, best, _, kb = score_steps(probs, reward, costs, 0.0)
+    return best, kb
+
+
+def recommendations(p: Prepared, probs: np.ndarray, reward: np.ndarray, channels: Sequence[str],
+                    scored: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """probs (B, C), reward (B, C) -> per-user recommendations (``recommend_scores``; ``scored`` passes
+    them in when already computed for a larger batch)."""
+    best, kb = scored if scored is not None else recommend_scores(probs, reward, p.costs)
     out = []
     for b, uid in enumerate(p.user_ids):
         c = int(best[b])

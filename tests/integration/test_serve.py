@@ -17,6 +17,7 @@ import httpx
 import pytest
 import yaml
 
+from mtorl.serving.schemas import AllocateResponse, RecommendResponse
 from mtorl.spec import SpecError, make_job
 
 pytestmark = pytest.mark.integration
@@ -100,6 +101,7 @@ def test_recommend(served: dict[str, Any]) -> None:
     r = _post(f"{served['url']}/v1/recommend", json={"users": _users(man, 3)}, headers=AUTH)
     assert r.status_code == 200, r.text
     out = r.json()
+    RecommendResponse.model_validate(out)  # the documented response model, field for field
     assert out["model_version"] == served["model_version"] and [u["user_id"] for u in out["users"]] == ["u0", "u1", "u2"]
     for u in out["users"]:
         assert set(u["channel_probs"]) == set(man["channels"]) == set(u["predicted_reward"])
@@ -115,6 +117,7 @@ def test_allocate_spend_within_budget(served: dict[str, Any]) -> None:
         r = _post(f"{served['url']}/v1/allocate", json={"users": users, "budget": budget, "penalty": 0.01}, headers=AUTH)
         assert r.status_code == 200, r.text
         out = r.json()
+        AllocateResponse.model_validate(out)
         assert out["spend"] <= budget + 1e-9
         assert out["spend"] == pytest.approx(sum(s["cost"] for s in out["selected"]))
         assert out["total_expected_reward"] == pytest.approx(sum(s["expected_reward"] for s in out["selected"]))

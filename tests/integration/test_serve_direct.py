@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from mtorl.serving.schemas import AllocateResponse, RecommendResponse
 from tests.integration.test_serve import AUTH, TOKEN, TOKEN_ENV, _bad_cases, _get, _job, _post, _users
 
 pytestmark = pytest.mark.integration
@@ -79,9 +80,9 @@ def test_direct_ingress_serves_from_the_replica(ray_session: None, tiny_checkpoi
         assert _get(f"{url}/v1/model").status_code == 401
         r = _post(f"{url}/v1/recommend", json={"users": _users(man, 3)}, headers=AUTH)
         assert r.status_code == 200, r.text
-        assert [u["recommended_channel"] in man["channels"] for u in r.json()["users"]] == [True] * 3
+        assert [u["recommended_channel"] in man["channels"] for u in RecommendResponse.model_validate(r.json()).model_dump()["users"]] == [True] * 3
         a = _post(f"{url}/v1/allocate", json={"users": _users(man, 6), "budget": 3.0}, headers=AUTH)
-        assert a.status_code == 200 and a.json()["spend"] <= 3.0 + 1e-9, a.text
+        assert a.status_code == 200 and AllocateResponse.model_validate(a.json()).spend <= 3.0 + 1e-9, a.text
         for name, body, status, field in _bad_cases(man):  # same 4xx contract as through the proxy
             content = body if isinstance(body, bytes) else json.dumps(body).encode()
             b = _post(f"{url}/v1/recommend", content=content, headers={**AUTH, "Content-Type": "application/json"})

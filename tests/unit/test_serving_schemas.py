@@ -11,7 +11,7 @@ import pytest
 from mtorl.data.windows import journeys_from_table
 from mtorl.evaluation.allocation import allocate_requests
 from mtorl.serving.schemas import (
-    AllocateRequest, Limits, Preprocessor, RecommendRequest, RequestError, allocation, parse_request, recommendations,
+    AllocateRequest, Limits, Preprocessor, RecommendRequest, RequestError, allocation, parse_request, recommend_scores, recommendations,
 )
 
 MANIFEST: dict[str, Any] = {
@@ -72,6 +72,36 @@ def test_feature_order_is_the_manifests_not_the_requests() -> None:
     pa = _pre().prepare(parse_request(RecommendRequest, {"users": [a]}).users)
     pb = _pre().prepare(parse_request(RecommendRequest, {"users": [b]}).users)
     np.testing.assert_array_equal(pa.journeys[0].state, pb.journeys[0].state)
+
+
+def test_complete_and_partial_feature_sets_give_the_same_states() -> None:
+    """Steps naming every feature (the unchecked fast path) and steps leaving an optional one-hot column out
+    (the checked path, which defaults it to 0) build the same states; mixed within one journey too."""
+    a = _user(steps=5)
+    b = json.loads(json.dumps(a))
+    for t, s in enumerate(b["journey"]):
+        if t % 2 == 0:
+            s["features"] = {"device=web": 0.0, **dict(reversed(list(s["features"].items())))}
+            assert set(s["features"]) == set(MANIFEST["step_features"])
+    pa = _pre().prepare(parse_request(RecommendRequest, {"users": [a]}).users)
+    pb = _pre().prepare(parse_request(RecommendRequest, {"users": [b]}).users)
+    np.testing.assert_array_equal(pa.journeys[0].state, pb.journeys[0].state)
+    np.testing.assert_array_equal(pa.next_states, pb.next_states)
+
+
+def test_recommendations_scored_for_a_batch_equal_per_request() -> None:
+    """The server scores the users of many requests in one call; each row must come out as if alone."""
+    pre = _pre()
+    reqs = [pre.prepare(parse_request(RecommendRequest, {"users": [_user(f"u{i}{k}", steps=1 + (i + k) % 3) for k in range(1 + i)]}).users)
+            for i in range(3)]
+    probs, reward = _fake_outputs(sum(len(p) for p in reqs))
+    scored = recommend_scores(probs, reward, np.concatenate([p.costs for p in reqs]))
+    s = 0
+    for p in reqs:
+        sl = slice(s, s + len(p))
+        together = recommendations(p, probs[sl], reward[sl], MANIFEST["channels"], scored=(scored[0][sl], scored[1][sl]))
+        assert together == recommendations(p, probs[sl], reward[sl], MANIFEST["channels"])
+        s += len(p)
 
 
 def test_next_features_and_optional_one_hot_columns() -> None:
@@ -157,3 +187,19 @@ def test_recommendation_and_allocation_use_the_evaluation_code() -> None:
     by_id = {r["user_id"]: r for r in recs}
     for s in res["selected"]:
         assert s["channel"] == by_id[s["user_id"]]["recommended_channel"]
+
+
+def test_serving_imports_leave_out_the_evaluation_reports() -> None:
+    """The replica imports the allocation code, not scikit-learn/SciPy/matplotlib with the rest of
+    ``mtorl.evaluation`` (hundreds of modules and tens of MiB per replica); the package's names still resolve."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mtorl.serving.app, mtorl.serving.predictor, mtorl.evaluation.allocation\n"
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy', 'matplotlib'})\n"
+            "assert not heavy, heavy\n"
+            "import mtorl.evaluation as e\n"
+            "assert all(callable(getattr(e, n)) for n in e.__all__)\n"
+            "assert 'sklearn' in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
