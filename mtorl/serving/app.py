@@ -118,11 +118,15 @@ def _body_doc(name: str) -> dict[str, Any]:
 Scored = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # probs (B, C), reward (B, C), channel (B,), its cost (B,)
 
 
-def _json_response(body: dict[str, Any]) -> JSONResponse:
-    """The endpoint's body, already built from the response model's fields by ``mtorl.serving.schemas``, sent
-    as it is. (A plain dict would be validated into the ``response_model`` again and re-encoded per request;
-    the model still documents the response in the OpenAPI schema, and the tests validate responses against it.)"""
-    return JSONResponse(body)
+def _sample_user(pre: Preprocessor, user_id: str) -> dict[str, Any]:
+    """A valid one-step request user for the checkpoint's manifest (all required features 0). Defined above
+    the deployment class, which Serve serializes with the module names it uses as they are at that point."""
+    feats = {f: 0.0 for f in pre.step_features if f not in pre.optional_step}
+    user: dict[str, Any] = {"user_id": user_id,
+                            "journey": [{"channel": pre.channels[0], "gain": 0.0, "cost": 1.0, "features": feats}]}
+    if pre.user_features:
+        user["user_features"] = {f: 0.0 for f in pre.user_features}
+    return user
 
 
 def _http(e: RequestError) -> HTTPException:
@@ -167,14 +171,11 @@ class MtorlPredictor:
         request, and before Serve freezes the start-up objects out of the garbage collector's scans (objects
         created after that freeze made every full collection a ~35 ms pause in the request path)."""
         pre = self.pre
-        step = {"channel": pre.channels[0], "gain": 0.0, "cost": 1.0, "features": {n: 0.0 for n in pre.step_features}}
-        body = {"users": [{"user_id": "warm-up", "journey": [step, step],
-                           "user_features": {n: 0.0 for n in pre.user_features}}], "budget": 1.0}
-        req = parse_request(AllocateRequest, json.loads(json.dumps(body)))
+        req = parse_request(AllocateRequest, {"users": [_sample_user(pre, "warm-up")], "budget": 1.0})
         p = pre.prepare(req.users)
         probs, reward, best, kb = self._score([p])
-        _json_response({"users": recommendations(p, probs, reward, pre.channels, scored=(best, kb))})
-        _json_response(allocation(p, probs, reward, pre.channels, req.budget, req.penalty))
+        JSONResponse(recommendations(p, probs, reward, pre.channels, scored=(best, kb)))
+        JSONResponse(allocation(p, probs, reward, pre.channels, req.budget, req.penalty))
 
     def check_health(self) -> None:
         if self.predictor is None or self.pre is None:
@@ -254,8 +255,11 @@ class MtorlPredictor:
         """Next-channel recommendation for each user."""
         _, p = await self._prepare(request, RecommendRequest)
         probs, reward, best, kb = await self._predict(p)
-        return _json_response({"model_version": self.version,
-                               "users": recommendations(p, probs, reward, self.pre.channels, scored=(best, kb))})
+        # Sent as built (the fields of RecommendResponse): returning a dict would have FastAPI validate it into
+        # the response model again and re-encode it on every request. The model still documents the response,
+        # and the integration tests validate responses against it.
+        return JSONResponse({"model_version": self.version,
+                             "users": recommendations(p, probs, reward, self.pre.channels, scored=(best, kb))})
 
     @api.post("/v1/allocate", response_model=AllocateResponse, openapi_extra=_body_doc("allocate"),
               responses={401: {"description": "missing or wrong token"}, 413: {"description": "body too large"},
@@ -265,7 +269,7 @@ class MtorlPredictor:
         req, p = await self._prepare(request, AllocateRequest)
         probs, reward, _, _ = await self._predict(p)
         res = allocation(p, probs, reward, self.pre.channels, req.budget, req.penalty)
-        return _json_response({"model_version": self.version, **res})
+        return JSONResponse({"model_version": self.version, **res})  # as built, like recommend
 
     @api.get("/v1/model")
     async def model(self, request: Request) -> dict[str, Any]:
@@ -378,10 +382,7 @@ def serve_config_yaml(args: ServeArgs) -> str:
 
 
 def _examples(url: str, pre: Preprocessor, auth_env: Optional[str]) -> list[str]:
-    feats = {f: 0.0 for f in pre.step_features if f not in pre.optional_step}
-    user = {"user_id": "u1", "journey": [{"channel": pre.channels[0], "gain": 0.0, "cost": 1.0, "features": feats}]}
-    if pre.user_features:
-        user["user_features"] = {f: 0.0 for f in pre.user_features}
+    user = _sample_user(pre, "u1")
     auth = f" -H \"Authorization: Bearer ${auth_env}\"" if auth_env else ""
     rec = json.dumps({"users": [user]})
     alloc = json.dumps({"users": [user], "budget": 10.0})
@@ -423,11 +424,7 @@ def run_serve(job: ServeJob, address: Optional[str] = None, config_out: Optional
     from mtorl.raycluster import init_ray
 
     init_ray(address)
-    start: dict[str, Any] = {"http_options": {"host": args.host, "port": proxy_port(args),
-                                              "request_timeout_s": args.request_timeout_s}}
-    if args.ingress == "direct":
-        start["controller_options"] = config["controller_options"]
-    serve.start(**start)
+    serve.start(**{k: config[k] for k in ("http_options", "controller_options") if k in config})
     t0 = time.time()
     progress(f"[serve] deploying {args.app_name} from {loaded.uri} ({args.ingress} ingress) ...")
     serve.run(_bind(args, digest), name=args.app_name, route_prefix="/")
