@@ -1,6 +1,7 @@
 # mtorl: the two commands of the README do all the set-up on a fresh clone.
 #   make demo   - virtualenv + install, embedded object store, local Ray, the main job end to end
 #   make test   - virtualenv + install, the whole test suite
+#   make manifests - KubeRay manifests rendered into $(MANIFESTS_DIR) (values: VALUES=file, or the environment)
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
@@ -11,14 +12,16 @@ DEMO_DIR ?= demo-output
 # torch: pinned to the CPU build that pip finds on a machine without a GPU (no multi-GB CUDA download).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+MANIFESTS_DIR ?= build/manifests
+VALUES ?=
 
-.PHONY: install demo test test-unit test-integration bench clean store-up store-down
+.PHONY: install demo test test-unit test-integration bench manifests clean store-up store-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip wheel
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,store]"
 	$(BIN)/python -c "import mtorl, ray, torch; print('installed mtorl', mtorl.__version__, 'ray', ray.__version__, 'torch', torch.__version__)"
 	touch $(STAMP)
 
@@ -38,6 +41,9 @@ test-integration: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m mtorl.bench $(BENCH_ARGS)
+
+manifests: $(STAMP)
+	$(BIN)/python -m mtorl.manifests --out $(MANIFESTS_DIR) $(foreach f,$(VALUES),--values $(f))
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

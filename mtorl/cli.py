@@ -161,6 +161,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return d
 
     job = _job(args, "ServeJob", flags if args.checkpoint else None)
+    if args.target == "rayservice":  # write the KubeRay config only (pinned checkpoint); deploy nothing
+        from mtorl.serving.kuberay import write_rayservice_config
+
+        if not args.config_out:
+            raise SpecError("<command line>", [("--config-out", "--for rayservice writes a file: name it")])
+        _write_result(args, write_rayservice_config(job, args.config_out, progress=_p))
+        return 0
     from mtorl.serving.app import run_serve
 
     result = run_serve(job, address=args.address, config_out=args.config_out, blocking=not args.detach, progress=_p)
@@ -267,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host")
     sp.add_argument("--port", type=int)
     sp.add_argument("--config-out", help="also write a Serve config YAML (serve deploy / KubeRay RayService)")
+    sp.add_argument("--for", dest="target", choices=["serve", "rayservice"], default="serve",
+                    help="rayservice: only write --config-out for a KubeRay RayService (0.0.0.0:8000, proxy, token, pinned checkpoint)")
     sp.add_argument("--detach", action="store_true", help="deploy and return instead of blocking")
     sp.add_argument("--name")
     sp.set_defaults(fn=cmd_serve)

