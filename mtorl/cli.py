@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint", help="checkpoint or run URI")
     sp.add_argument("--host")
     sp.add_argument("--port", type=int)
-    sp.add_argument("--config-out", help="also write a Serve config YAML (serve deploy / KubeRay RayService)")
+    sp.add_argument("--config-out", help="also write a Serve config YAML (serve deploy / serve run; see --for)")
     sp.add_argument("--for", dest="target", choices=["serve", "rayservice"], default="serve",
                     help="rayservice: only write --config-out for a KubeRay RayService (0.0.0.0:8000, proxy, token, pinned checkpoint)")
     sp.add_argument("--detach", action="store_true", help="deploy and return instead of blocking")

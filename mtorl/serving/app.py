@@ -375,7 +375,7 @@ def serve_config_yaml(args: ServeArgs) -> str:
 
     head = ("# Ray Serve config for mtorl (written by `mtorl serve --config-out`).\n"
             "# Run: serve deploy THIS_FILE (needs the Ray dashboard), or serve run THIS_FILE;\n"
-            "# KubeRay: paste under RayService spec.serveConfigV2 (a string).\n")
+            "# Not for a KubeRay RayService: `mtorl serve SPEC --for rayservice --config-out F` writes that one.\n")
     if args.auth_token_env:
         head += f"# The replicas read the bearer token from the environment variable {args.auth_token_env}.\n"
     return head + yaml.safe_dump(serve_config(args), sort_keys=False)
