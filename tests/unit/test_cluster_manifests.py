@@ -287,7 +287,8 @@ def test_serve_spec_gpus_reach_the_replicas_actor_options() -> None:
     from mtorl.serving.app import build_app
 
     def options(**extra: Any) -> dict[str, Any]:  # the bound deployment's options (no Ray needed)
-        return dict(build_app({"checkpoint": "s3://b/run/checkpoint_1", **extra})._bound_deployment.ray_actor_options)
+        opts = build_app({"checkpoint": "s3://b/run/checkpoint_1", **extra})._bound_deployment.ray_actor_options
+        return {k: opts.get(k) for k in ("num_cpus", "num_gpus")}
 
     assert options() == {"num_cpus": 0.5, "num_gpus": 0.0}
     assert options(num_gpus_per_replica=1, num_cpus_per_replica=2) == {"num_cpus": 2.0, "num_gpus": 1.0}
