@@ -339,7 +339,7 @@ def test_values_are_checked_before_anything_is_rendered(tmp_path: Path) -> None:
     bad = tmp_path / "bad.env"
     for line, expect in [("WORKERS=two", r"WORKERS='two' \(from .*bad.env\): Input should be a valid integer"),
                          ("HEAD_CPU=2 cores", r"HEAD_CPU='2 cores'.*pattern"),
-                         ("IMAGE=Registry/MTORL:latest", r"IMAGE="),
+                         ("IMAGE=Registry/MTORL:latest", r"IMAGE='Registry/MTORL:latest' .*pattern"),
                          ("MAX_WORKERS=1", r"MAX_WORKERS \(1\) must be at least WORKERS \(2\)"),
                          ("WORKRES=2", r"bad.env:1: unknown key WORKRES"),
                          ("just text", r"bad.env:1: expected KEY=VALUE")]:
@@ -357,9 +357,10 @@ def test_the_rayservice_refuses_a_run_directory_or_direct_ingress(tmp_path: Path
                                         "checkpoint": "s3://mtorl/runs/kuairand-mtorl"})
     with pytest.raises(ManifestError, match=r"not a checkpoint directory"):
         run_dir.variables()
+    doc = yaml.safe_load((ROOT / values.serve_spec).read_text())
+    doc["spec"].update(ingress="direct", autoscaling={"min_replicas": 1, "max_replicas": 1})
     spec = tmp_path / "direct.yaml"
-    spec.write_text((ROOT / values.serve_spec).read_text().replace("port: 8000", "port: 8000\n  ingress: direct")
-                    .replace("max_replicas: 2", "max_replicas: 1"))
+    spec.write_text(yaml.safe_dump(doc))
     with pytest.raises(ManifestError, match=r"ingress 'proxy'"):
         values.model_copy(update={"serve_spec": str(spec)}).variables()
 
