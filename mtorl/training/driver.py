@@ -75,29 +75,31 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: s
     spec = job.spec
     manifest = load_manifest(spec.data)
     t = spec.trainer
-    datasets, cached = {}, {}
+    datasets: dict[str, Any] = {}
+    cached: dict[str, list[list[Any]]] = {}
     max_cached = t.cache_windows_max_steps
     if max_cached is None:
         max_cached = auto_cache_max_steps(len(manifest["step_features"]) + len(manifest["user_features"]),
                                           node_memory_bytes())
     for split in ("train", "val"):
         steps = int(manifest["splits"][split]["steps"])
-        # Small splits: build the windows once (in Ray's object store), and each worker keeps the
-        # shard it streamed in its first epoch in memory for the later ones, instead of paying the
-        # read + windowing + split start-up every epoch (it dominated the input wait on the samples).
-        # Large ones stream from object storage every epoch, in a new file order each epoch (the
-        # workers add a local shuffle buffer): memory stays bounded by the blocks in flight.
-        cached[split] = steps <= max_cached
-        read_kwargs: dict[str, Any] = {}
-        if not cached[split] and split == "train":
-            read_kwargs["shuffle"] = FileShuffleConfig(seed=t.seed, reseed_after_execution=True)
-        ds = window_dataset(spec.data, split, spec.window, manifest=manifest, **read_kwargs)
-        if cached[split]:
-            ds = ds.materialize()
-        datasets[split] = ds
-        progress(f"data: {split} split {steps:,} steps: "
-                 + (f"cached in memory (<= {max_cached:,} steps)" if cached[split]
-                    else f"streaming from object storage every epoch (> {max_cached:,} steps; no whole-split cache)"))
+        if steps <= max_cached:
+            # Small split: windowed once into Ray's object store and split here into one equal part per
+            # worker; each worker fetches its part's blocks (a local, zero-copy read on its node) and keeps
+            # them for every epoch. No streaming split at all, so the first epoch pays no coordinator
+            # start-up or second planning pass, and waits for input no longer than the later ones.
+            ds = window_dataset(spec.data, split, spec.window, manifest=manifest)
+            parts = ds.materialize().split(max(t.workers, 1), equal=True)
+            cached[split] = [part.to_arrow_refs() for part in parts]
+            mode = f"cached in memory (<= {max_cached:,} steps; one part per worker, kept for every epoch)"
+        else:
+            # Large split: streams from object storage every epoch, in a new file order each epoch (the
+            # workers add a local shuffle buffer); memory stays bounded by the blocks in flight.
+            datasets[split] = window_dataset(
+                spec.data, split, spec.window, manifest=manifest,
+                **({"shuffle": FileShuffleConfig(seed=t.seed, reseed_after_execution=True)} if split == "train" else {}))
+            mode = f"streaming from object storage every epoch (> {max_cached:,} steps; no whole-split cache)"
+        progress(f"data: {split} split {steps:,} steps: {mode}")
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
@@ -107,7 +109,7 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: s
     trainer = TorchTrainer(
         _loop,
         train_loop_config={"job": job_to_dict(job), "manifest": manifest, "manifest_sha256": manifest_sha256(spec.data),
-                           "cache_shards": cached,
+                           "cached_parts": cached,
                            "local_run_uri": to_uri(spec.output, f"{storage_path.rstrip('/')}/{run_name or job.metadata.name}")
                            if t.workers == 0 else None},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources),

@@ -47,13 +47,18 @@ class ShardCache:
     ``batches(source)`` yields the batches of ``source`` (a fresh ``iter_batches`` iterator) and,
     once ``source`` has been read to the end, keeps their rows; later calls serve the kept rows
     instead, in a new order each epoch when ``shuffle_seed`` is given. A pass that stops early keeps
-    nothing. Shards of ``streaming_split(equal=True)`` have the same size, so every worker still
-    runs the same number of steps.
+    nothing. ``fill(rows)`` keeps given rows up front instead (the worker's part of a cached split,
+    fetched from the object store). Parts of ``split(equal=True)`` and shards of
+    ``streaming_split(equal=True)`` have the same size, so every worker runs the same number of steps.
     """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.rows: dict[str, np.ndarray] | None = None
+
+    def fill(self, rows: dict[str, np.ndarray]) -> None:
+        """Keep ``rows`` (column -> array, equal lengths) as the shard: every pass serves them."""
+        self.rows = rows
 
     @property
     def ready(self) -> bool:
@@ -61,7 +66,7 @@ class ShardCache:
 
     def batches(self, source: Any, batch_size: int, shuffle_seed: int | None = None) -> Any:
         if self.rows is not None:
-            n = len(next(iter(self.rows.values())))
+            n = len(next(iter(self.rows.values()))) if self.rows else 0
             order = np.random.default_rng(shuffle_seed).permutation(n) if shuffle_seed is not None else np.arange(n)
             for a in range(0, n, batch_size):
                 idx = order[a:a + batch_size]
@@ -74,6 +79,17 @@ class ShardCache:
             yield b
         if self.enabled and kept:  # only after the whole shard went by
             self.rows = {k: np.concatenate([b[k] for b in kept]) for k in kept[0]}
+
+
+def fetch_part(refs: list[Any]) -> dict[str, np.ndarray]:
+    """The rows of a list of Arrow block refs (one worker's part of a materialized split) as numpy columns."""
+    from ray.data.block import BlockAccessor
+
+    tables = [t for t in ray.get(list(refs)) if t.num_rows]
+    if not tables:  # fewer windows than workers: an empty part (no batches)
+        return {}
+    cols = [BlockAccessor.for_block(t).to_numpy() for t in tables]
+    return {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
 
 
 def _wandb_run(job: Any, rank: int, resume_id: str) -> Any:
@@ -137,10 +153,13 @@ def train_loop(config: dict[str, Any]) -> None:
         )
 
     run = _wandb_run(job, rank, resume_id=f"{job.metadata.name}-{config.get('run_id', 'run')}")
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    cache = config.get("cache_shards") or {}
-    train_cache, val_cache = ShardCache(bool(cache.get("train"))), ShardCache(bool(cache.get("val")))
+    parts = config.get("cached_parts") or {}
+    train_cache, val_cache = ShardCache(False), ShardCache(False)
+    for split, cache in (("train", train_cache), ("val", val_cache)):
+        if split in parts:  # a small split: this worker's part, fetched once for every epoch
+            cache.fill(fetch_part(parts[split][rank]))
+    train_shard = None if train_cache.ready else ray.train.get_dataset_shard("train")
+    val_shard = None if val_cache.ready else ray.train.get_dataset_shard("val")
     bs = spec.trainer.batch_size
     epochs = spec.trainer.epochs
     t_run = time.time()
