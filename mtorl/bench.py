@@ -15,7 +15,7 @@ Stages (ratio = ours / plain reference, same machine, same data, same run):
   over the same windows in memory, and the fraction of step time spent waiting for input.
 - ``serve``: p50/p99 latency and requests/s at concurrency 1, 8, 32 over HTTP (one journey of length 20
   per request) vs the raw ``Predictor`` forward throughput at the serving batch size.
-- ``scale``: peak memory and wall time of ``prepare`` and of one training epoch at two sizes, each in its own
+- ``scale``: peak memory and wall time of ``prepare`` and of one 2-worker training epoch (streaming forced) at two sizes, each in its own
   subprocess (its own Ray); peak memory is the subprocess's VmHWM and, for the epoch, the sampled peak of the
   summed RSS of its whole process tree (Ray's raylet, workers and object store included).
 
@@ -866,7 +866,10 @@ def child_main(argv: list[str]) -> int:
             init_ray()
             job = make_job("TrainJob", f"bench-scale-{int(time.time()) % 100000}", {
                 "data": a.dataset, "output": f"{BUCKET}/runs", "window": {"length": WINDOW}, "model": MODEL,
-                "trainer": {"workers": 0, "epochs": 1, "batch_size": batch_size(a.device), "use_gpu": a.device == "cuda"},
+                # 2 workers, and streaming forced (cache_windows_max_steps 0): this row shows that streaming
+                # memory stays bounded; below its (memory-sized) threshold a split is cached on purpose.
+                "trainer": {"workers": 2, "cpus_per_worker": 1, "epochs": 1, "batch_size": batch_size(a.device),
+                            "use_gpu": a.device == "cuda", "gpus_per_worker": 1, "cache_windows_max_steps": 0},
                 "tracking": {"wandb": "disabled"}})
             t0 = time.perf_counter()
             res = run_train(job, progress=lambda _m: None)
@@ -874,7 +877,7 @@ def child_main(argv: list[str]) -> int:
             peak = _vmhwm_mb()
             ray.shutdown()
         out = {"wall_s": round(wall, 2), "peak_mb": round(peak, 1), "tree_peak_mb": round(tree.peak_mb, 1),
-               "samples_per_s": res.get("samples_per_s")}
+               "samples_per_s": res.get("samples_per_s"), "workers": 2, "data_mode": "streaming"}
     print("BENCH " + json.dumps(out), flush=True)
     return 0
 
