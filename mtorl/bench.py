@@ -424,6 +424,7 @@ class Bench:
         self._plain: dict[str, Any] | None = None
         self._windows: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
         self.repeats = 2
+        self.compile = False
 
     # -- shared inputs, made on first use
     def data(self) -> str:
@@ -569,6 +570,9 @@ class Bench:
                 self.checkpoint = res["best_checkpoint"]
         r1, w1 = runs["1w"]["ratio"], runs["1w"]["input_wait_frac"]
         w, m = self.windows()
+        if self.compile:  # the plain loop again under torch.compile (trainer.compile), compilation timed apart
+            comp = plain_train_rate(w, m, self.device, threads=1 if not gpu else None, compile=True)
+            plain = {**plain, "compiled": comp, "compiled_ratio": _ratio(comp["windows_per_s"], plain["windows_per_s"])}
         job_wall = plain_job_wall(self.data(), m, self.device, self.sizes.epochs, threads=1 if not gpu else None)
         runs["1w"]["wall_ratio"] = _ratio(runs["1w"]["wall_s"], job_wall["wall_s"])
         plain = {**plain, "job": job_wall}
@@ -1000,6 +1004,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, help="simulated steps of the main dataset (overrides the mode)")
     ap.add_argument("--scale-steps", help="SMALL,LARGE simulated steps of the scale stage (overrides the mode)")
     ap.add_argument("--scale-epoch", action="store_true", help="time the training epoch at both scale points in --quick too")
+    ap.add_argument("--compile", action="store_true", help="train stage: also time the plain loop under torch.compile")
     ap.add_argument("--requests", type=int, help="HTTP requests per concurrency level (overrides the mode)")
     ap.add_argument("--work", help="scratch folder (default: a new temp folder, removed at the end)")
     return ap
@@ -1065,6 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update({**seaweed.env_vars(state), "MTORL_STORE_DIR": str(store_dir)})
         say(f"bench: store {state.endpoint} (pid {state.pid}); stages {', '.join(stages)}; mode {res['mode']}; device {args.device}")
         bench = Bench(sizes, args.device, work, say)
+        bench.compile = args.compile
         for name in stages:
             say(f"\n=== bench {name}")
             t0 = time.perf_counter()
