@@ -837,8 +837,9 @@ def _child(args: list[str], say: Callable[[str], Any]) -> dict[str, Any]:
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("BENCH "):
             return dict(json.loads(line[6:]))
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
-    raise RuntimeError(f"scale subprocess {args[0]} failed (exit {proc.returncode}):\n{tail}")
+    lines = [ln for ln in (proc.stdout + "\n" + proc.stderr).splitlines() if ln.strip()]
+    tail = "\n".join(lines[-15:])
+    raise RuntimeError(f"scale subprocess {args[0]} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}\n{tail}")
 
 
 def child_main(argv: list[str]) -> int:

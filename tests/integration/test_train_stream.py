@@ -22,16 +22,23 @@ def _job(name: str, data: str, out: str, **trainer: Any) -> Any:
                                        "trainer": t, "tracking": {"wandb": "disabled"}})
 
 
+def _sharded(bucket: str, tmp_path: Path, name: str) -> str:
+    """The tiny journeys prepared into many small shards (100 steps each)."""
+    from mtorl.data.prepare import prepare
+
+    uri = f"{bucket}/datasets/{name}"
+    prepare(make_job("PrepareJob", name, {"source": "journeys", "input": str(write_journeys_csv(tmp_path / "j.csv")),
+                                           "output": uri, "journeys": JOURNEYS_FORMAT, "shard_max_steps": 100}).spec,
+            progress=lambda *_: None)
+    return uri
+
+
 def test_file_order_is_reshuffled_every_execution(ray_session: None, s3_bucket: str, tmp_path: Path) -> None:
     from ray.data import FileShuffleConfig
 
     from mtorl.data.pipeline import load_manifest, read_split
-    from mtorl.data.prepare import prepare
 
-    uri = f"{s3_bucket}/datasets/sharded"
-    prepare(make_job("PrepareJob", "sharded", {"source": "journeys", "input": str(write_journeys_csv(tmp_path / "j.csv")),
-                                                "output": uri, "journeys": JOURNEYS_FORMAT, "shard_max_steps": 100}).spec,
-            progress=lambda *_: None)
+    uri = _sharded(s3_bucket, tmp_path, "sharded")
     m = load_manifest(uri)
     assert len(m["splits"]["train"]["shards"]) >= 4
     ds = read_split(uri, "train", m, shuffle=FileShuffleConfig(seed=0, reseed_after_execution=True))
@@ -68,3 +75,20 @@ def test_auto_threshold_scales_with_memory() -> None:
     assert large == 8 * small or abs(large - 8 * small) <= 8
     # 10 features: (40 + 38) bytes a step, twice, in an eighth of 8 GiB
     assert small == (8 << 30) // 8 // (2 * (4 * 10 + 38))
+
+
+def test_a_missing_shard_is_named_in_one_line(s3_bucket: str, tmp_path: Path) -> None:
+    from mtorl import storage
+    from mtorl.data.errors import DataError
+    from mtorl.data.manifest import shard_uris
+    from mtorl.data.pipeline import load_manifest, read_split
+
+    uri = _sharded(s3_bucket, tmp_path, "broken")
+    m = load_manifest(uri)
+    val = shard_uris(uri, m, "val")
+    fs, path = storage.resolve(val[0])
+    fs.delete_file(path)
+    assert not storage.exists(val[0])
+    with pytest.raises(DataError, match="missing") as e:
+        read_split(uri, "val", m)  # checked before Ray Data plans the read
+    assert str(e.value).startswith(val[0]) and "\n" not in str(e.value)
