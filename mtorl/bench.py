@@ -15,7 +15,7 @@ Stages (ratio = ours / plain reference, same machine, same data, same run):
   over the same windows in memory, and the fraction of step time spent waiting for input.
 - ``serve``: p50/p99 latency and requests/s at concurrency 1, 8, 32 over HTTP (one journey of length 20
   per request) vs the raw ``Predictor`` forward throughput at the serving batch size.
-- ``scale``: peak memory and wall time of ``prepare`` and of one training epoch at two sizes, each in its own
+- ``scale``: peak memory and wall time of ``prepare`` and of one 2-worker training epoch (streaming forced) at two sizes, each in its own
   subprocess (its own Ray); peak memory is the subprocess's VmHWM and, for the epoch, the sampled peak of the
   summed RSS of its whole process tree (Ray's raylet, workers and object store included).
 
@@ -38,6 +38,7 @@ import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -50,6 +51,7 @@ BUCKET = "s3://mtorl-bench"
 MEAN_STEPS = 20.0
 WINDOW = 20
 BATCH = 64
+GPU_BATCH = 1024  # --device cuda: a batch that keeps the GPU busy (64 windows leave it mostly idle)
 # The demo's model: what a user of `make demo` trains.
 MODEL: dict[str, Any] = {"name": "mtorl", "hidden": 32, "tcn": {"levels": 2}, "attention": {"heads": 2}, "decoder_hidden": 32}
 SERVE_LENGTH = 20
@@ -162,6 +164,63 @@ class TreePeak:
         self.peak_mb = max(self.peak_mb, _tree_rss_mb(os.getpid()))
 
 
+class GpuUtil:
+    """Samples GPU utilisation (%) and memory in use (MiB) of device 0 in a thread, from ``nvidia-smi``
+    (it sees every process, Ray's workers included), else ``torch.cuda.utilization`` (needs pynvml)."""
+
+    def __init__(self, period_s: float = 0.5) -> None:
+        self.period = period_s
+        self.util: list[float] = []
+        self.mem_mb: list[float] = []
+        self.source: str | None = None
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> tuple[float, float] | None:
+        import shutil
+
+        if shutil.which("nvidia-smi"):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+                                      "--id=0"], capture_output=True, text=True, timeout=5).stdout.strip()
+                u, m = (float(x) for x in out.splitlines()[0].split(","))
+                self.source = "nvidia-smi"
+                return u, m
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                pass
+        try:
+            import torch
+
+            self.source = "torch.cuda.utilization"
+            return float(torch.cuda.utilization(0)), float(torch.cuda.memory_usage(0))
+        except Exception:  # noqa: BLE001 - no pynvml: no utilisation figure
+            return None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            got = self._sample()
+            if got is not None:
+                self.util.append(got[0])
+                self.mem_mb.append(got[1])
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> "GpuUtil":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._t.join()
+
+    def summary(self) -> dict[str, Any]:
+        if not self.util:
+            return {"gpu_util_pct": None, "note": "no utilisation source (nvidia-smi or pynvml)"}
+        busy = [u for u in self.util if u > 0] or [0.0]
+        return {"gpu_util_mean_pct": round(float(np.mean(self.util)), 1), "gpu_util_busy_mean_pct": round(float(np.mean(busy)), 1),
+                "gpu_util_max_pct": round(max(self.util), 1), "gpu_mem_max_mb": round(max(self.mem_mb), 1),
+                "samples": len(self.util), "source": self.source}
+
+
 def machine_facts(device: str) -> dict[str, Any]:
     import pyarrow
     import ray
@@ -190,7 +249,9 @@ def machine_facts(device: str) -> dict[str, Any]:
         pass
     if device == "cuda" and torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name(0)
+        facts["gpus"] = torch.cuda.device_count()
         facts["cuda"] = torch.version.cuda
+        facts["bf16"] = bool(torch.cuda.is_bf16_supported())
     return facts
 
 
@@ -257,6 +318,10 @@ def load_windows(uri: str, split: str) -> tuple[dict[str, np.ndarray], dict[str,
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, m
 
 
+def batch_size(device: str) -> int:
+    return GPU_BATCH if device == "cuda" else BATCH
+
+
 def _batches(windows: dict[str, np.ndarray], bs: int) -> Iterator[dict[str, np.ndarray]]:
     n = len(windows["mask"])
     for s in range(0, n - bs + 1, bs):  # full batches only: same shapes as the streamed path
@@ -277,12 +342,13 @@ def _model_and_opt(manifest: dict[str, Any], device: Any) -> tuple[Any, Any, boo
 
 
 def plain_train_rate(windows: dict[str, np.ndarray], manifest: dict[str, Any], device: str, threads: int | None,
-                     min_seconds: float = 3.0) -> dict[str, Any]:
-    """Windows/s of the plain PyTorch loop (``train_batches``) over in-memory windows."""
+                     min_seconds: float = 3.0, compile: bool = False) -> dict[str, Any]:
+    """Windows/s of the plain PyTorch loop (``train_batches``) over in-memory windows (``compile``: the
+    model under ``torch.compile``, its compilation timed apart as ``warmup_s``)."""
     import torch
 
     from mtorl.spec import ObjectiveSpec
-    from mtorl.training.step import train_batches
+    from mtorl.training.step import maybe_compile, train_batches
 
     saved = torch.get_num_threads()
     if threads:
@@ -290,13 +356,16 @@ def plain_train_rate(windows: dict[str, np.ndarray], manifest: dict[str, Any], d
     try:
         dev = torch.device(device)
         model, opt, binary = _model_and_opt(manifest, dev)
+        maybe_compile(model, compile)
         obj = ObjectiveSpec()
-        batches = list(_batches(windows, BATCH))
+        batches = list(_batches(windows, batch_size(device)))
         if not batches:
             raise RuntimeError("no full training batch in the dataset; use more --steps")
-        train_batches(model, opt, batches[:3], obj, binary, dev, 1.0)  # warm-up
+        t_warm = time.perf_counter()
+        train_batches(model, opt, batches[:3], obj, binary, dev, 1.0)  # warm-up (and compilation)
         if dev.type == "cuda":
             torch.cuda.synchronize()
+        warmup_s = time.perf_counter() - t_warm
         n, t0 = 0, time.perf_counter()
         while True:  # whole passes until min_seconds
             stats = train_batches(model, opt, batches, obj, binary, dev, 1.0)
@@ -307,7 +376,37 @@ def plain_train_rate(windows: dict[str, np.ndarray], manifest: dict[str, Any], d
             torch.cuda.synchronize()
         sec = time.perf_counter() - t0
         return {"windows_per_s": round(_rate(n, sec), 1), "windows": n, "seconds": round(sec, 2),
-                "torch_threads": torch.get_num_threads()}
+                "warmup_s": round(warmup_s, 2), "torch_threads": torch.get_num_threads(), "compiled": compile}
+    finally:
+        torch.set_num_threads(saved)
+
+
+def plain_job_wall(uri: str, manifest: dict[str, Any], device: str, epochs: int, threads: int | None) -> dict[str, Any]:
+    """Wall time of the whole plain job, start-up included: read the train and val windows from object
+    storage, build the model, then ``epochs`` x (train pass + validation pass). What a 1-worker Ray Train
+    run does, without Ray."""
+    import torch
+
+    from mtorl.spec import ObjectiveSpec
+    from mtorl.training.step import train_batches, validate_batches
+
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        train, _ = load_windows(uri, "train")
+        val, _ = load_windows(uri, "val")
+        dev = torch.device(device)
+        model, opt, binary = _model_and_opt(manifest, dev)
+        obj, bs = ObjectiveSpec(), batch_size(device)
+        t_read = time.perf_counter() - t0
+        for _ in range(epochs):
+            train_batches(model, opt, _batches(train, bs), obj, binary, dev, 1.0)
+            validate_batches(model, _batches(val, 2 * bs), obj, binary, dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return {"wall_s": round(time.perf_counter() - t0, 2), "read_s": round(t_read, 2), "epochs": epochs}
     finally:
         torch.set_num_threads(saved)
 
@@ -325,6 +424,7 @@ class Bench:
         self._plain: dict[str, Any] | None = None
         self._windows: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
         self.repeats = 2
+        self.compile = False
 
     # -- shared inputs, made on first use
     def data(self) -> str:
@@ -428,35 +528,63 @@ class Bench:
     def _train_job(self, name: str, workers: int, epochs: int, max_steps: int | None = None) -> Any:
         from mtorl.spec import make_job
 
-        trainer: dict[str, Any] = {"workers": workers, "cpus_per_worker": 1, "epochs": epochs, "batch_size": BATCH,
-                                   "use_gpu": self.device == "cuda", "gpus_per_worker": 1.0 / max(workers, 1),
-                                   "max_steps_per_epoch": max_steps}
+        # One rank per GPU (NCCL rejects two ranks on one device): a GPU worker takes a whole GPU.
+        trainer: dict[str, Any] = {"workers": workers, "cpus_per_worker": 1, "epochs": epochs,
+                                   "batch_size": batch_size(self.device), "use_gpu": self.device == "cuda",
+                                   "gpus_per_worker": 1.0, "max_steps_per_epoch": max_steps}
         return make_job("TrainJob", name, {"data": self.data(), "output": f"{BUCKET}/runs", "window": {"length": WINDOW},
                                            "model": MODEL, "trainer": trainer, "tracking": {"wandb": "disabled"}})
+
+    def train_workers(self) -> tuple[int, ...]:
+        """Worker counts of the train stage: 1 and 2 on CPU; on CUDA 1, and 2 only with 2 GPUs (one rank per GPU)."""
+        if self.device != "cuda":
+            return (1, 2)
+        import torch
+
+        return (1, 2) if torch.cuda.device_count() >= 2 else (1,)
 
     def stage_train(self) -> dict[str, Any]:
         from mtorl.training.driver import run_train
 
-        plain = self.plain()
+        gpu = self.device == "cuda"
+        if gpu:
+            with GpuUtil() as util_plain:
+                plain = dict(self.plain())
+            plain.update(util_plain.summary())
+        else:
+            plain = self.plain()
         self.ray()
         tag = f"{int(time.time()) % 100000}"
         runs: dict[str, Any] = {}
-        for workers in (1, 2):
-            res = run_train(self._train_job(f"bench-{workers}w-{tag}", workers, self.sizes.epochs), progress=self.say)
+        for workers in self.train_workers():
+            with GpuUtil() if gpu else nullcontext() as util:
+                res = run_train(self._train_job(f"bench-{workers}w-{tag}", workers, self.sizes.epochs), progress=self.say)
             sps = res.get("samples_per_s")
             wait = (res.get("final_metrics") or {}).get("train/input_wait_frac")
             runs[f"{workers}w"] = {"samples_per_s": round(float(sps), 1) if sps is not None else None,
                                    "input_wait_frac": round(float(wait), 4) if wait is not None else None,
                                    "wall_s": res.get("wall_s"), "ratio": _ratio(sps, plain["windows_per_s"]),
-                                   "per_epoch": _epoch_history(res.get("latest_checkpoint"))}
+                                   "per_epoch": _epoch_history(res.get("latest_checkpoint")),
+                                   **(util.summary() if util is not None else {})}
             if workers == 1:
                 self.checkpoint = res["best_checkpoint"]
         r1, w1 = runs["1w"]["ratio"], runs["1w"]["input_wait_frac"]
-        return {"ours": runs, "baseline": {"name": "plain single-process train_batches, windows in memory", **plain},
-                "ratio": r1, "ratio_2w": runs["2w"]["ratio"], "target": TARGETS["train"],
-                "met": bool(r1 is not None and r1 >= 0.8 and w1 is not None and w1 <= 0.10),
-                "note": "samples/s of the last epoch (Ray Train's own metric: windows / per-worker epoch time, summed over "
-                        "workers); the plain loop runs 1 torch thread, the CPU share of one worker"}
+        w, m = self.windows()
+        if self.compile:  # the plain loop again under torch.compile (trainer.compile), compilation timed apart
+            comp = plain_train_rate(w, m, self.device, threads=1 if not gpu else None, compile=True)
+            plain = {**plain, "compiled": comp, "compiled_ratio": _ratio(comp["windows_per_s"], plain["windows_per_s"])}
+        job_wall = plain_job_wall(self.data(), m, self.device, self.sizes.epochs, threads=1 if not gpu else None)
+        runs["1w"]["wall_ratio"] = _ratio(runs["1w"]["wall_s"], job_wall["wall_s"])
+        plain = {**plain, "job": job_wall}
+        out = {"ours": runs, "baseline": {"name": "plain single-process train_batches, windows in memory", **plain},
+               "ratio": r1, "ratio_2w": runs["2w"]["ratio"] if "2w" in runs else None, "target": TARGETS["train"],
+               "batch_size": batch_size(self.device),
+               "met": bool(r1 is not None and r1 >= 0.8 and w1 is not None and w1 <= 0.10),
+               "note": "samples/s of the last epoch (Ray Train's own metric: windows / per-worker epoch time, summed over "
+                       "workers); " + ("the plain loop runs on the same GPU with the same model, batch and windows "
+                                       "(in memory); 1 GPU per worker, 2 workers only with 2 GPUs" if gpu else
+                                       "the plain loop runs 1 torch thread, the CPU share of one worker")}
+        return out
 
     def _ensure_checkpoint(self) -> str:
         if self.checkpoint is None:
@@ -709,8 +837,9 @@ def _child(args: list[str], say: Callable[[str], Any]) -> dict[str, Any]:
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("BENCH "):
             return dict(json.loads(line[6:]))
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
-    raise RuntimeError(f"scale subprocess {args[0]} failed (exit {proc.returncode}):\n{tail}")
+    lines = [ln for ln in (proc.stdout + "\n" + proc.stderr).splitlines() if ln.strip()]
+    tail = "\n".join(lines[-15:])
+    raise RuntimeError(f"scale subprocess {args[0]} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}\n{tail}")
 
 
 def child_main(argv: list[str]) -> int:
@@ -742,7 +871,10 @@ def child_main(argv: list[str]) -> int:
             init_ray()
             job = make_job("TrainJob", f"bench-scale-{int(time.time()) % 100000}", {
                 "data": a.dataset, "output": f"{BUCKET}/runs", "window": {"length": WINDOW}, "model": MODEL,
-                "trainer": {"workers": 0, "epochs": 1, "batch_size": BATCH, "use_gpu": a.device == "cuda"},
+                # 2 workers, and streaming forced (cache_windows_max_steps 0): this row shows that streaming
+                # memory stays bounded; below its (memory-sized) threshold a split is cached on purpose.
+                "trainer": {"workers": 2, "cpus_per_worker": 1, "epochs": 1, "batch_size": batch_size(a.device),
+                            "use_gpu": a.device == "cuda", "gpus_per_worker": 1, "cache_windows_max_steps": 0},
                 "tracking": {"wandb": "disabled"}})
             t0 = time.perf_counter()
             res = run_train(job, progress=lambda _m: None)
@@ -750,7 +882,7 @@ def child_main(argv: list[str]) -> int:
             peak = _vmhwm_mb()
             ray.shutdown()
         out = {"wall_s": round(wall, 2), "peak_mb": round(peak, 1), "tree_peak_mb": round(tree.peak_mb, 1),
-               "samples_per_s": res.get("samples_per_s")}
+               "samples_per_s": res.get("samples_per_s"), "workers": 2, "data_mode": "streaming"}
     print("BENCH " + json.dumps(out), flush=True)
     return 0
 
@@ -793,8 +925,17 @@ def table_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]
                 first = (r.get("per_epoch") or [None])[0]
                 ep1 = (f" (epoch 1: {_fmt(first['samples_per_s'])}, wait {_fmt(100 * first['input_wait_frac'], '%')})"
                        if first and len(r.get("per_epoch") or []) > 1 else "")
-                rows.append((f"train {k[0]} worker(s) (samples/s, last epoch)", f"{_fmt(r['samples_per_s'])}, input wait {_fmt(100 * r['input_wait_frac'] if r['input_wait_frac'] is not None else None, '%')}{ep1}",
-                             f"{_fmt(d['baseline']['windows_per_s'])} (plain loop, 1 thread)", _fmt(r["ratio"]),
+                gpu = (f", GPU busy {_fmt(r['gpu_util_mean_pct'], '%')}" if r.get("gpu_util_mean_pct") is not None else "")
+                base_gpu = (f", GPU busy {_fmt(d['baseline']['gpu_util_mean_pct'], '%')}"
+                            if d["baseline"].get("gpu_util_mean_pct") is not None else "")
+                where = "same GPU" if "gpu_util_mean_pct" in d["baseline"] or "gpu_util_pct" in d["baseline"] else "1 thread"
+                job = d["baseline"].get("job")
+                if k == "1w" and job and r.get("wall_ratio") is not None:
+                    rows.append((f"train 1 worker, whole job (wall s, start-up included; {job['epochs']} epochs)",
+                                 _fmt(r["wall_s"]), f"{_fmt(job['wall_s'])} (plain job: read windows, build, train + val)",
+                                 _fmt(r["wall_ratio"]), "<= 2", "yes" if r["wall_ratio"] <= 2 else "**no**"))
+                rows.append((f"train {k[0]} worker(s) (samples/s, last epoch)", f"{_fmt(r['samples_per_s'])}, input wait {_fmt(100 * r['input_wait_frac'] if r['input_wait_frac'] is not None else None, '%')}{ep1}{gpu}",
+                             f"{_fmt(d['baseline']['windows_per_s'])} (plain loop, {where}{base_gpu})", _fmt(r["ratio"]),
                              d["target"] if k == "1w" else "", met(d) if k == "1w" else ""))
         elif name == "serve":
             raw = d["baseline"][f"batch_{SERVE_BATCH}"]["journeys_per_s"]
@@ -864,6 +1005,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, help="simulated steps of the main dataset (overrides the mode)")
     ap.add_argument("--scale-steps", help="SMALL,LARGE simulated steps of the scale stage (overrides the mode)")
     ap.add_argument("--scale-epoch", action="store_true", help="time the training epoch at both scale points in --quick too")
+    ap.add_argument("--compile", action="store_true", help="train stage: also time the plain loop under torch.compile")
     ap.add_argument("--requests", type=int, help="HTTP requests per concurrency level (overrides the mode)")
     ap.add_argument("--work", help="scratch folder (default: a new temp folder, removed at the end)")
     return ap
@@ -883,7 +1025,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            print("--device cuda: no CUDA device visible to torch", file=sys.stderr)
+            print(f"mtorl bench --device cuda: no CUDA device visible to torch {torch.__version__} "
+                  f"(CUDA build: {torch.version.cuda or 'none'}); run it on a GPU machine, or use --device cpu",
+                  file=sys.stderr)
             return 2
     sizes = QUICK if args.quick else FULL
     over: dict[str, Any] = {}
@@ -927,6 +1071,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update({**seaweed.env_vars(state), "MTORL_STORE_DIR": str(store_dir)})
         say(f"bench: store {state.endpoint} (pid {state.pid}); stages {', '.join(stages)}; mode {res['mode']}; device {args.device}")
         bench = Bench(sizes, args.device, work, say)
+        bench.compile = args.compile
         for name in stages:
             say(f"\n=== bench {name}")
             t0 = time.perf_counter()

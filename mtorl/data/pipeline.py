@@ -11,9 +11,11 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import ray
 
 from mtorl.data import _io
+from mtorl.data.errors import DataError
 from mtorl.data.manifest import JOURNEY_SCHEMA, load_manifest, manifest_sha256, shard_uris
 from mtorl.data.windows import Journey, journeys_from_table, make_windows
 from mtorl.spec.models import WindowSpec
@@ -31,6 +33,10 @@ def read_split(dataset_uri: str, split: str, manifest: dict[str, Any] | None = N
         return ray.data.from_arrow(JOURNEY_SCHEMA.empty_table())
     fs, _ = _io.resolve(dataset_uri)
     paths = [_io.resolve(u)[1] for u in uris]
+    missing = [u for u, info in zip(uris, fs.get_file_info(paths)) if info.type == pafs.FileType.NotFound]
+    if missing:
+        raise DataError(f"{missing[0]}: shard listed in the manifest is missing "
+                        f"({len(missing)} of the {split} split's {len(uris)} shards missing; re-run prepare)")
     ctx = ray.data.DataContext.get_current()
     prev = ctx.use_datasource_v2
     if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:

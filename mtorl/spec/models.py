@@ -152,7 +152,15 @@ class TrainerSpec(_Strict):
     mode: Literal["min", "max"] = "min"
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts (FailureConfig).")
     max_steps_per_epoch: int | None = Field(None, ge=1)
-    cache_windows_max_steps: int = Field(5_000_000, ge=0, description="Splits with at most this many steps are windowed once and kept in Ray's object store (spread over the cluster) for every epoch; larger ones stream from storage each epoch. 0 = always stream.")
+    cache_windows_max_steps: int | None = Field(None, ge=0, description="Splits with at most this many steps are windowed once and kept in memory (Ray's object store, then each worker's shard) for every epoch; larger ones stream from object storage every epoch (file order shuffled per epoch plus a local shuffle buffer; no whole-split cache). Unset = sized from the smallest node's memory (an eighth of it for the cached windows); 0 = always stream.")
+    compile: bool = Field(False, description="torch.compile the model (nn.Module.compile; checkpoints are unchanged). Off by default: see BENCHMARKS.md for what it costs and gains.")
+
+    @model_validator(mode="after")
+    def _one_rank_per_gpu(self) -> "TrainerSpec":
+        if self.use_gpu and self.workers > 1 and self.gpus_per_worker < 1:
+            raise ValueError(f"trainer.gpus_per_worker={self.gpus_per_worker} with {self.workers} GPU workers can put two "
+                             "ranks on one GPU, which NCCL rejects; use gpus_per_worker: 1 (one rank per GPU)")
+        return self
 
 
 class TrackingSpec(_Strict):

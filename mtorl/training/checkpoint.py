@@ -54,13 +54,24 @@ def write_checkpoint_dir(
     blobs = {MODEL_FILE: st_save(state)}
     if optimizer is not None:
         buf = io.BytesIO()
-        torch.save(optimizer.state_dict(), buf)
+        torch.save(_cpu(optimizer.state_dict()), buf)  # device-independent: a GPU run's state loads on CPU
         blobs[OPTIM_FILE] = buf.getvalue()
     for name, data in blobs.items():
         (d / name).write_bytes(data)
     meta = dict(meta, mtorl_version=mtorl.__version__, sha256={n: _sha256(b) for n, b in blobs.items()})
     (d / META_FILE).write_text(json.dumps(meta, indent=1, default=str))  # written last
     return d
+
+
+def _cpu(obj: Any) -> Any:
+    """``obj`` (an optimizer state_dict: nested dicts/lists of tensors) with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
 
 
 @dataclass

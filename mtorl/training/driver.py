@@ -9,6 +9,7 @@ from typing import Any
 
 import ray
 import ray.train
+from ray.data import FileShuffleConfig
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -16,6 +17,7 @@ from mtorl import storage
 from mtorl.data.pipeline import load_manifest, manifest_sha256, window_dataset
 from mtorl.spec import TrainJob, job_to_dict
 from mtorl.training.checkpoint import BEST_FILE, best_run_checkpoint, list_run_checkpoints
+from mtorl.training.step import dist_backend
 
 PASS_ENV_PREFIXES = ("AWS_", "MTORL_", "WANDB_", "RAY_DATA_")
 
@@ -43,21 +45,61 @@ def to_uri(output: str, path: str) -> str:
     return f"s3://{path}" if output.startswith("s3://") else path
 
 
+# Bytes a cached window step costs: state (D float32) + prev_channel, channel (int64) + prev_reward, reward,
+# gain, cost, propensity (float32) + done, mask (bool); x2: Ray's object store plus the workers' shard caches.
+_STEP_BYTES_FIXED = 2 * 8 + 5 * 4 + 2 * 1
+CACHE_MEMORY_FRACTION = 1 / 8
+
+
+def auto_cache_max_steps(state_dim: int, memory_bytes: float, fraction: float = CACHE_MEMORY_FRACTION) -> int:
+    """The default ``trainer.cache_windows_max_steps``: the most steps whose cached windows (held twice:
+    object store + worker shards) fit in ``fraction`` of a node's memory."""
+    per_step = 2 * (4 * state_dim + _STEP_BYTES_FIXED)
+    return int(fraction * memory_bytes // per_step)
+
+
+def node_memory_bytes() -> float:
+    """Memory of the smallest alive Ray node (its ``memory`` resource), else this machine's total."""
+    try:
+        mems = [float(n["Resources"]["memory"]) for n in ray.nodes() if n.get("Alive") and "memory" in n.get("Resources", {})]
+    except Exception:  # noqa: BLE001 - no cluster to ask: size from this machine
+        mems = []
+    if mems:
+        return min(mems)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: str | None = None,
-                  storage_path_override: tuple[str, Any] | None = None) -> tuple[TorchTrainer, dict[str, Any]]:
+                  storage_path_override: tuple[str, Any] | None = None,
+                  progress: Any = print) -> tuple[TorchTrainer, dict[str, Any]]:
     spec = job.spec
     manifest = load_manifest(spec.data)
     t = spec.trainer
-    datasets, cached = {}, {}
+    datasets: dict[str, Any] = {}
+    cached: dict[str, list[list[Any]]] = {}
+    max_cached = t.cache_windows_max_steps
+    if max_cached is None:
+        max_cached = auto_cache_max_steps(len(manifest["step_features"]) + len(manifest["user_features"]),
+                                          node_memory_bytes())
     for split in ("train", "val"):
-        ds = window_dataset(spec.data, split, spec.window, manifest=manifest)
-        # Small splits: build the windows once (in Ray's object store), and each worker keeps the
-        # shard it streamed in its first epoch in memory for the later ones, instead of paying the
-        # read + windowing + split start-up every epoch (it dominated the input wait on the samples).
-        cached[split] = manifest["splits"][split]["steps"] <= t.cache_windows_max_steps
-        if cached[split]:
-            ds = ds.materialize()
-        datasets[split] = ds
+        steps = int(manifest["splits"][split]["steps"])
+        if steps <= max_cached:
+            # Small split: windowed once into Ray's object store and split here into one equal part per
+            # worker; each worker fetches its part's blocks (a local, zero-copy read on its node) and keeps
+            # them for every epoch. No streaming split at all, so the first epoch pays no coordinator
+            # start-up or second planning pass, and waits for input no longer than the later ones.
+            ds = window_dataset(spec.data, split, spec.window, manifest=manifest)
+            parts = ds.materialize().split(max(t.workers, 1), equal=True)
+            cached[split] = [part.to_arrow_refs() for part in parts]
+            mode = f"cached in memory (<= {max_cached:,} steps; one part per worker, kept for every epoch)"
+        else:
+            # Large split: streams from object storage every epoch, in a new file order each epoch (the
+            # workers add a local shuffle buffer); memory stays bounded by the blocks in flight.
+            datasets[split] = window_dataset(
+                spec.data, split, spec.window, manifest=manifest,
+                **({"shuffle": FileShuffleConfig(seed=t.seed, reseed_after_execution=True)} if split == "train" else {}))
+            mode = f"streaming from object storage every epoch (> {max_cached:,} steps; no whole-split cache)"
+        progress(f"data: {split} split {steps:,} steps: {mode}")
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
@@ -67,11 +109,11 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: s
     trainer = TorchTrainer(
         _loop,
         train_loop_config={"job": job_to_dict(job), "manifest": manifest, "manifest_sha256": manifest_sha256(spec.data),
-                           "cache_shards": cached,
+                           "cached_parts": cached,
                            "local_run_uri": to_uri(spec.output, f"{storage_path.rstrip('/')}/{run_name or job.metadata.name}")
                            if t.workers == 0 else None},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=dist_backend(t.use_gpu)),
         datasets=datasets,
         run_config=RunConfig(
             name=run_name or job.metadata.name,
@@ -138,7 +180,7 @@ def run_train(job: TrainJob, progress: Any = print) -> dict[str, Any]:
         init_ray()
     uri = run_uri(job)
     progress(f"training {spec.model.name} on {spec.data} with {spec.trainer.workers} worker(s) -> {uri}")
-    trainer, manifest = build_trainer(job)
+    trainer, manifest = build_trainer(job, progress=progress)
     result = trainer.fit()
     best_uri, metrics, latest, final = finish_run(job, result, uri)
     wall = time.time() - t0

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from mtorl.models import Batch
 from mtorl.spec.models import ObjectiveSpec
@@ -23,14 +24,85 @@ class NonFiniteLossError(RuntimeError):
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
+    """The plain model inside a DDP wrapper (``.module``) and/or ``torch.compile`` (``._orig_mod``)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
 
 
-def autocast(device: torch.device) -> Any:
-    """bf16 autocast on GPU; full precision on CPU."""
-    if device.type == "cuda":
+def dist_backend(use_gpu: bool) -> str:
+    """Process-group backend: NCCL only handles CUDA tensors, so a GPU group also gets gloo for CPU
+    tensors (object collectives and metric sums pick gloo; DDP's gradient buckets on CUDA pick NCCL)."""
+    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+
+
+def bf16_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def autocast(device: torch.device, bf16: bool | None = None) -> Any:
+    """bf16 autocast on a GPU that supports it; full precision otherwise (CPU, or a GPU without bf16).
+
+    bf16 has float32's exponent range, so no GradScaler is needed (and none is used); float16, which
+    would need one, is never chosen."""
+    if device.type == "cuda" and (bf16_supported(device) if bf16 is None else bf16):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def place_for_training(
+    model: torch.nn.Module,
+    device: torch.device,
+    make_optimizer: Callable[[Iterator[torch.nn.Parameter]], torch.optim.Optimizer],
+    optimizer_state: Mapping[str, Any] | None = None,
+) -> torch.optim.Optimizer:
+    """Move ``model`` to ``device``, THEN build its optimizer, THEN load a resumed optimizer state.
+
+    The order matters: ``Optimizer.load_state_dict`` casts each state tensor to the device of its
+    parameter at load time, so state loaded before the model moves stays on the CPU while the
+    parameters go to the GPU, and the first AdamW step fails on mixed devices."""
+    model.to(device)
+    optimizer = make_optimizer(model.parameters())
+    if optimizer_state is not None:
+        optimizer.load_state_dict(dict(optimizer_state))
+    return optimizer
+
+
+def to_device(nb: Mapping[str, np.ndarray], device: torch.device) -> Batch:
+    """A numpy batch as a ``Batch`` on ``device``. For CUDA: built on the CPU, copied into pinned
+    (page-locked) memory and sent with ``non_blocking=True`` so the copy overlaps the GPU's work.
+    Pinning is CUDA-only (it needs a CUDA driver, and gains nothing for a CPU device)."""
+    if device.type != "cuda":
+        return Batch.from_numpy(nb, device=device)
+    cpu = Batch.from_numpy(nb, device="cpu")
+    return Batch(**{f.name: getattr(cpu, f.name).pin_memory().to(device, non_blocking=True) for f in fields(Batch)})
+
+
+def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """``torch.compile`` the model in place (``nn.Module.compile``: same module, same state_dict keys,
+    so checkpoints are unchanged) when ``enabled``."""
+    if enabled:
+        model.compile()
+    return model
+
+
+def gather_all(x: np.ndarray) -> np.ndarray:
+    """Concatenate an array from every worker (validation metrics are over all shards)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, x)
+    return np.concatenate(parts)
+
+
+def sum_all(values: dict[str, float]) -> dict[str, float]:
+    """Sum scalars over every worker: a CPU float64 tensor, so the group needs a CPU backend (gloo;
+    see ``dist_backend``)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
 
 
 @dataclass
@@ -68,7 +140,7 @@ def train_batches(
     for i, nb in enumerate(batches):
         if max_steps is not None and i >= max_steps:
             break
-        batch = Batch.from_numpy(nb, device=device)
+        batch = to_device(nb, device)
         with autocast(device):
             out = model(batch)
             losses = compute_loss(unwrap(model), out, batch, objective, binary)
@@ -113,7 +185,7 @@ def validate_batches(
     ch, probs, rew, rhat = [], [], [], []
     core = unwrap(model)
     for nb in batches:
-        batch = Batch.from_numpy(nb, device=device)
+        batch = to_device(nb, device)
         with autocast(device):
             out = core(batch)
             losses = compute_loss(core, out, batch, objective, binary)

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import ray.train
 import ray.train.torch
@@ -18,31 +17,16 @@ import ray.train.torch
 from mtorl.models import build_model
 from mtorl.spec import validate_doc
 from mtorl.training import checkpoint as ckpt
-from mtorl.training.step import NonFiniteLossError, train_batches, unwrap, val_metrics, validate_batches
+from mtorl.training.step import (NonFiniteLossError, maybe_compile, place_for_training, train_batches, unwrap,
+                                 val_metrics, validate_batches)
+from mtorl.training.step import gather_all as _gather
+from mtorl.training.step import sum_all as _sum
 
 # Test-only fault injection: the worker of this rank exits hard at this global step, once (marker file).
 CRASH_AT_STEP_ENV = "MTORL_TEST_CRASH_AT_STEP"
 CRASH_MARKER_ENV = "MTORL_TEST_CRASH_MARKER"
 # Test-only: the batch of this global step gets NaN states (to show a NaN loss stops the run cleanly).
 NAN_AT_STEP_ENV = "MTORL_TEST_NAN_AT_STEP"
-
-
-def _gather(x: np.ndarray) -> np.ndarray:
-    """Concatenate an array from every worker (validation metrics are over all shards)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, x)
-    return np.concatenate(parts)
-
-
-def _sum(values: dict[str, float]) -> dict[str, float]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
 
 
 def _maybe_crash(global_step: int, rank: int) -> None:
@@ -63,13 +47,18 @@ class ShardCache:
     ``batches(source)`` yields the batches of ``source`` (a fresh ``iter_batches`` iterator) and,
     once ``source`` has been read to the end, keeps their rows; later calls serve the kept rows
     instead, in a new order each epoch when ``shuffle_seed`` is given. A pass that stops early keeps
-    nothing. Shards of ``streaming_split(equal=True)`` have the same size, so every worker still
-    runs the same number of steps.
+    nothing. ``fill(rows)`` keeps given rows up front instead (the worker's part of a cached split,
+    fetched from the object store). Parts of ``split(equal=True)`` and shards of
+    ``streaming_split(equal=True)`` have the same size, so every worker runs the same number of steps.
     """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.rows: dict[str, np.ndarray] | None = None
+
+    def fill(self, rows: dict[str, np.ndarray]) -> None:
+        """Keep ``rows`` (column -> array, equal lengths) as the shard: every pass serves them."""
+        self.rows = rows
 
     @property
     def ready(self) -> bool:
@@ -77,7 +66,7 @@ class ShardCache:
 
     def batches(self, source: Any, batch_size: int, shuffle_seed: int | None = None) -> Any:
         if self.rows is not None:
-            n = len(next(iter(self.rows.values())))
+            n = len(next(iter(self.rows.values()))) if self.rows else 0
             order = np.random.default_rng(shuffle_seed).permutation(n) if shuffle_seed is not None else np.arange(n)
             for a in range(0, n, batch_size):
                 idx = order[a:a + batch_size]
@@ -90,6 +79,17 @@ class ShardCache:
             yield b
         if self.enabled and kept:  # only after the whole shard went by
             self.rows = {k: np.concatenate([b[k] for b in kept]) for k in kept[0]}
+
+
+def fetch_part(refs: list[Any]) -> dict[str, np.ndarray]:
+    """The rows of a list of Arrow block refs (one worker's part of a materialized split) as numpy columns."""
+    from ray.data.block import BlockAccessor
+
+    tables = [t for t in ray.get(list(refs)) if t.num_rows]
+    if not tables:  # fewer windows than workers: an empty part (no batches)
+        return {}
+    cols = [BlockAccessor.for_block(t).to_numpy() for t in tables]
+    return {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
 
 
 def _wandb_run(job: Any, rank: int, resume_id: str) -> Any:
@@ -121,7 +121,6 @@ def train_loop(config: dict[str, Any]) -> None:
     state_dim = len(manifest["step_features"]) + len(manifest["user_features"])
     n_channels = len(manifest["channels"])
     model = build_model(spec.model, state_dim=state_dim, n_channels=n_channels, binary=binary)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.trainer.lr, weight_decay=spec.trainer.weight_decay)
 
     start_epoch, global_step, history = 0, 0, []
     local_run = config.get("local_run_uri")  # workers = 0: checkpoints persisted by this loop
@@ -133,27 +132,34 @@ def train_loop(config: dict[str, Any]) -> None:
     elif local_run and ckpt.list_run_checkpoints(local_run):
         loaded = ckpt.load_checkpoint(ckpt.list_run_checkpoints(local_run)[-1][0], with_optimizer=True)
     if loaded is not None:
-        model.load_state_dict(loaded.state_dict)
-        if loaded.optimizer_state is not None:
-            optimizer.load_state_dict(loaded.optimizer_state)
+        model.load_state_dict(loaded.state_dict)  # CPU weights into the CPU model (copied on .to below)
+    # model on the device -> optimizer over the device parameters -> resumed state (cast to their device)
+    optimizer = place_for_training(
+        model, device,
+        lambda params: torch.optim.AdamW(params, lr=spec.trainer.lr, weight_decay=spec.trainer.weight_decay),
+        loaded.optimizer_state if loaded is not None else None)
+    if loaded is not None:
         start_epoch = int(loaded.meta["epoch"]) + 1
         global_step = int(loaded.meta["step"])
         history = list(loaded.meta.get("history", []))
         if rank == 0:
             print(f"[mtorl] resumed from epoch {start_epoch - 1} (step {global_step})", flush=True)
+    maybe_compile(model, spec.trainer.compile)
 
-    if world > 1:
+    if world > 1:  # already on its device: DDP only wraps it
         model = ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"find_unused_parameters": spec.model.name != "mtorl"}
+            model, move_to_device=False,
+            parallel_strategy_kwargs={"find_unused_parameters": spec.model.name != "mtorl"},
         )
-    else:
-        model = model.to(device)
 
     run = _wandb_run(job, rank, resume_id=f"{job.metadata.name}-{config.get('run_id', 'run')}")
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    cache = config.get("cache_shards") or {}
-    train_cache, val_cache = ShardCache(bool(cache.get("train"))), ShardCache(bool(cache.get("val")))
+    parts = config.get("cached_parts") or {}
+    train_cache, val_cache = ShardCache(False), ShardCache(False)
+    for split, cache in (("train", train_cache), ("val", val_cache)):
+        if split in parts:  # a small split: this worker's part, fetched once for every epoch
+            cache.fill(fetch_part(parts[split][rank]))
+    train_shard = None if train_cache.ready else ray.train.get_dataset_shard("train")
+    val_shard = None if val_cache.ready else ray.train.get_dataset_shard("val")
     bs = spec.trainer.batch_size
     epochs = spec.trainer.epochs
     t_run = time.time()

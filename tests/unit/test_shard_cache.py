@@ -45,3 +45,18 @@ def test_a_pass_stopped_early_keeps_nothing_and_disabled_never_keeps() -> None:
     list(off.batches(lambda: _source(10, 4, calls), 4))
     list(off.batches(lambda: _source(10, 4, calls), 4))
     assert not off.ready and len(calls) == 4
+
+
+def test_a_filled_cache_serves_every_pass_without_reading_the_source() -> None:
+    calls: list[int] = []
+    cache = ShardCache(False)
+    ids = np.arange(7)
+    cache.fill({"id": ids, "state": np.repeat(ids[:, None].astype(np.float32), 3, axis=1)})
+    assert cache.ready
+    for seed in (1, 2):
+        got = np.concatenate([b["id"] for b in cache.batches(lambda: _source(7, 3, calls), 3, shuffle_seed=seed)])
+        assert sorted(got.tolist()) == list(range(7))
+    assert not calls  # the first pass came from memory too
+    empty = ShardCache(False)
+    empty.fill({})  # a worker's part with no windows: no batches, no error
+    assert list(empty.batches(lambda: _source(7, 3, calls), 3, shuffle_seed=0)) == [] and not calls
