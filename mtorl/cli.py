@@ -1,6 +1,7 @@
 """``mtorl``: one console script, thin; every command calls the layers below.
 
-Exit codes: 0 success, 1 a failed job (one clear line), 2 a bad spec or bad arguments.
+Exit codes: 0 success; 2 a known error (bad spec, arguments, data, storage, checkpoint: one line naming
+file/row/field/object); 1 an unexpected failure (one line, ``--debug`` shows the traceback); 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -308,20 +309,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from mtorl.errors import USER_ERRORS
+    """Top-level handler: a known error (``MtorlError``, also when a Ray task or worker wraps it) is one line
+    and exit 2; anything else is one line plus a hint, and exit 1. ``--debug`` (anywhere) or
+    ``MTORL_DEBUG=1`` re-raises with the traceback."""
+    import os
 
+    from mtorl.errors import MtorlError, find_known, one_line
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MTORL_DEBUG") == "1"
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         return int(args.fn(args) or 0)
-    except SpecError as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    except USER_ERRORS as e:  # one clear line, no stack trace
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the one place every failure becomes one line
+        if debug:
+            raise
+        known = find_known(e)
+        if isinstance(known, SpecError):
+            print(str(known), file=sys.stderr)  # one line per problem, each naming file and field
+        elif known is not None:
+            print(f"error: {one_line(known)}", file=sys.stderr)
+        else:
+            print(f"error: {type(e).__name__}: {one_line(e)} (unexpected; rerun with --debug for the traceback)",
+                  file=sys.stderr)
+        return known.exit_code if isinstance(known, MtorlError) else 1
 
 
 if __name__ == "__main__":

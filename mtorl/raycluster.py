@@ -16,9 +16,11 @@ LOCAL_DEFAULTS = {
 }
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> Any:
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True,
+             secret_env: tuple[str, ...] = ()) -> Any:
     """``ray.init`` once. Local clusters get more logical CPUs than cores (at least 4) so Ray Data
-    read tasks, Train workers and Tune drivers never wait on each other on a 2-core machine."""
+    read tasks, Train workers and Tune drivers never wait on each other on a 2-core machine.
+    ``secret_env``: more variable names never to forward (e.g. a serve token's)."""
     import ray
 
     if ray.is_initialized():
@@ -26,7 +28,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     for k, v in LOCAL_DEFAULTS.items():
         os.environ.setdefault(k, v)
     address = address or os.environ.get("RAY_ADDRESS")
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MTORL_", "WANDB_", "RAY_DATA_", "RAY_TRAIN_"))}
+    from mtorl.storage.credentials import forwardable_env
+
+    # never a secret in a runtime_env (Ray logs it): the keys travel in a 0600 file whose path is passed
+    env_vars = forwardable_env(("AWS_", "MTORL_", "WANDB_", "RAY_DATA_", "RAY_TRAIN_"), also_secret=secret_env)
     kwargs: dict[str, Any] = {"logging_level": "WARNING"}
     if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # inside a Ray job the job's runtime_env applies
         kwargs["runtime_env"] = {"env_vars": env_vars}

@@ -9,12 +9,13 @@ from typing import Any, Iterable
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from mtorl.errors import MtorlError
 from mtorl.spec.models import KINDS, Job
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Job)
 
 
-class SpecError(Exception):
+class SpecError(MtorlError):
     """A spec that can't be used. ``str()`` is one line per problem: ``FILE: FIELD: REASON``."""
 
     def __init__(self, source: str, problems: list[tuple[str, str]]):

@@ -1,6 +1,8 @@
 """Object-store settings: the standard AWS variables, else the embedded store's state file.
 
 Resolution order (first hit wins):
+0. ``$MTORL_CREDENTIALS_FILE``: a 0600 file with the keys, how Ray workers get them (a ``runtime_env``
+   would put them in Ray's logs; see :mod:`mtorl.storage.credentials`).
 1. ``AWS_ACCESS_KEY_ID`` + ``AWS_SECRET_ACCESS_KEY`` (+ ``AWS_SESSION_TOKEN``); endpoint from
    ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (none = real AWS S3).
 2. ``$MTORL_STORE_DIR/state.json`` (default ``~/.mtorl/store``), written by ``mtorl store up``.
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from mtorl.storage import credentials
 
 DEFAULT_REGION = "us-east-1"
 
@@ -66,6 +70,11 @@ def s3_settings() -> S3Settings:
     env = os.environ
     endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if env.get(credentials.FILE_ENV):
+        keys = credentials.read_file()
+        if keys.get("AWS_ACCESS_KEY_ID") and keys.get("AWS_SECRET_ACCESS_KEY"):
+            return S3Settings(endpoint, keys["AWS_ACCESS_KEY_ID"], keys["AWS_SECRET_ACCESS_KEY"], region or DEFAULT_REGION,
+                              keys.get("AWS_SESSION_TOKEN") or None, f"file:{env[credentials.FILE_ENV]}")
     if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
         return S3Settings(endpoint, env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
                           region or DEFAULT_REGION, env.get("AWS_SESSION_TOKEN") or None, "env")

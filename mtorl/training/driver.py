@@ -21,8 +21,11 @@ PASS_ENV_PREFIXES = ("AWS_", "MTORL_", "WANDB_", "RAY_DATA_")
 
 
 def worker_env() -> dict[str, str]:
-    """Environment the workers need (object-store credentials included; never printed)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(PASS_ENV_PREFIXES)}
+    """Environment the workers need. Ray logs a runtime_env, so no secret: object-store and W&B keys
+    travel in a 0600 file named by ``MTORL_CREDENTIALS_FILE`` (see mtorl.storage.credentials)."""
+    from mtorl.storage.credentials import forwardable_env
+
+    return forwardable_env(PASS_ENV_PREFIXES)
 
 
 def run_uri(job: TrainJob) -> str:
@@ -88,8 +91,10 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: s
 
 
 def _loop(config: dict[str, Any]) -> None:
+    from mtorl.storage.credentials import export_to_environ
     from mtorl.training.worker import train_loop
 
+    export_to_environ()  # WANDB_API_KEY from the credentials file, when this process lacks it
     train_loop(config)
 
 
