@@ -108,7 +108,7 @@ def load_journeys(
     """Raw logs -> in-memory Journeys with the vocabulary/normalisation/reward range of ``manifest``
     (evaluation of held-back logs). Nothing is written; bad rows raise or are skipped (counted)."""
     fmt = journeys or (JourneysFormat(**manifest["journeys_format"]) if manifest.get("journeys_format") else JourneysFormat())
-    spec = PrepareSpec(source=source, input=input, output="", gain=gain or manifest.get("gain"), on_bad_rows=on_bad_rows,
+    spec = PrepareSpec(source=source, input=input, output="-", gain=gain or manifest.get("gain"), on_bad_rows=on_bad_rows,
                        min_steps=min_steps, journeys=fmt, top_k_channels=max(2, len(manifest["channels"])))
     _, out = prepare_with_manifest(spec, manifest, progress=progress or (lambda _m: None), write=False)
     return out
