@@ -39,7 +39,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         ray.init(address=address, **kwargs)
     else:
         cpus = num_cpus or int(os.environ.get("MTORL_RAY_CPUS", "0")) or max(4, 2 * (os.cpu_count() or 1))
-        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        # address="local": always a new cluster, never one found in /tmp/ray (another user's or test's);
+        # node IP 127.0.0.1: the agents and the dashboard bind loopback (Ray 2.60's gRPC servers still
+        # listen on all interfaces: docs/OPERATIONS.md)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", **kwargs)
     if quiet:
         from ray.data import DataContext
 
