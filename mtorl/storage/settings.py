@@ -65,10 +65,28 @@ def _read_state(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _check_endpoint(endpoint: str | None) -> str | None:
+    """An endpoint must be ``http(s)://host[:port]``: anything else is one line naming the variable."""
+    if endpoint is None:
+        return None
+    from mtorl.storage.errors import StorageError
+
+    name = "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL"
+    try:
+        u = urlparse(endpoint)
+        port_ok = u.port is None or 0 < u.port < 65536
+    except ValueError:
+        port_ok = False
+        u = urlparse("")
+    if u.scheme not in ("http", "https") or not u.hostname or not port_ok:
+        raise StorageError(f"{name}={endpoint!r}: not an endpoint URL (http://host:port or https://host)")
+    return endpoint
+
+
 def s3_settings() -> S3Settings:
     """Resolve the settings from the environment now (cheap; clients are cached per settings)."""
     env = os.environ
-    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+    endpoint = _check_endpoint(env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None)
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
     if env.get(credentials.FILE_ENV):
         keys = credentials.read_file()

@@ -90,6 +90,20 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: s
     return trainer, manifest
 
 
+def check_train_resources(job: TrainJob, extra_units: int = 1, what: str = "") -> None:
+    """Fail in seconds, naming what is missing, when the cluster can't place the Train workers
+    (``extra_units`` concurrent runs of them, e.g. a sweep's parallel trials)."""
+    t = job.spec.trainer
+    if t.workers == 0:
+        return
+    from mtorl.raycluster import check_resources
+
+    per = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+    check_resources(per, t.workers * extra_units,
+                    what or f"trainer.workers={t.workers} x cpus_per_worker={t.cpus_per_worker:g}"
+                    + (f", gpus_per_worker={t.gpus_per_worker:g}" if t.use_gpu else ""))
+
+
 def _loop(config: dict[str, Any]) -> None:
     from mtorl.storage.credentials import export_to_environ
     from mtorl.training.worker import train_loop
@@ -143,6 +157,7 @@ def run_train(job: TrainJob, progress: Any = print) -> dict[str, Any]:
         init_ray()
     uri = run_uri(job)
     progress(f"training {spec.model.name} on {spec.data} with {spec.trainer.workers} worker(s) -> {uri}")
+    check_train_resources(job)
     trainer, manifest = build_trainer(job)
     result = trainer.fit()
     best_uri, metrics, latest, final = finish_run(job, result, uri)
