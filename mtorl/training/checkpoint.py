@@ -148,6 +148,25 @@ def resolve_checkpoint_uri(uri: str) -> str:
         if not isinstance(target, str) or not target:
             raise CheckpointError(f"{best}: 'checkpoint' is not a URI")
         return target.rstrip("/")
+    return _recheck_missing(uri)
+
+
+def _recheck_missing(uri: str) -> str:
+    """Neither meta.json nor best.json: during an outage (a restarting SeaweedFS answers 404 before its
+    filer is ready) that is not proof. Where storage calls wait out outages (training), look again for
+    that window before calling it "not a checkpoint"."""
+    import time
+
+    from mtorl.storage.uri import retry_window_s
+
+    deadline, delay = time.monotonic() + retry_window_s(), 1.0
+    while time.monotonic() + delay <= deadline:
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
+        if storage.exists(storage.join(uri, META_FILE)):
+            return uri
+        if storage.exists(storage.join(uri, BEST_FILE)):
+            return resolve_checkpoint_uri(uri)
     raise CheckpointError(f"{uri}: not a checkpoint (no {META_FILE}) and not a run directory (no {BEST_FILE})")
 
 

@@ -157,6 +157,8 @@ def run_train(job: TrainJob, progress: Any = print) -> dict[str, Any]:
         init_ray()
     uri = run_uri(job)
     progress(f"training {spec.model.name} on {spec.data} with {spec.trainer.workers} worker(s) -> {uri}")
+    # object-store calls of the driver and the workers (forwarded: MTORL_*) wait out an outage
+    os.environ.setdefault("MTORL_STORAGE_RETRY_S", "90")
     check_train_resources(job)
     trainer, manifest = build_trainer(job)
     result = trainer.fit()

@@ -55,3 +55,40 @@ def test_reads_wait_out_an_outage_then_name_the_object(monkeypatch: pytest.Monke
         read_shard_bytes(_FlakyFS(fail=99), "b/x", "s3://b/x", window_s=0)
     with pytest.raises(DataError, match=r"^s3://b/x: shard listed in the manifest is missing$"):
         read_shard_bytes(_FlakyFS(fail=0, missing=True), "b/x", "s3://b/x", window_s=60)
+
+
+def test_object_store_calls_wait_out_an_outage(monkeypatch: pytest.MonkeyPatch) -> None:
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from mtorl.storage import StorageError
+    from mtorl.storage.uri import _s3_call, retrying
+
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    calls = {"n": 0}
+
+    def flaky() -> str:
+        calls["n"] += 1
+        if calls["n"] < 4:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+        return "ok"
+
+    assert retrying(flaky, window_s=60) == "ok" and calls["n"] == 4
+
+    def denied() -> None:
+        calls["n"] += 1
+        raise ClientError({"Error": {"Code": "AccessDenied"}}, "GetObject")
+
+    calls["n"] = 0
+    with pytest.raises(ClientError):
+        retrying(denied, window_s=60)
+    assert calls["n"] == 1  # not transient: no retry
+
+    monkeypatch.setenv("MTORL_STORAGE_RETRY_S", "5")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+
+    def down() -> None:
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+
+    with pytest.raises(StorageError, match=r"^s3://b/k: cannot reach the object store at http://127.0.0.1:9 .*"
+                                           r"\(still failing after waiting 5 s\)$"):
+        _s3_call("s3://b/k", down)
