@@ -200,6 +200,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return jobs_command(args)
 
 
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from mtorl.data.gc import gc_command
+
+    return gc_command(args.dataset, args.delete, args.min_age_hours, progress=_p)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from mtorl.bench import main as bench_main
 
@@ -301,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-f", "--follow", action="store_true", help="logs: stream until the job ends; exit 0 on Succeeded")
     sp.add_argument("--result", metavar="FILE", help="result: write the JSON to FILE instead of printing it")
     sp.set_defaults(fn=cmd_jobs)
+
+    sp = sub.add_parser("datasets", help="gc DATASET: list (--delete: remove) version folders a killed prepare left")
+    sp.add_argument("action", choices=["gc"])
+    sp.add_argument("dataset", help="dataset URI (the prepare output)")
+    sp.add_argument("--delete", action="store_true", help="remove them (default: only list)")
+    sp.add_argument("--min-age-hours", dest="min_age_hours", type=float, default=6.0,
+                    help="only folders at least this old (a running prepare's is young; default 6)")
+    sp.set_defaults(fn=cmd_datasets)
 
     sp = sub.add_parser("bench", help="benchmarks: ratios against plain baselines in the same run")
     sp.add_argument("rest", nargs=argparse.REMAINDER)

@@ -11,11 +11,12 @@ environment, which Ray does not log.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 FILE_ENV = "MTORL_CREDENTIALS_FILE"
 DIR_ENV = "MTORL_CREDENTIALS_DIR"
@@ -96,3 +97,23 @@ def export_to_environ() -> None:
     (``WANDB_API_KEY`` for W&B; the object-store keys are read by ``s3_settings`` directly)."""
     for k, v in read_file().items():
         os.environ.setdefault(k, v)
+
+
+@contextlib.contextmanager
+def secrets_out_of_environ() -> Iterator[None]:
+    """While inside: the secrets are out of ``os.environ`` (in a 0600 file named by ``MTORL_CREDENTIALS_FILE``,
+    which this process's own storage calls then read). Ray Tune copies ``AWS_ACCESS_KEY_ID`` /
+    ``AWS_SECRET_ACCESS_KEY`` from the driver's environment into every trial actor's runtime_env (logged,
+    and saved in the experiment state): run ``Tuner.fit`` inside this."""
+    saved = {k: os.environ[k] for k in SECRET_NAMES if k in os.environ}
+    had_file = os.environ.get(FILE_ENV)
+    if saved and not had_file:
+        os.environ[FILE_ENV] = write_file({k: v for k, v in saved.items() if v})
+    for k in saved:
+        os.environ.pop(k, None)
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+        if had_file is None:
+            os.environ.pop(FILE_ENV, None)

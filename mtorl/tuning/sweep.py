@@ -185,7 +185,10 @@ def run_tune(job: TuneJob, progress: Any = print) -> dict[str, Any]:
                                       storage_filesystem=fs, stop=GoalStopper(metric, mode, spec.objective.goal), callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1),
         )
-    results = tuner.fit()
+    from mtorl.storage.credentials import secrets_out_of_environ
+
+    with secrets_out_of_environ():  # Tune copies AWS_* keys into every trial's (logged) runtime_env
+        results = tuner.fit()
     return summarize(job, results, sweep_uri, trials_uri, time.time() - t0, restored, progress)
 
 

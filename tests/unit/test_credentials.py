@@ -102,3 +102,22 @@ def test_submit_stages_the_secrets_in_a_0600_file_not_the_env(cred_dir: Path, mo
     assert stat.S_IMODE(f.stat().st_mode) == 0o600 and json.loads(f.read_text())["AWS_SECRET_ACCESS_KEY"] == "s3cr3t-value-xyz"
     none = prepare_submission(job, tmp_path / "stage2", credentials=False)
     assert credentials.FILE_ENV not in none.runtime_env["env_vars"] and not (tmp_path / "stage2" / CREDENTIALS_PATH).exists()
+
+
+def test_secrets_out_of_environ_for_tune(cred_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.tune.execution.class_cache import _ActorClassCache
+
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv(credentials.FILE_ENV, raising=False)
+    seen: dict[str, Any] = {}
+
+    import ray
+
+    monkeypatch.setattr(ray, "remote", lambda **kw: (seen.update(kw), lambda cls: cls)[1])
+    with credentials.secrets_out_of_environ():
+        _ActorClassCache().get(object)  # what Tune does for every trial
+        assert s3_settings().secret_key == "s3cr3t-value-xyz"  # this process still reaches the store
+    blob = json.dumps(seen)
+    assert "s3cr3t-value-xyz" not in blob and "AKIDEXAMPLE1" not in blob and "PL_DISABLE_FORK" in blob
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "s3cr3t-value-xyz" and credentials.FILE_ENV not in os.environ
