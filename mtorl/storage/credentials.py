@@ -96,7 +96,8 @@ def export_to_environ() -> None:
     """In a worker: set the secrets of ``$MTORL_CREDENTIALS_FILE`` that this process's environment lacks
     (``WANDB_API_KEY`` for W&B; the object-store keys are read by ``s3_settings`` directly)."""
     for k, v in read_file().items():
-        os.environ.setdefault(k, v)
+        if not k.startswith("AWS_"):  # the object-store keys stay out of the environment (Tune copies those)
+            os.environ.setdefault(k, v)
 
 
 @contextlib.contextmanager
