@@ -306,17 +306,16 @@ def _exists(uri: str | os.PathLike[str]) -> bool:
 # ------------------------------------------------------------------------------------- trees
 
 def _iter_s3(uri: str) -> Iterator[str]:
-    """Keys under ``uri`` treated as a directory prefix."""
+    """Keys under ``uri`` treated as a directory prefix. The whole listing is retried as one call (a
+    paginator that failed half-way can't be resumed: retrying ``next`` on it would end the list early)."""
     bucket, key = _split(uri)
     prefix = f"{key}/" if key else ""
-    pages = boto3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    it = iter(pages)
-    while True:
-        page = _s3_call(uri, next, it, None)
-        if page is None:
-            return
-        for obj in page.get("Contents", []):
-            yield obj["Key"]
+
+    def listing() -> list[str]:
+        pages = boto3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+    yield from _s3_call(uri, listing)
 
 
 def list_files(uri: str | os.PathLike[str]) -> list[str]:
