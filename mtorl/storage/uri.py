@@ -116,6 +116,12 @@ def _transient(e: BaseException) -> bool:
         err = e.response.get("Error", {})
         status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
         return str(err.get("Code")) in _TRANSIENT_CODES or status.startswith("5")
+    from boto3 import exceptions as b3
+
+    if isinstance(e, (b3.S3UploadFailedError, b3.RetriesExceededError)):  # s3transfer wraps the real error
+        text = str(e)
+        return any(w in text for w in ("Could not connect", "Connection", "connection", "timed out", "(500)", "(502)",
+                                       "(503)", "(504)", "InternalError", "ServiceUnavailable", "SlowDown"))
     return isinstance(e, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError,
                           bx.ConnectionClosedError, bx.ConnectionError))
 
@@ -140,10 +146,12 @@ def retrying(fn: Any, *args: Any, window_s: float | None = None, **kw: Any) -> A
 def _s3_call(uri: str, fn: Any, *args: Any, **kw: Any) -> Any:
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from boto3.exceptions import Boto3Error
+
     window = retry_window_s()
     try:
         return retrying(fn, *args, **kw)
-    except (ClientError, BotoCoreError) as e:
+    except (ClientError, BotoCoreError, Boto3Error) as e:
         err = _error(uri, e)
         if window and _transient(e):
             err = StorageError(f"{err} (still failing after waiting {window:.0f} s)")
