@@ -194,3 +194,14 @@ def test_a_known_error_wrapped_by_ray_is_one_line(capsys: pytest.CaptureFixture[
     monkeypatch.setattr(cli, "build_parser", lambda: _patched(parser(), boom))
     assert cli.main(["explain", "TrainJob"]) == 2
     assert capsys.readouterr().err == "error: s3://b/ds/train/part-0.parquet: sha256 mismatch\n"
+
+
+def test_validate_and_the_error_base_import_neither_torch_nor_ray() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from mtorl.cli import main; import mtorl.errors, mtorl.data.errors, mtorl.storage.errors; "
+            f"rc = main(['validate', {str(TRAIN)!r}, '--set', 'spec.trainer.epochs=true']); "
+            "print(rc, 'torch' in sys.modules, 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["2", "False", "False"], out.stdout + out.stderr
