@@ -250,3 +250,35 @@ def _score(meta: dict[str, Any], metric: str, mode: str) -> float:
 def best_run_checkpoint(run_uri: str, metric: str, mode: str) -> tuple[str, dict[str, Any]] | None:
     cks = list_run_checkpoints(run_uri)
     return min(cks, key=lambda x: _score(x[1], metric, mode)) if cks else None
+
+
+# ------------------------------------------------------------------ bookkeeping on resume (Ray Train runs)
+
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
+def unregistered_checkpoints(run_uri: str) -> list[str]:
+    """Checkpoint folders under a Ray Train run that its checkpoint manager snapshot does not list: a
+    rank-0 kill just after an upload leaves one, never ranked or pruned. [] when there is no snapshot."""
+    snap_uri = storage.join(run_uri, RAY_SNAPSHOT_FILE)
+    if not storage.exists(snap_uri):
+        return []
+    try:
+        snap = json.loads(storage.read_bytes(snap_uri))
+        states = [*snap.get("checkpoint_results", []), *snap.get("pending_training_results", []),
+                  snap.get("latest_checkpoint_result") or {}]
+        registered = {s["checkpoint_dir_name"] for s in states if isinstance(s, dict) and s.get("checkpoint_dir_name")}
+    except (ValueError, TypeError, AttributeError):
+        return []  # a snapshot we can't read: leave everything to Ray
+    base = run_uri.rstrip("/")
+    dirs = {f[len(base) + 1:].split("/", 1)[0] for f in storage.list_files(run_uri) if "/" in f[len(base) + 1:]}
+    return sorted(storage.join(run_uri, d) for d in dirs if d.startswith("checkpoint_") and d not in registered)
+
+
+def remove_unregistered_checkpoints(run_uri: str) -> list[str]:
+    """Delete what :func:`unregistered_checkpoints` finds (call before a resume, with no other driver on
+    the run); returns their URIs."""
+    found = unregistered_checkpoints(run_uri)
+    for uri in found:
+        storage.delete_prefix(uri)
+    return found

@@ -15,7 +15,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from mtorl import storage
 from mtorl.data.pipeline import load_manifest, manifest_sha256, window_dataset
 from mtorl.spec import TrainJob, job_to_dict
-from mtorl.training.checkpoint import BEST_FILE, best_run_checkpoint, list_run_checkpoints
+from mtorl.training.checkpoint import (BEST_FILE, best_run_checkpoint, list_run_checkpoints,
+                                       remove_unregistered_checkpoints)
 
 PASS_ENV_PREFIXES = ("AWS_", "MTORL_", "WANDB_", "RAY_DATA_")
 
@@ -160,6 +161,9 @@ def run_train(job: TrainJob, progress: Any = print) -> dict[str, Any]:
     # object-store calls of the driver and the workers (forwarded: MTORL_*) wait out an outage
     os.environ.setdefault("MTORL_STORAGE_RETRY_S", "90")
     check_train_resources(job)
+    if spec.trainer.workers > 0:
+        for orphan in remove_unregistered_checkpoints(uri):  # uploaded but never registered (killed rank 0)
+            progress(f"removed {orphan}: a checkpoint the run's snapshot does not list")
     trainer, manifest = build_trainer(job)
     result = trainer.fit()
     best_uri, metrics, latest, final = finish_run(job, result, uri)

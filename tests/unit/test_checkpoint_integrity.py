@@ -118,3 +118,21 @@ def test_best_json_without_its_key(tmp_path: Path) -> None:
     (run / "best.json").write_text(json.dumps({"metric": "val/loss"}))
     with pytest.raises(CheckpointError, match="best.json: no 'checkpoint' key"):
         load_checkpoint(str(run))
+
+
+def test_an_uploaded_but_unregistered_checkpoint_is_removed_on_resume(tmp_path: Path) -> None:
+    from mtorl.training.checkpoint import RAY_SNAPSHOT_FILE, remove_unregistered_checkpoints, unregistered_checkpoints
+
+    run = tmp_path / "run"
+    for name in ("checkpoint_2026-12-01_10-00-00.1", "checkpoint_2026-12-01_10-01-00.2", "checkpoint_2026-12-01_10-02-00.3"):
+        _ckpt(run / name)
+    (run / RAY_SNAPSHOT_FILE).write_text(json.dumps({
+        "checkpoint_results": [{"checkpoint_dir_name": "checkpoint_2026-12-01_10-00-00.1", "metrics": {}}],
+        "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-12-01_10-01-00.2", "metrics": {}},
+        "pending_training_results": []}))
+    orphan = f"{run}/checkpoint_2026-12-01_10-02-00.3"
+    assert unregistered_checkpoints(str(run)) == [orphan]
+    assert remove_unregistered_checkpoints(str(run)) == [orphan]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_2026-12-01_10-00-00.1", "checkpoint_2026-12-01_10-01-00.2",
+                                                     RAY_SNAPSHOT_FILE]
+    assert unregistered_checkpoints(str(tmp_path / "no-run")) == []
