@@ -7,6 +7,8 @@ Every package error derives from :class:`MtorlError`: ``SpecError``, ``StorageEr
 
 from __future__ import annotations
 
+import importlib
+import re
 from typing import Any, Iterator
 
 
@@ -33,11 +35,28 @@ def _causes(e: BaseException, depth: int = 0) -> Iterator[BaseException]:
             yield from _causes(n, depth + 1)
 
 
+_REMOTE = re.compile(r"^\s*(mtorl(?:\.\w+)+)\.(\w+Error): (.+)$", re.M)
+
+
 def find_known(e: BaseException) -> MtorlError | None:
-    """The first :class:`MtorlError` in ``e``'s chain (a Ray task or Train worker wraps the real error)."""
-    for c in _causes(e):
+    """The first :class:`MtorlError` in ``e``'s chain (a Ray task or Train worker wraps the real error).
+    Ray Data re-raises a task's error as a ``UserCodeException`` whose cause only survives as the remote
+    traceback text: an ``mtorl....Error: message`` line there is rebuilt as that error."""
+    chain = list(_causes(e))
+    for c in chain:
         if isinstance(c, MtorlError):
             return c
+    for c in chain:
+        for mod, name, msg in _REMOTE.findall(str(c)):
+            try:
+                cls = getattr(importlib.import_module(mod), name)
+            except (ImportError, AttributeError):
+                continue
+            if isinstance(cls, type) and issubclass(cls, MtorlError):
+                try:
+                    return cls(msg.strip())
+                except TypeError:  # an error class with another signature (SpecError)
+                    return MtorlError(msg.strip())
     return None
 
 

@@ -150,3 +150,21 @@ def _pyarrow_s3(settings: S3Settings) -> Any:
 def pyarrow_s3(settings: S3Settings | None = None) -> Any:
     """A ``pyarrow.fs.S3FileSystem`` for ``settings`` (default: :func:`s3_settings`), cached."""
     return _pyarrow_s3(settings or s3_settings())
+
+
+@functools.lru_cache(maxsize=16)
+def _pyarrow_s3_keyless(settings: S3Settings) -> Any:
+    from pyarrow import fs as pafs
+
+    kw: dict[str, Any] = {"region": settings.region}
+    if settings.endpoint:
+        u = urlparse(settings.endpoint if "://" in settings.endpoint else f"http://{settings.endpoint}")
+        kw.update(endpoint_override=u.netloc, scheme=u.scheme or "http")
+    return pafs.S3FileSystem(**kw)
+
+
+def pyarrow_s3_keyless(settings: S3Settings | None = None) -> Any:
+    """An S3FileSystem for the same endpoint that holds no keys: the AWS SDK finds them itself (the
+    standard variables, or ``AWS_SHARED_CREDENTIALS_FILE``). For objects Ray persists to disk (Tune's
+    experiment state pickles its ``storage_filesystem``, keys included)."""
+    return _pyarrow_s3_keyless(settings or s3_settings())

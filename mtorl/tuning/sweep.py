@@ -139,6 +139,8 @@ def run_tune(job: TuneJob, progress: Any = print) -> dict[str, Any]:
     sweep_uri = storage.join(spec.output, job.metadata.name)
     trials_uri = storage.join(sweep_uri, "trials")
     storage_path, fs = storage_args(spec.output)
+    if fs is not None:  # Tune pickles this into its experiment state: no keys in it (the SDK finds them)
+        fs = storage.pyarrow_s3_keyless()
     group = spec.base.tracking.group or job.metadata.name
     metric, mode = spec.objective.metric, spec.objective.mode
     epochs = spec.base.trainer.epochs

@@ -205,3 +205,15 @@ def test_validate_and_the_error_base_import_neither_torch_nor_ray() -> None:
             "print(rc, 'torch' in sys.modules, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["2", "False", "False"], out.stdout + out.stderr
+
+
+def test_a_known_error_inside_a_ray_data_task_survives_as_text() -> None:
+    """Ray Data re-raises a UDF's error as UserCodeException; the cause is only in the traceback text."""
+    from mtorl.data.errors import DataError
+    from mtorl.errors import find_known
+
+    text = ("ray::MapBatches(load)() (pid=1, ip=x)\n  File \"pipeline.py\", line 9, in load\n"
+            "mtorl.data.errors.DataError: s3://b/ds/v1/train/part-00000.parquet: sha256 mismatch (shard altered)\n")
+    known = find_known(RuntimeError(text))
+    assert isinstance(known, DataError) and str(known) == "s3://b/ds/v1/train/part-00000.parquet: sha256 mismatch (shard altered)"
+    assert find_known(RuntimeError("os.error: nope")) is None
