@@ -102,7 +102,7 @@ def test_a_pickle_as_optimizer_state_is_refused_in_one_line(tmp_path: Path, caps
     from mtorl.training.checkpoint import write_checksums
 
     d = _ckpt(tmp_path / "ck")
-    evil = pickle.dumps({"state": _Evil()})
+    evil = pickle.dumps({"state": _Evil()}, protocol=2)
     (d / OPTIM_FILE).write_bytes(evil)
     _edit_meta(d, lambda m: m["sha256"].update({OPTIM_FILE: __import__("hashlib").sha256(evil).hexdigest()}))
     write_checksums(d, {n: (d / n).read_bytes() for n in (META_FILE, MODEL_FILE, OPTIM_FILE)})  # a forger's full rewrite
