@@ -148,6 +148,9 @@ def run_tune(job: TuneJob, progress: Any = print) -> dict[str, Any]:
     from mtorl.training.driver import check_train_resources
 
     check_train_resources(base)  # one trial must fit (parallel_trials beyond that just wait their turn)
+    from mtorl.data.pipeline import load_manifest
+
+    load_manifest(spec.base.data)  # a missing dataset is one line here, not a traceback from every trial
     kill_pid = os.getpid() if os.environ.get(KILL_DRIVER_AFTER_TRIAL_ENV) == "1" else None
     trainable = tune.with_resources(_make_trial_fn(job_to_dict(base), trials_uri, job.metadata.name, group, kill_pid), {"CPU": 0.01})
     if spec.early_stopping == "asha":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -32,3 +33,19 @@ def test_too_many_workers_fail_fast(ray_session: None, tiny_dataset: str, s3_buc
                                                  "parameters": {"trainer.lr": {"min": 1e-3, "max": 1e-2}}}),
                  progress=lambda *_: None)
     assert time.monotonic() - t0 < 60
+
+
+def test_tune_on_a_missing_dataset_is_one_line(ray_session: None, s3_bucket: str, capsys: pytest.CaptureFixture[str],
+                                               tmp_path: Any) -> None:
+    import yaml
+
+    from mtorl.cli import main
+
+    spec = tmp_path / "tune.yaml"
+    spec.write_text(yaml.safe_dump({"apiVersion": "mtorl/v1", "kind": "TuneJob", "metadata": {"name": "nodata"}, "spec": {
+        "base": {"data": f"{s3_bucket}/no-such-dataset", "output": f"{s3_bucket}/runs", "trainer": {"workers": 1},
+                 "tracking": {"wandb": "disabled"}},
+        "output": f"{s3_bucket}/sweeps", "parameters": {"trainer.lr": {"min": 1e-3, "max": 1e-2}}}}))
+    assert main(["tune", str(spec)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == [f"error: no manifest.json at {s3_bucket}/no-such-dataset: not a prepared dataset, or prepare did not finish"]
