@@ -107,40 +107,14 @@ def secrets_out_of_environ() -> Iterator[None]:
     ``AWS_SECRET_ACCESS_KEY`` from the driver's environment into every trial actor's runtime_env (logged,
     and saved in the experiment state): run ``Tuner.fit`` inside this."""
     saved = {k: os.environ[k] for k in SECRET_NAMES if k in os.environ}
-    had_file, had_ini = os.environ.get(FILE_ENV), os.environ.get(AWS_INI_ENV)
-    keys = {k: v for k, v in saved.items() if v} or read_file()
+    had_file = os.environ.get(FILE_ENV)
     if saved and not had_file:
-        os.environ[FILE_ENV] = write_file(keys)
-    if keys.get("AWS_ACCESS_KEY_ID") and not had_ini:  # for the AWS SDK's own chain (keyless filesystems)
-        os.environ[AWS_INI_ENV] = write_aws_ini(keys)
+        os.environ[FILE_ENV] = write_file({k: v for k, v in saved.items() if v})
     for k in saved:
         os.environ.pop(k, None)
     try:
         yield
     finally:
         os.environ.update(saved)
-        for name, had in ((FILE_ENV, had_file), (AWS_INI_ENV, had_ini)):
-            if had is None:
-                os.environ.pop(name, None)
-
-
-AWS_INI_ENV = "AWS_SHARED_CREDENTIALS_FILE"
-
-
-def write_aws_ini(values: Mapping[str, str]) -> str:
-    """The object-store keys as an AWS shared-credentials file (``[default]``), mode 0600; its path."""
-    lines = ["[default]", f"aws_access_key_id = {values['AWS_ACCESS_KEY_ID']}",
-             f"aws_secret_access_key = {values.get('AWS_SECRET_ACCESS_KEY', '')}"]
-    if values.get("AWS_SESSION_TOKEN"):
-        lines.append(f"aws_session_token = {values['AWS_SESSION_TOKEN']}")
-    body = ("\n".join(lines) + "\n").encode()
-    path = credentials_dir() / f"aws-{hashlib.sha256(body).hexdigest()[:20]}.ini"
-    if not path.exists():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, body)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    return str(path)
+        if had_file is None:
+            os.environ.pop(FILE_ENV, None)

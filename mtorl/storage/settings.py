@@ -152,19 +152,81 @@ def pyarrow_s3(settings: S3Settings | None = None) -> Any:
     return _pyarrow_s3(settings or s3_settings())
 
 
-@functools.lru_cache(maxsize=16)
-def _pyarrow_s3_keyless(settings: S3Settings) -> Any:
+def _handler_base() -> type:
     from pyarrow import fs as pafs
 
-    kw: dict[str, Any] = {"region": settings.region}
-    if settings.endpoint:
-        u = urlparse(settings.endpoint if "://" in settings.endpoint else f"http://{settings.endpoint}")
-        kw.update(endpoint_override=u.netloc, scheme=u.scheme or "http")
-    return pafs.S3FileSystem(**kw)
+    return pafs.FileSystemHandler
 
 
-def pyarrow_s3_keyless(settings: S3Settings | None = None) -> Any:
-    """An S3FileSystem for the same endpoint that holds no keys: the AWS SDK finds them itself (the
-    standard variables, or ``AWS_SHARED_CREDENTIALS_FILE``). For objects Ray persists to disk (Tune's
-    experiment state pickles its ``storage_filesystem``, keys included)."""
-    return _pyarrow_s3_keyless(settings or s3_settings())
+class _LazyS3Handler(_handler_base()):  # type: ignore[misc]
+    """A pyarrow ``FileSystemHandler`` over :func:`pyarrow_s3` that pickles without the keys: unpickled
+    (in a Tune trial, or from Tune's saved experiment state) it resolves the settings again where it runs."""
+
+    def _fs(self) -> Any:
+        return pyarrow_s3()
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_LazyS3Handler, ())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _LazyS3Handler)
+
+    def __hash__(self) -> int:
+        return hash(_LazyS3Handler)
+
+    def equals(self, other: Any) -> bool:
+        return isinstance(other, _LazyS3Handler)
+
+    def get_type_name(self) -> str:
+        return "mtorl-s3"
+
+    def normalize_path(self, path: str) -> str:
+        return str(self._fs().normalize_path(path))
+
+    def get_file_info(self, paths: list[str]) -> list[Any]:
+        return list(self._fs().get_file_info(paths))
+
+    def get_file_info_selector(self, selector: Any) -> list[Any]:
+        return list(self._fs().get_file_info(selector))
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._fs().create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self._fs().delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._fs().delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("mtorl-s3: refusing to delete the contents of the root")
+
+    def delete_file(self, path: str) -> None:
+        self._fs().delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self._fs().move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self._fs().copy_file(src, dest)
+
+    def open_input_stream(self, path: str) -> Any:
+        return self._fs().open_input_stream(path)
+
+    def open_input_file(self, path: str) -> Any:
+        return self._fs().open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: Any) -> Any:
+        return self._fs().open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path: str, metadata: Any) -> Any:
+        return self._fs().open_append_stream(path, metadata=metadata)
+
+
+def pyarrow_s3_keyless() -> Any:
+    """A filesystem that works like :func:`pyarrow_s3` but pickles without the keys (each process that
+    unpickles it resolves its own settings: environment, ``MTORL_CREDENTIALS_FILE`` or the store's state
+    file). For objects Ray persists: Tune pickles its ``storage_filesystem`` into the experiment state."""
+    from pyarrow import fs as pafs
+
+    return pafs.PyFileSystem(_LazyS3Handler())

@@ -169,7 +169,7 @@ def _create_bucket(uri: str, bucket: str) -> None:
     if st.endpoint is None and st.region != "us-east-1":
         kw["CreateBucketConfiguration"] = {"LocationConstraint": st.region}
     try:
-        c.create_bucket(**kw)
+        retrying(c.create_bucket, **kw)
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
             raise _error(uri, e) from None
@@ -186,7 +186,7 @@ def ensure_bucket(uri: str) -> None:
         return
     bucket, _ = _split(uri)
     try:
-        boto3_client().head_bucket(Bucket=bucket)
+        retrying(boto3_client().head_bucket, Bucket=bucket)
         return
     except ClientError as e:
         if str(e.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket", "NotFound"):
