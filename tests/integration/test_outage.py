@@ -28,6 +28,7 @@ def test_a_20s_store_outage_mid_training_is_waited_out(ray_session: None, tmp_pa
     d = tmp_path / "outage-store"
     port = seaweed.free_ports(1)[0]
     st = seaweed.up(d, port)
+    threads: list[threading.Thread] = []
     try:
         for k, v in seaweed.env_vars(st).items():
             monkeypatch.setenv(k, v)
@@ -57,6 +58,7 @@ def test_a_20s_store_outage_mid_training_is_waited_out(ray_session: None, tmp_pa
             outage["up_at"] = time.monotonic()
 
         t = threading.Thread(target=stop_then_restart, daemon=True)
+        threads.append(t)
         t.start()
         res = run_train(job, progress=print)
         ended = time.monotonic()
@@ -65,4 +67,6 @@ def test_a_20s_store_outage_mid_training_is_waited_out(ray_session: None, tmp_pa
         assert outage["down_at"] < ended and outage["up_at"] < ended  # the outage fell inside the run
         assert res["final_metrics"]["epoch"] == 5 and storage.exists(res["best_checkpoint"] + "/meta.json")
     finally:
+        for th in threads:  # a failed run must not leave the restart thread to start a store after us
+            th.join(timeout=60)
         seaweed.down(d)
