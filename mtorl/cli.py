@@ -1,6 +1,7 @@
 """``mtorl``: one console script, thin; every command calls the layers below.
 
-Exit codes: 0 success, 1 a failed job (one clear line), 2 a bad spec or bad arguments.
+Exit codes: 0 success; 2 a known error (bad spec, arguments, data, storage, checkpoint: one line naming
+file/row/field/object); 1 an unexpected failure (one line, ``--debug`` shows the traceback); 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -206,6 +207,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return jobs_command(args)
 
 
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from mtorl.data.gc import gc_command
+
+    return gc_command(args.dataset, args.delete, args.min_age_hours, progress=_p)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from mtorl.bench import main as bench_main
 
@@ -310,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--result", metavar="FILE", help="result: write the JSON to FILE instead of printing it")
     sp.set_defaults(fn=cmd_jobs)
 
+    sp = sub.add_parser("datasets", help="gc DATASET: list (--delete: remove) version folders a killed prepare left")
+    sp.add_argument("action", choices=["gc"])
+    sp.add_argument("dataset", help="dataset URI (the prepare output)")
+    sp.add_argument("--delete", action="store_true", help="remove them (default: only list)")
+    sp.add_argument("--min-age-hours", dest="min_age_hours", type=float, default=6.0,
+                    help="only folders at least this old (a running prepare's is young; default 6)")
+    sp.set_defaults(fn=cmd_datasets)
+
     sp = sub.add_parser("bench", help="benchmarks: ratios against plain baselines in the same run")
     sp.add_argument("rest", nargs=argparse.REMAINDER)
     sp.set_defaults(fn=cmd_bench)
@@ -317,20 +332,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from mtorl.errors import USER_ERRORS
+    """Top-level handler: a known error (``MtorlError``, also when a Ray task or worker wraps it) is one line
+    and exit 2; anything else is one line plus a hint, and exit 1. ``--debug`` (anywhere) or
+    ``MTORL_DEBUG=1`` re-raises with the traceback."""
+    import os
 
+    from mtorl.errors import MtorlError, find_known, one_line
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MTORL_DEBUG") == "1"
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         return int(args.fn(args) or 0)
-    except SpecError as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    except USER_ERRORS as e:  # one clear line, no stack trace
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the one place every failure becomes one line
+        if debug:
+            raise
+        known = find_known(e)
+        if isinstance(known, SpecError):
+            print(str(known), file=sys.stderr)  # one line per problem, each naming file and field
+        elif known is not None:
+            print(f"error: {one_line(known)}", file=sys.stderr)
+        else:
+            print(f"error: {type(e).__name__}: {one_line(e)} (unexpected; rerun with --debug for the traceback)",
+                  file=sys.stderr)
+        return known.exit_code if isinstance(known, MtorlError) else 1
 
 
 if __name__ == "__main__":

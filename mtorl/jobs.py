@@ -13,11 +13,12 @@ Kubeflow-style run policy (``spec.runPolicy``):
     the job is stopped when it expires; the entrypoint also gets ``MTORL_ACTIVE_DEADLINE_SECONDS``
     and stops itself, so the limit holds without ``--wait`` too.
 
-Secrets (``AWS_*`` object-store credentials, ``WANDB_API_KEY``) travel in the job's
-``runtime_env.env_vars`` and are never printed: everything this module prints goes through
-``_redact``. Ray keeps a job's runtime_env in its job table, readable by anyone who can reach the
-dashboard; use token auth on real clusters, or ``--no-credentials`` when the nodes hold their own
-(a Kubernetes Secret, see cluster/kuberay/).
+Secrets (the object-store keys, ``WANDB_API_KEY``) never travel in the job's ``runtime_env.env_vars``:
+Ray writes those to its logs and job table. They go in ``mtorl-job/credentials.json`` (mode 0600, kept
+by Ray's packaging) inside the working_dir, and the job gets only its path, ``MTORL_CREDENTIALS_FILE``
+(see mtorl.storage.credentials). The package sits in the cluster's GCS: use token auth on real clusters,
+or ``--no-credentials`` when the nodes hold their own (a Kubernetes Secret, see cluster/kuberay/).
+Everything this module prints goes through ``_redact``.
 """
 
 from __future__ import annotations
@@ -42,19 +43,22 @@ from typing import Any, Iterator
 
 import yaml
 
+from mtorl.errors import MtorlError
+
 SPEC_PATH = "mtorl-job/spec.yaml"  # inside the working_dir
 ENTRY_MODULES = {"PrepareJob": "prepare", "TrainJob": "train", "EvaluateJob": "evaluate", "TuneJob": "tune",
                  "ServeJob": "serve", "SimulateJob": "simulate"}
 COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "*.parquet", ".pytest_cache")
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "WANDB_API_KEY", "RAY_AUTH_TOKEN")
 CREDENTIAL_PREFIXES = ("AWS_",)
+CREDENTIALS_PATH = "mtorl-job/credentials.json"  # inside the working_dir, mode 0600
 FORWARD_PREFIXES = ("WANDB_", "RAY_DATA_", "RAY_TRAIN_")
 FORWARD_NAMES = ("RAY_AUTH_MODE", "MTORL_STORE_DIR", "RAY_USAGE_STATS_ENABLED")
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class ClusterError(Exception):
+class ClusterError(MtorlError):
     """The dashboard can't be reached or refused a request: printed as one line."""
 
 
@@ -153,20 +157,41 @@ def _local_path_warnings(job: Any) -> list[str]:
 
 
 def job_env(job: Any, credentials: bool = True) -> dict[str, str]:
-    """Environment of the job: object-store credentials (unless the nodes hold their own), W&B mode,
-    Ray Data/Train settings, RAY_AUTH_MODE. Never RAY_AUTH_TOKEN."""
+    """Environment of the job: the object-store endpoint and region (unless the nodes hold their own),
+    W&B mode, Ray Data/Train settings, RAY_AUTH_MODE. Never a secret (Ray logs this): see job_secrets."""
+    from mtorl.storage.credentials import looks_secret
+
     env: dict[str, str] = {}
     for k, v in os.environ.items():
+        if looks_secret(k) or k == "MTORL_CREDENTIALS_FILE":
+            continue
         if (credentials and k.startswith(CREDENTIAL_PREFIXES)) or k.startswith(FORWARD_PREFIXES) or k in FORWARD_NAMES:
             env[k] = v
-    if not credentials:
-        env.pop("WANDB_API_KEY", None)
+    if credentials and job_secrets():
+        env["MTORL_CREDENTIALS_FILE"] = CREDENTIALS_PATH  # relative: the entrypoint makes it absolute
     # the entrypoint's ray.init passes its own runtime_env (env_vars): let Ray merge it with the job's
     env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     tracking = getattr(job.spec, "tracking", None) or getattr(getattr(job.spec, "base", None), "tracking", None)
     if tracking is not None:
         env.setdefault("WANDB_MODE", tracking.wandb)
     return env
+
+
+def job_secrets() -> dict[str, str]:
+    """The secrets a job's workers need (object-store keys, WANDB_API_KEY) from this environment."""
+    from mtorl.storage.credentials import SECRET_NAMES
+
+    return {k: os.environ[k] for k in SECRET_NAMES if os.environ.get(k)}
+
+
+def _write_secrets(root: Path) -> None:
+    path = root / CREDENTIALS_PATH
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(job_secrets()).encode())
+    finally:
+        os.close(fd)
 
 
 def stage(job: Any, root: Path) -> Path:
@@ -186,6 +211,8 @@ def stage(job: Any, root: Path) -> Path:
 
 def prepare_submission(job: Any, staging: Path, credentials: bool = True) -> Submission:
     stage(job, staging)
+    if credentials and job_secrets():
+        _write_secrets(staging)
     module = ENTRY_MODULES[job.kind]
     rp = job.spec.run_policy
     return Submission(

@@ -32,6 +32,13 @@ def run(command: str, argv: list[str] | None = None) -> int:
     from mtorl.cli import main
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    cred = os.environ.get("MTORL_CREDENTIALS_FILE")
+    if cred and not os.path.isabs(cred):  # staged in the working_dir by `mtorl submit`: pin it before any chdir
+        os.environ["MTORL_CREDENTIALS_FILE"] = os.path.abspath(cred)
+    if cred:
+        from mtorl.storage.credentials import export_to_environ
+
+        export_to_environ()  # WANDB_API_KEY for the W&B callback in this driver
     _arm_deadline()
     result_uri = os.environ.get("MTORL_RESULT_URI")
     with tempfile.TemporaryDirectory() as tmp:

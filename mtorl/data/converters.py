@@ -29,6 +29,7 @@ Sources and the MDP they define (state s_t = concat(q_t, f), action = channel, g
 from __future__ import annotations
 
 import io
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -76,6 +77,12 @@ class Plan:
     def step_feature_names(self) -> list[str]:
         return [*self.step_numeric, *self.step_hashed]
 
+    def columns(self) -> list[str]:
+        """Every input column the plan reads."""
+        one = [self.uid, self.time, self.gain, self.cost, self.channel_col, self.propensity]
+        return [c for c in one if c] + [c for c, _ in self.channel_onehot] + self.step_numeric + self.step_hashed \
+            + self.categorical + self.user_numeric
+
 
 @dataclass
 class Chunk:
@@ -96,6 +103,7 @@ class Converter:
 
     def __init__(self, spec: Any) -> None:
         self.spec = spec
+        self._seen_rows: set[int] = set()  # row hashes of the pass so far (fully duplicated rows are bad rows)
 
     # -- columns
     def plan(self, columns: list[str]) -> Plan:
@@ -129,9 +137,17 @@ class Converter:
 
     def read_chunks(self) -> Iterator[pa.Table]:
         """Raw chunks of about ``chunk_rows`` rows; CSV values as strings (checked by us, not guessed).
-        A directory (or S3 prefix) input is read file by file, in name order."""
+        A directory (or S3 prefix) input is read file by file, in name order. A truncated or corrupt
+        file (gzip, Parquet) is one DataError naming it."""
         for uri, fs, path in self.input_files():
-            yield from self._read_file(uri, fs, path)
+            try:
+                yield from self._read_file(uri, fs, path)
+            except DataError:
+                raise
+            except (pa.ArrowException, OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+                kind = "Parquet" if uri.lower().endswith((".parquet", ".pq")) else "CSV"
+                raise DataError(f"{uri}: corrupt or truncated {kind} file ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:200]})") from None
 
     def _read_file(self, uri: str, fs: Any, path: str) -> Iterator[pa.Table]:
         low = uri.lower()
@@ -174,12 +190,30 @@ class Converter:
             total += n * 6 if uri.lower().endswith(".gz") else n
         return total
 
+    def _duplicates(self, raw: pa.Table) -> np.ndarray:
+        """(N,) bool: rows equal in every column to an earlier row of the input (64-bit row hashes, kept
+        for the whole pass: ~60 MB per million rows)."""
+        seen = self._seen_rows
+        h = _row_hashes(raw).tolist() if raw.num_rows else []
+        dup = np.zeros(len(h), dtype=bool)
+        for i, x in enumerate(h):
+            if x in seen:
+                dup[i] = True
+            else:
+                seen.add(x)
+        return dup
+
     # -- channel vocabulary from the counts of valid rows
     def channels(self, all_counts: dict[str, int], train_counts: dict[str, int]) -> list[str]:
         return list(self.fixed_channels or sorted(train_counts))
 
     # -- conversion of one raw chunk
     def convert(self, raw: pa.Table, plan: Plan, row0: int) -> Chunk:
+        used = set(plan.columns())
+        for f in raw.schema:
+            if f.name in used and pa.types.is_nested(f.type):
+                raise DataError(f"{self.spec.input}: column {f.name!r} holds {f.type} values (list/struct/map): "
+                                "mtorl reads one scalar per row and column; flatten it first")
         n = raw.num_rows
         first_bad = np.full(n, -1, dtype=np.int64)
         fields: list[str] = []
@@ -225,6 +259,8 @@ class Converter:
                 continue
             v = _numeric(raw.column(name))
             flag(~np.isfinite(v), name, "not a finite number")
+            if key == "_w":
+                flag(np.isfinite(v) & (v < 0), name, "negative cost")
             cols[key] = v
         if plan.propensity:
             p = _numeric(raw.column(plan.propensity))
@@ -245,6 +281,7 @@ class Converter:
         for i, c in enumerate(plan.categorical):
             cols[f"k{i}"] = pc.fill_null(_as_string(raw.column(c)), "")
 
+        flag(self._duplicates(raw), "duplicate_row", "duplicate of an earlier row (every column equal)")
         good = first_bad < 0
         table = pa.table({k: (v if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(v)) for k, v in cols.items()})
         bad_idx = np.flatnonzero(~good)
@@ -333,6 +370,11 @@ def make_converter(spec: Any) -> Converter:
 
 
 # ----------------------------------------------------------------------------- value parsing
+
+def _row_hashes(raw: pa.Table) -> np.ndarray:
+    """A 64-bit hash of every row over all its columns (uint64, (N,))."""
+    return pd.util.hash_pandas_object(raw.to_pandas(), index=False).to_numpy()
+
 
 def _as_string(col: Any) -> pa.Array:
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col

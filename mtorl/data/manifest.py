@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import time
 from typing import Any
@@ -98,3 +99,53 @@ def shard_uris(dataset_uri: str, manifest: dict[str, Any], split: str) -> list[s
     if split not in manifest["splits"]:
         raise DataError(f"{dataset_uri}: no split {split!r} (have {', '.join(manifest['splits'])})")
     return [_io.join(dataset_uri, s["path"]) for s in manifest["splits"][split]["shards"]]
+
+
+# ------------------------------------------------------------------ reading shards: checked, patient
+
+RETRY_ENV = "MTORL_STORAGE_RETRY_S"
+DEFAULT_RETRY_S = 90.0
+
+
+def storage_retry_s() -> float:
+    """How long object-store reads wait out an outage (``MTORL_STORAGE_RETRY_S``, default 90 s; 0 = no retry)."""
+    try:
+        return max(0.0, float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S)))
+    except ValueError:
+        return DEFAULT_RETRY_S
+
+
+def read_shard_bytes(fs: Any, path: str, uri: str, window_s: float | None = None) -> bytes:
+    """A shard's bytes. A missing shard is one line naming it; a store that doesn't answer is retried with
+    backoff (1, 2, 4 ... 10 s) for ``window_s`` (default :func:`storage_retry_s`), then one line naming it."""
+    window = storage_retry_s() if window_s is None else window_s
+    deadline, delay = time.monotonic() + window, 1.0
+    while True:
+        try:
+            with fs.open_input_stream(path) as f:
+                return bytes(f.readall())
+        except FileNotFoundError:
+            raise DataError(f"{uri}: shard listed in the manifest is missing") from None
+        except OSError as e:  # pyarrow: connection refused, timeouts, 5xx
+            reason = " ".join(str(e).split())[:300]
+            if "NoSuchKey" in reason or "Path does not exist" in reason:
+                raise DataError(f"{uri}: shard listed in the manifest is missing") from None
+            if time.monotonic() + delay > deadline:
+                raise DataError(f"{uri}: object store unreachable for {window:.0f} s: {reason}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def parse_shard(uri: str, data: bytes, sha256: str) -> pa.Table:
+    """Check ``data`` against the manifest's sha256 and parse it; a mismatch or bad Parquet is one line."""
+    import pyarrow.parquet as pq
+
+    if sha256:
+        got = hashlib.sha256(data).hexdigest()
+        if got != sha256:
+            raise DataError(f"{uri}: sha256 mismatch (shard altered or truncated: {len(data)} bytes, "
+                            f"sha256 {got[:12]}..., manifest {sha256[:12]}...)")
+    try:
+        return pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{uri}: not a readable Parquet shard ({' '.join(str(e).split())[:200]})") from None

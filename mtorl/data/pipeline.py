@@ -16,7 +16,7 @@ import ray
 
 from mtorl.data import _io
 from mtorl.data.errors import DataError
-from mtorl.data.manifest import JOURNEY_SCHEMA, load_manifest, manifest_sha256, shard_uris
+from mtorl.data.manifest import JOURNEY_SCHEMA, load_manifest, manifest_sha256, parse_shard, read_shard_bytes, shard_uris
 from mtorl.data.windows import Journey, journeys_from_table, make_windows
 from mtorl.spec.models import WindowSpec
 
@@ -25,8 +25,17 @@ __all__ = ["iter_journeys", "load_manifest", "manifest_sha256", "read_split", "w
 JOURNEYS_PER_BATCH = 256
 
 
+VERIFY_ENV = "MTORL_VERIFY_SHARDS"  # "0": read shards with Ray's Parquet reader, unchecked
+
+
+def verify_shards_enabled() -> bool:
+    """Each shard's sha256 (from the manifest) is checked when it is read, unless ``MTORL_VERIFY_SHARDS=0``."""
+    return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def read_split(dataset_uri: str, split: str, manifest: dict[str, Any] | None = None, **read_kwargs: Any) -> ray.data.Dataset:
-    """One split's journeys (one row per journey, the prepared schema) as a Ray Dataset."""
+    """One split's journeys (one row per journey, the prepared schema) as a Ray Dataset. Every shard's
+    bytes are checked against the manifest's sha256 as they are read (see :func:`verify_shards_enabled`)."""
     m = manifest if manifest is not None else load_manifest(dataset_uri)
     uris = shard_uris(dataset_uri, m, split)
     if not uris:
@@ -37,6 +46,9 @@ def read_split(dataset_uri: str, split: str, manifest: dict[str, Any] | None = N
     if missing:
         raise DataError(f"{missing[0]}: shard listed in the manifest is missing "
                         f"({len(missing)} of the {split} split's {len(uris)} shards missing; re-run prepare)")
+    if verify_shards_enabled():
+        shas = [str(sh.get("sha256") or "") for sh in m["splits"][split]["shards"]]
+        return _read_verified(fs, uris, paths, shas, **read_kwargs)
     ctx = ray.data.DataContext.get_current()
     prev = ctx.use_datasource_v2
     if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
@@ -48,6 +60,22 @@ def read_split(dataset_uri: str, split: str, manifest: dict[str, Any] | None = N
         return ray.data.read_parquet(paths, filesystem=fs, **read_kwargs)
     finally:
         ctx.use_datasource_v2 = prev
+
+
+def _read_verified(fs: Any, uris: list[str], paths: list[str], shas: list[str], **read_kwargs: Any) -> ray.data.Dataset:
+    """One task per shard: read its bytes (waiting out a storage outage), check the sha256, parse the Parquet."""
+    items = [{"uri": u, "path": p, "sha256": h} for u, p, h in zip(uris, paths, shas)]
+
+    def load(batch: pa.Table) -> pa.Table:
+        tables = []
+        for row in batch.to_pylist():
+            data = read_shard_bytes(fs, row["path"], row["uri"])
+            tables.append(parse_shard(row["uri"], data, row["sha256"]))
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    kw = {k: v for k, v in read_kwargs.items() if k in ("num_cpus", "memory", "concurrency")}
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        load, batch_format="pyarrow", batch_size=1, **kw)
 
 
 def window_dataset(dataset_uri: str, split: str, window: WindowSpec, manifest: dict[str, Any] | None = None,

@@ -108,7 +108,7 @@ def load_journeys(
     """Raw logs -> in-memory Journeys with the vocabulary/normalisation/reward range of ``manifest``
     (evaluation of held-back logs). Nothing is written; bad rows raise or are skipped (counted)."""
     fmt = journeys or (JourneysFormat(**manifest["journeys_format"]) if manifest.get("journeys_format") else JourneysFormat())
-    spec = PrepareSpec(source=source, input=input, output="", gain=gain or manifest.get("gain"), on_bad_rows=on_bad_rows,
+    spec = PrepareSpec(source=source, input=input, output="-", gain=gain or manifest.get("gain"), on_bad_rows=on_bad_rows,
                        min_steps=min_steps, journeys=fmt, top_k_channels=max(2, len(manifest["channels"])))
     _, out = prepare_with_manifest(spec, manifest, progress=progress or (lambda _m: None), write=False)
     return out
@@ -511,8 +511,26 @@ class _Run:
         self.progress(f"[prepare] {msg} ({self.rows_read / dt:,.0f} rows/s, {dt:.1f}s)")
 
     def execute(self) -> tuple[dict[str, Any], list[Journey]]:
+        """Run the prepare; on any failure the uncommitted version folder is removed (a killed one is
+        left for ``mtorl datasets gc``), and spill folders of killed prepares are swept first."""
+        from mtorl.data.gc import SPILL_PREFIX, remove_stale_spill_dirs
+
+        remove_stale_spill_dirs(self.spec.spill_dir)
+        try:
+            return self._execute(f"{SPILL_PREFIX}{os.getpid()}-")
+        except BaseException:
+            if self.write and self.vuri is not None:
+                try:
+                    from mtorl import storage
+
+                    storage.delete_prefix(self.vuri)
+                except Exception:  # noqa: BLE001 - best effort: the original error matters
+                    pass
+            raise
+
+    def _execute(self, spill_prefix: str) -> tuple[dict[str, Any], list[Journey]]:
         self.rows_written = 0
-        with tempfile.TemporaryDirectory(prefix="mtorl-prepare-", dir=self.spec.spill_dir) as tmp:
+        with tempfile.TemporaryDirectory(prefix=spill_prefix, dir=self.spec.spill_dir) as tmp:
             plan, parts = self._spill(tmp)
             self._vocab(plan)
             self._group(plan, parts)
@@ -525,6 +543,7 @@ class _Run:
                                f"dropped {dict(self.dropped)} (sum {accounted})")
         m = self._manifest(plan)
         if self.write:
+            _io.write_json(_io.join(self.spec.output, self.version, MANIFEST_FILE), m)  # the version's commit marker
             _io.write_json(_io.join(self.spec.output, MANIFEST_FILE), m)  # last: the commit
             sp = m["splits"]
             self._say(f"committed {self.spec.output} version {self.version}: {self.rows_written:,} steps, users "

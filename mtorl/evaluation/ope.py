@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
+from mtorl.errors import MtorlError
 from mtorl.evaluation.allocation import score_steps
 from mtorl.evaluation.predictions import Predictions, journey_order, outcome
 
@@ -107,6 +108,21 @@ def _interval(boot: np.ndarray, value: float | None) -> dict[str, float | None]:
     return {"value": float(value), "ci_low": float(lo), "ci_high": float(hi)}
 
 
+class TargetPolicyError(MtorlError, ValueError):
+    """Off-policy estimation was given a target that is not a probability distribution per step."""
+
+
+def check_target_policy(pi_e: np.ndarray, atol: float = 1e-4) -> None:
+    """A target policy is a distribution over channels on every step: finite, >= 0, rows summing to 1.
+    Otherwise the estimates are meaningless (a half-mass target halves IPS): one line naming the first bad row."""
+    bad = ~np.isfinite(pi_e).all(axis=1) | (pi_e < 0).any(axis=1) | (np.abs(pi_e.sum(axis=1) - 1.0) > atol)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise TargetPolicyError(f"target policy: row {i} (and {int(bad.sum()) - 1} more) is not a distribution "
+                                f"over channels (sum {float(np.nansum(pi_e[i])):.6g}, min {float(np.nanmin(pi_e[i])):.3g}): "
+                                "every row must be >= 0 and sum to 1")
+
+
 def off_policy_estimates(p: Predictions, target: np.ndarray, behaviour: np.ndarray,
                          n_boot: int = 200, seed: int = 0, gamma: float = 1.0,
                          pdis_cap: float = 1e3, max_weight_warn: float = 100.0,
@@ -120,6 +136,7 @@ def off_policy_estimates(p: Predictions, target: np.ndarray, behaviour: np.ndarr
     pi_e = np.asarray(target, dtype=np.float64)
     if pi_e.shape != (n, c):
         raise ValueError(f"target policy: expected ({n}, {c}), got {pi_e.shape}")
+    check_target_policy(pi_e)
     b = np.asarray(behaviour, dtype=np.float64)
     y = outcome(p)
     rows = np.arange(n)

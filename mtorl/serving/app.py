@@ -423,7 +423,11 @@ def run_serve(job: ServeJob, address: Optional[str] = None, config_out: Optional
 
     from mtorl.raycluster import init_ray
 
-    init_ray(address)
+    init_ray(address, secret_env=(args.auth_token_env,) if args.auth_token_env else ())  # never in a runtime_env
+    from mtorl.raycluster import check_resources
+
+    check_resources({"CPU": args.num_cpus_per_replica}, max(1, args.autoscaling.min_replicas),
+                    f"num_cpus_per_replica={args.num_cpus_per_replica:g} x {max(1, args.autoscaling.min_replicas)} replica(s)")
     serve.start(**{k: config[k] for k in ("http_options", "controller_options") if k in config})
     t0 = time.time()
     progress(f"[serve] deploying {args.app_name} from {loaded.uri} ({args.ingress} ingress) ...")

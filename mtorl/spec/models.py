@@ -7,18 +7,63 @@ Every model forbids unknown fields and is frozen; field descriptions are the doc
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 API_VERSION = "mtorl/v1"
+
+# The metrics a training run reports on the validation split (mtorl.training.step: the losses of
+# compute_loss, then val_metrics). The one list trainer.metric and a sweep's objective are checked
+# against; tests/unit/test_spec_domain.py checks that the training code reports exactly these.
+LOSS_NAMES = ("loss", "reward_loss", "pref_loss", "action_loss", "q_loss", "td_loss", "cql_loss", "v_loss",
+              "awr_loss", "imitation_loss")
+QUALITY_NAMES = ("accuracy", "macro_f1", "mean_auc", "reward_auc", "reward_mse")
+VAL_METRICS = tuple(f"val/{n}" for n in LOSS_NAMES + QUALITY_NAMES)
+
+_URI_SCHEMES = ("s3://", "file://")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def _uri(v: str) -> str:
+    """A non-empty ``s3://bucket/...``, ``file://...`` or local path; any other scheme is refused
+    (``gs://b/x`` must not become a local folder named ``gs:``)."""
+    if not v.strip():
+        raise ValueError("must not be empty (an s3://bucket/prefix URI or a local path)")
+    if v != v.strip() or any(c in v for c in "\x00\n\r"):
+        raise ValueError("must not have surrounding spaces, newlines or NUL bytes")
+    low = v.lower()
+    if low.startswith("s3://"):
+        if not low[5:].split("/", 1)[0]:
+            raise ValueError(f"{v!r} has no bucket (s3://bucket/prefix)")
+        return v
+    if low.startswith("file://"):
+        return v
+    m = _SCHEME.match(v)
+    if m and not re.match(r"^[A-Za-z]:[\\/]", v):  # (a Windows drive letter is a path)
+        raise ValueError(f"unsupported URI scheme {m.group(0)!r} in {v!r}: use s3://bucket/prefix or a local path")
+    return v
+
+
+Uri = Annotated[str, AfterValidator(_uri)]
+
+
+def _val_metric(v: str) -> str:
+    if v not in VAL_METRICS:
+        raise ValueError(f"unknown metric {v!r}; one of {', '.join(VAL_METRICS)}")
+    return v
+
+
+ValMetric = Annotated[str, AfterValidator(_val_metric)]
 
 Source = Literal["kuairand-sequence", "criteo-sequence", "criteo-attribution", "journeys"]
 ModelName = Literal["mtorl", "bc_mlp", "bc_seq", "cql", "iql", "bcq", "dt"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # strict: no bool/float/str -> int coercion (``epochs: true`` or ``1e30`` is refused); finite numbers only
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True, allow_inf_nan=False)
 
 
 class Metadata(_Strict):
@@ -64,21 +109,21 @@ class JourneysFormat(_Strict):
 
 class PrepareSpec(_Strict):
     source: Source = Field(description="Converter to use.")
-    input: str = Field(description="Input file: local path or s3:// URI.")
-    output: str = Field(description="Dataset URI (s3://bucket/prefix or a local directory).")
+    input: Uri = Field(description="Input file: local path or s3:// URI.")
+    output: Uri = Field(description="Dataset URI (s3://bucket/prefix or a local directory).")
     gain: str | None = Field(None, description="Gain column. criteo-*: conversion (default), click or attribution.")
-    penalty: float = Field(0.0, ge=0, description="Budget penalty s in r = MinMaxNorm(g - s*w).")
+    penalty: float = Field(0.0, ge=0, le=1e6, description="Budget penalty s in r = MinMaxNorm(g - s*w).")
     splits: SplitSpec = Field(default_factory=SplitSpec)
-    top_k_channels: int = Field(10, ge=2, description="criteo-attribution: keep the K campaigns with most rows as channels.")
+    top_k_channels: int = Field(10, ge=2, le=1000, description="criteo-attribution: keep the K campaigns with most rows as channels.")
     on_bad_rows: Literal["error", "quarantine"] = Field("error", description="error: stop at the first bad row; quarantine: write bad rows aside and count them.")
-    min_steps: int = Field(2, ge=1, description="Users with fewer steps are dropped (and counted).")
-    shard_max_steps: int = Field(250_000, ge=100, description="Upper bound on steps per Parquet shard.")
-    chunk_rows: int = Field(200_000, ge=1000, description="Rows read per chunk while streaming the input.")
-    max_journey_length: int = Field(0, ge=0, description="Cut journeys longer than this into consecutive journeys (0 = no cut).")
+    min_steps: int = Field(2, ge=1, le=100_000, description="Users with fewer steps are dropped (and counted).")
+    shard_max_steps: int = Field(250_000, ge=100, le=100_000_000, description="Upper bound on steps per Parquet shard.")
+    chunk_rows: int = Field(200_000, ge=1000, le=100_000_000, description="Rows read per chunk while streaming the input.")
+    max_journey_length: int = Field(0, ge=0, le=1_000_000, description="Cut journeys longer than this into consecutive journeys (0 = no cut).")
     journeys: JourneysFormat = Field(default_factory=JourneysFormat, description="Column mapping for source=journeys.")
-    manifest_from: str | None = Field(None, description="Preprocess with an existing manifest (dataset or checkpoint URI): same vocabulary and normalization.")
+    manifest_from: Uri | None = Field(None, description="Preprocess with an existing manifest (dataset or checkpoint URI): same vocabulary and normalization.")
     spill_partitions: int = Field(0, ge=0, le=4096, description="Hash partitions by user spilled to local disk while grouping rows into journeys (0 = one per ~128 MB of input).")
-    spill_dir: str | None = Field(None, description="Local directory for the spill partitions (default: the system temp directory).")
+    spill_dir: Uri | None = Field(None, description="Local directory for the spill partitions (default: the system temp directory).")
 
 
 # ----------------------------------------------------------------------------- model
@@ -97,7 +142,7 @@ class TCNSpec(_Strict):
 
 
 class AttentionSpec(_Strict):
-    heads: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1, le=256)
     layers: int = Field(1, ge=1, le=8)
     dropout: float = Field(0.1, ge=0, lt=1)
 
@@ -107,12 +152,12 @@ class ModelSpec(_Strict):
     hidden: int = Field(64, ge=4, le=4096, description="Hidden size.")
     tcn: TCNSpec = Field(default_factory=TCNSpec)
     attention: AttentionSpec = Field(default_factory=AttentionSpec)
-    decoder_hidden: int = Field(64, ge=4)
+    decoder_hidden: int = Field(64, ge=4, le=4096)
     history_stats: bool = Field(True, description="mtorl: add causal running statistics of past channels and rewards to x_t (see models/layers.py: history_stats).")
     gamma: float = Field(0.9, ge=0, le=1, description="Discount for the Q-learning baselines and returns-to-go.")
-    cql_alpha: float = Field(1.0, ge=0)
+    cql_alpha: float = Field(1.0, ge=0, le=1e6)
     iql_expectile: float = Field(0.7, gt=0, lt=1)
-    iql_beta: float = Field(3.0, gt=0)
+    iql_beta: float = Field(3.0, gt=0, le=1e6)
     bcq_threshold: float = Field(0.3, ge=0, le=1)
     target_update_tau: float = Field(0.005, gt=0, le=1)
     dt_target_return: float | None = Field(None, ge=0, description="dt: return-to-go to condition on at predict time; default: the largest in-window return-to-go seen in training.")
@@ -125,34 +170,34 @@ class ModelSpec(_Strict):
 
 
 class ObjectiveSpec(_Strict):
-    reward_weight: float = Field(1.0, ge=0, description="mu: weight of the reward loss.")
-    pref_weight: float = Field(0.1, ge=0, description="lambda: weight of the return-contrastive preference loss.")
-    pref_beta: float = Field(1.0, gt=0, description="beta of the DPO-style preference term.")
+    reward_weight: float = Field(1.0, ge=0, le=1e6, description="mu: weight of the reward loss.")
+    pref_weight: float = Field(0.1, ge=0, le=1e6, description="lambda: weight of the return-contrastive preference loss.")
+    pref_beta: float = Field(1.0, gt=0, le=1e6, description="beta of the DPO-style preference term.")
     reward_loss: Literal["auto", "bce", "mse"] = Field("auto", description="auto: BCE for binary gains, MSE otherwise.")
 
 
 class WindowSpec(_Strict):
     length: int = Field(20, ge=2, le=4096, description="Training window length (steps).")
-    stride: int | None = Field(None, ge=1, description="Step between window starts; default = length.")
+    stride: int | None = Field(None, ge=1, le=4096, description="Step between window starts; default = length.")
 
 
 class TrainerSpec(_Strict):
-    workers: int = Field(2, ge=0, description="Ray Train workers (0 = run the loop in the driver process).")
+    workers: int = Field(2, ge=0, le=1024, description="Ray Train workers (0 = run the loop in the driver process).")
     use_gpu: bool = Field(False)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(1.0, gt=0, description="Used when use_gpu.")
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(64, ge=1, description="Windows per worker per step.")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, ge=0)
-    seed: int = Field(0)
-    keep_top_k: int = Field(2, ge=1, description="Checkpoints kept, ranked by metric.")
-    metric: str = Field("val/loss", description="Validation metric ranking checkpoints.")
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024)
+    gpus_per_worker: float = Field(1.0, gt=0, le=64, description="Used when use_gpu.")
+    epochs: int = Field(5, ge=1, le=100_000)
+    batch_size: int = Field(64, ge=1, le=1_000_000, description="Windows per worker per step.")
+    lr: float = Field(1e-3, gt=0, le=100)
+    weight_decay: float = Field(0.0, ge=0, le=100)
+    grad_clip: float = Field(1.0, ge=0, le=1e6)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    keep_top_k: int = Field(2, ge=1, le=1000, description="Checkpoints kept, ranked by metric.")
+    metric: ValMetric = Field("val/loss", description="Validation metric ranking checkpoints (one of mtorl.spec.models.VAL_METRICS).")
     mode: Literal["min", "max"] = "min"
-    max_failures: int = Field(2, ge=-1, description="Worker-group restarts (FailureConfig).")
-    max_steps_per_epoch: int | None = Field(None, ge=1)
-    cache_windows_max_steps: int | None = Field(None, ge=0, description="Splits with at most this many steps are windowed once and kept in memory (Ray's object store, then each worker's shard) for every epoch; larger ones stream from object storage every epoch (file order shuffled per epoch plus a local shuffle buffer; no whole-split cache). Unset = sized from the smallest node's memory (an eighth of it for the cached windows); 0 = always stream.")
+    max_failures: int = Field(2, ge=-1, le=1000, description="Worker-group restarts (FailureConfig).")
+    max_steps_per_epoch: int | None = Field(None, ge=1, le=1_000_000_000)
+    cache_windows_max_steps: int | None = Field(None, ge=0, le=10**12, description="Splits with at most this many steps are windowed once and kept in memory (Ray's object store, then each worker's shard) for every epoch; larger ones stream from object storage every epoch (file order shuffled per epoch plus a local shuffle buffer; no whole-split cache). Unset = sized from the smallest node's memory (an eighth of it for the cached windows); 0 = always stream.")
     compile: bool = Field(False, description="torch.compile the model (nn.Module.compile; checkpoints are unchanged). Off by default: see BENCHMARKS.md for what it costs and gains.")
 
     @model_validator(mode="after")
@@ -171,8 +216,8 @@ class TrackingSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    data: str = Field(description="Prepared dataset URI (holds manifest.json).")
-    output: str = Field(description="Runs root URI; the run lives at OUTPUT/<metadata.name>.")
+    data: Uri = Field(description="Prepared dataset URI (holds manifest.json).")
+    output: Uri = Field(description="Runs root URI; the run lives at OUTPUT/<metadata.name>.")
     window: WindowSpec = Field(default_factory=WindowSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
@@ -184,16 +229,16 @@ class TrainSpec(_Strict):
 # ----------------------------------------------------------------------------- evaluate
 
 class EvaluateSpec(_Strict):
-    checkpoint: str = Field(description="Checkpoint URI (a checkpoint dir, or a run dir: its best checkpoint).")
-    data: str | None = Field(None, description="Prepared dataset URI; default: the checkpoint's own dataset.")
+    checkpoint: Uri = Field(description="Checkpoint URI (a checkpoint dir, or a run dir: its best checkpoint).")
+    data: Uri | None = Field(None, description="Prepared dataset URI; default: the checkpoint's own dataset.")
     split: Literal["train", "val", "test"] = "test"
-    input: str | None = Field(None, description="New raw logs to preprocess with the checkpoint's manifest (needs source).")
+    input: Uri | None = Field(None, description="New raw logs to preprocess with the checkpoint's manifest (needs source).")
     source: Source | None = None
-    output: str = Field(description="Report URI or directory.")
+    output: Uri = Field(description="Report URI or directory.")
     budget_fractions: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 11)])
-    bootstrap: int = Field(200, ge=10, description="Bootstrap resamples for OPE intervals.")
-    compare: list[str] = Field(default_factory=list, description="Further checkpoints put side by side (heuristics always are).")
-    seed: int = 0
+    bootstrap: int = Field(200, ge=10, le=100_000, description="Bootstrap resamples for OPE intervals.")
+    compare: list[Uri] = Field(default_factory=list, description="Further checkpoints put side by side (heuristics always are).")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
 
     @field_validator("budget_fractions")
@@ -224,7 +269,7 @@ class ParamSpace(_Strict):
 
 
 class TuneObjective(_Strict):
-    metric: str = "val/reward_auc"
+    metric: ValMetric = "val/reward_auc"
     mode: Literal["min", "max"] = "max"
     goal: float | None = Field(None, description="Stop the sweep once a trial reaches it.")
 
@@ -235,25 +280,37 @@ class TuneSpec(_Strict):
     objective: TuneObjective = Field(default_factory=TuneObjective)
     algorithm: Literal["random", "grid", "tpe"] = "random"
     early_stopping: Literal["none", "asha", "median"] = "asha"
-    grace_period: int = Field(1, ge=1, description="Epochs before early stopping may act.")
-    max_trials: int = Field(4, ge=1)
-    parallel_trials: int = Field(1, ge=1)
-    max_failed_trials: int = Field(0, ge=0)
-    seed: int = 0
-    output: str = Field(description="Sweep root URI.")
+    grace_period: int = Field(1, ge=1, le=100_000, description="Epochs before early stopping may act.")
+    max_trials: int = Field(4, ge=1, le=100_000)
+    parallel_trials: int = Field(1, ge=1, le=1024)
+    max_failed_trials: int = Field(0, ge=0, le=100_000)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    output: Uri = Field(description="Sweep root URI.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
+
+    @field_validator("parameters")
+    @classmethod
+    def _paths_exist(cls, v: dict[str, ParamSpace]) -> dict[str, ParamSpace]:
+        for path in v:
+            model: Any = TrainSpec
+            for part in path.split("."):
+                fields = getattr(model, "model_fields", None)
+                if not fields or part not in fields:
+                    raise ValueError(f"{path!r} is not a TrainSpec field path (e.g. objective.reward_weight, trainer.lr)")
+                model = fields[part].annotation
+        return v
 
 
 # ----------------------------------------------------------------------------- serve
 
 class AutoscalingSpec(_Strict):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
+    min_replicas: int = Field(1, ge=0, le=1024)
+    max_replicas: int = Field(1, ge=1, le=1024)
     target_ongoing_requests: float = Field(8, gt=0)
 
 
 class ServeSpec(_Strict):
-    checkpoint: str = Field(description="Checkpoint URI (or run dir: its best).")
+    checkpoint: Uri = Field(description="Checkpoint URI (or run dir: its best).")
     host: str = Field("127.0.0.1", description="Bind address. Anything but loopback requires auth_token_env.")
     port: int = Field(8000, ge=1, le=65535)
     auth_token_env: str | None = Field(None, description="Name of the env var holding the bearer token.")
@@ -287,17 +344,17 @@ class ServeSpec(_Strict):
 # ----------------------------------------------------------------------------- simulate
 
 class SimulateSpec(_Strict):
-    output: str = Field(description="URI (dir) of the journeys Parquet shards.")
-    users: int = Field(2000, ge=1)
-    mean_steps: float = Field(20.0, gt=1, description="Mean journey length.")
+    output: Uri = Field(description="URI (dir) of the journeys Parquet shards.")
+    users: int = Field(2000, ge=1, le=1_000_000_000)
+    mean_steps: float = Field(20.0, gt=1, le=100_000, description="Mean journey length.")
     channels: list[str] = Field(default_factory=lambda: ["search", "social", "video"])
     channel_costs: list[float] | None = Field(None, description="Cost per exposure per channel; default 1, 2, 3 ...")
-    n_features: int = Field(4, ge=1, description="Observable user features.")
+    n_features: int = Field(4, ge=1, le=10_000, description="Observable user features.")
     base_rate: float = Field(0.1, gt=0, lt=1)
     logging_temperature: float = Field(1.0, gt=0, description="Softmax temperature of the logging policy.")
-    shard_steps: int = Field(500_000, ge=1000)
-    seed: int = 0
-    calibrate_from: str | None = Field(None, description="Prepared dataset URI to fit channel shares, rates and lengths to.")
+    shard_steps: int = Field(500_000, ge=1000, le=100_000_000)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    calibrate_from: Uri | None = Field(None, description="Prepared dataset URI to fit channel shares, rates and lengths to.")
     channel_shares: list[float] | None = Field(None, description="Target share of each channel under the logging policy (sums to 1); default: whatever the random logging weights give.")
     channel_rates: list[float] | None = Field(None, description="Target mean reward rate of each channel under the logging policy; default: around base_rate, higher for costlier channels.")
     length_dispersion: float | None = Field(None, gt=0, description="Negative-binomial shape k of (length - 2); None = 1 (geometric). Larger k = less spread.")

@@ -6,7 +6,7 @@ The embedded store itself lives in :mod:`mtorl.storage.seaweed` (imported on dem
 """
 
 from mtorl.storage.errors import StorageError
-from mtorl.storage.settings import S3Settings, boto3_client, pyarrow_s3, s3_settings, store_dir
+from mtorl.storage.settings import S3Settings, boto3_client, pyarrow_s3, pyarrow_s3_keyless, s3_settings, store_dir
 from mtorl.storage.uri import (
     delete_prefix,
     download_dir,
@@ -25,6 +25,6 @@ from mtorl.storage.uri import (
 
 __all__ = [
     "S3Settings", "StorageError", "boto3_client", "delete_prefix", "download_dir", "ensure_bucket",
-    "exists", "is_s3", "join", "list_files", "pyarrow_s3", "read_bytes", "read_json", "resolve",
+    "exists", "is_s3", "join", "list_files", "pyarrow_s3", "pyarrow_s3_keyless", "read_bytes", "read_json", "resolve",
     "s3_settings", "store_dir", "upload_dir", "write_bytes", "write_json",
 ]

@@ -223,8 +223,8 @@ def _probe(st: StoreState) -> str | None:
     try:
         try:
             c.create_bucket(Bucket=_PROBE_BUCKET)
-        except c.exceptions.BucketAlreadyOwnedByYou:
-            pass
+        except (c.exceptions.BucketAlreadyOwnedByYou, c.exceptions.BucketAlreadyExists):
+            pass  # an existing bucket is a ready store: the PUT below checks our identity may write
         body = secrets.token_bytes(16)
         c.put_object(Bucket=_PROBE_BUCKET, Key="probe", Body=body)
         if c.get_object(Bucket=_PROBE_BUCKET, Key="probe")["Body"].read() != body:
@@ -237,7 +237,38 @@ def _probe(st: StoreState) -> str | None:
 
 # ------------------------------------------------------------------------------------- API
 
+def _serving(st: StoreState) -> bool:
+    """True when the S3 gateway answers a ListBuckets with the store's own keys."""
+    import boto3
+    from botocore.config import Config
+
+    try:
+        boto3.session.Session().client(
+            "s3", endpoint_url=st.endpoint, aws_access_key_id=st.access_key, aws_secret_access_key=st.secret_key,
+            region_name=st.region, config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5,
+                                                 s3={"addressing_style": "path"})).list_buckets()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def clean_env() -> dict[str, str]:
+    """weed's environment: this one without AWS_* (weed registers an identity from AWS_ACCESS_KEY_ID, which
+    would not own the buckets; the identity in s3.json must be the only one)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+
+
 def up(dir: str | os.PathLike[str] | None = None, port: int | None = None, timeout: float = 90.0) -> StoreState:
+    """Start the store (see :func:`_up`); a port out of range or a directory that can't be used is one line."""
+    if port is not None and not 1 <= int(port) <= 65535:
+        raise StorageError(f"--port {port}: not a TCP port (1-65535)")
+    try:
+        return _up(dir, port, timeout)
+    except OSError as e:
+        raise StorageError(f"{store_dir(dir)}: cannot use this store directory: {e.strerror or e}") from None
+
+
+def _up(dir: str | os.PathLike[str] | None = None, port: int | None = None, timeout: float = 90.0) -> StoreState:
     """Start the store in ``dir`` (default ``$MTORL_STORE_DIR`` or ``~/.mtorl/store``) on ``port``.
 
     ``port`` None reuses the previous port, else 8333. Returns at once (``was_running``) if the
@@ -267,7 +298,7 @@ def up(dir: str | os.PathLike[str] | None = None, port: int | None = None, timeo
 
     with open(d / "logs" / "weed.out", "ab") as log:
         proc = subprocess.Popen(_command(d, ports), cwd=d, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, env=clean_env())
     _CHILDREN[proc.pid] = proc
     st.pid = proc.pid
     _save(st)
@@ -286,6 +317,8 @@ def up(dir: str | os.PathLike[str] | None = None, port: int | None = None, timeo
             return st
         last = err
         time.sleep(0.3)
+    if _serving(st):  # it answers with our keys: never stop a store that serves (only the probe failed)
+        return st
     down(d)
     raise StorageError(f"{d}: the store did not accept writes within {timeout:.0f}s ({last}); see {d / 'logs'}")
 

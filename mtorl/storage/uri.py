@@ -95,13 +95,67 @@ def _error(uri: str, exc: BaseException, settings: S3Settings | None = None) -> 
     return StorageError(f"{uri}: {type(exc).__name__}: {first}")
 
 
+RETRY_ENV = "MTORL_STORAGE_RETRY_S"
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
+
+
+def retry_window_s() -> float:
+    """How long object-store calls wait out an outage: ``$MTORL_STORAGE_RETRY_S`` (training sets 90 s for its
+    driver and workers); 0 (unset) elsewhere, so a command run against a store that is down fails at once."""
+    try:
+        return max(0.0, float(os.environ.get(RETRY_ENV) or 0))
+    except ValueError:
+        return 0.0
+
+
+def _transient(e: BaseException) -> bool:
+    """A store that doesn't answer (connection refused/reset, timeouts) or answers 5xx: worth waiting for."""
+    from botocore import exceptions as bx
+
+    if isinstance(e, bx.ClientError):
+        err = e.response.get("Error", {})
+        status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        return str(err.get("Code")) in _TRANSIENT_CODES or status.startswith("5")
+    from boto3 import exceptions as b3
+
+    if isinstance(e, (b3.S3UploadFailedError, b3.RetriesExceededError)):  # s3transfer wraps the real error
+        text = str(e)
+        return any(w in text for w in ("Could not connect", "Connection", "connection", "timed out", "(500)", "(502)",
+                                       "(503)", "(504)", "InternalError", "ServiceUnavailable", "SlowDown"))
+    return isinstance(e, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError,
+                          bx.ConnectionClosedError, bx.ConnectionError))
+
+
+def retrying(fn: Any, *args: Any, window_s: float | None = None, **kw: Any) -> Any:
+    """``fn(*args, **kw)``, retried with backoff (1, 2, 4 ... 10 s) on transient errors for ``window_s``
+    (default :func:`retry_window_s`); the last error is raised as is."""
+    import time
+
+    window = retry_window_s() if window_s is None else window_s
+    deadline, delay = time.monotonic() + window, 1.0
+    while True:
+        try:
+            return fn(*args, **kw)
+        except Exception as e:
+            if not _transient(e) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 def _s3_call(uri: str, fn: Any, *args: Any, **kw: Any) -> Any:
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from boto3.exceptions import Boto3Error
+
+    window = retry_window_s()
     try:
-        return fn(*args, **kw)
-    except (ClientError, BotoCoreError) as e:
-        raise _error(uri, e) from None
+        return retrying(fn, *args, **kw)
+    except (ClientError, BotoCoreError, Boto3Error) as e:
+        err = _error(uri, e)
+        if window and _transient(e):
+            err = StorageError(f"{err} (still failing after waiting {window:.0f} s)")
+        raise err from None
 
 
 # ------------------------------------------------------------------------------------- buckets
@@ -115,7 +169,7 @@ def _create_bucket(uri: str, bucket: str) -> None:
     if st.endpoint is None and st.region != "us-east-1":
         kw["CreateBucketConfiguration"] = {"LocationConstraint": st.region}
     try:
-        c.create_bucket(**kw)
+        retrying(c.create_bucket, **kw)
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
             raise _error(uri, e) from None
@@ -132,7 +186,7 @@ def ensure_bucket(uri: str) -> None:
         return
     bucket, _ = _split(uri)
     try:
-        boto3_client().head_bucket(Bucket=bucket)
+        retrying(boto3_client().head_bucket, Bucket=bucket)
         return
     except ClientError as e:
         if str(e.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket", "NotFound"):
@@ -147,7 +201,7 @@ def _with_bucket(uri: str, fn: Any, *args: Any, **kw: Any) -> Any:
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
-        return fn(*args, **kw)
+        return retrying(fn, *args, **kw)
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") != "NoSuchBucket":
             raise _error(uri, e) from None
@@ -215,7 +269,17 @@ def write_json(uri: str | os.PathLike[str], obj: Any) -> None:
 
 
 def exists(uri: str | os.PathLike[str]) -> bool:
-    """True if the object/file exists, or (S3) anything exists under ``uri/`` ("directory")."""
+    """True if the object/file exists, or (S3) anything exists under ``uri/`` ("directory"). A store that
+    doesn't answer is waited for (:func:`retry_window_s`), then a StorageError: never a silent False."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return bool(retrying(_exists, uri))
+    except (ClientError, BotoCoreError) as e:  # transient, and the window is spent
+        raise _error(str(uri), e) from None
+
+
+def _exists(uri: str | os.PathLike[str]) -> bool:
     from botocore.exceptions import BotoCoreError, ClientError
 
     s = str(uri)
@@ -238,25 +302,28 @@ def exists(uri: str | os.PathLike[str]) -> bool:
     except ClientError as e:
         if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
             return False
+        if _transient(e):
+            raise  # retried by exists()
         raise _error(s, e) from None
     except BotoCoreError as e:
+        if _transient(e):
+            raise
         raise _error(s, e) from None
 
 
 # ------------------------------------------------------------------------------------- trees
 
 def _iter_s3(uri: str) -> Iterator[str]:
-    """Keys under ``uri`` treated as a directory prefix."""
+    """Keys under ``uri`` treated as a directory prefix. The whole listing is retried as one call (a
+    paginator that failed half-way can't be resumed: retrying ``next`` on it would end the list early)."""
     bucket, key = _split(uri)
     prefix = f"{key}/" if key else ""
-    pages = boto3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    it = iter(pages)
-    while True:
-        page = _s3_call(uri, next, it, None)
-        if page is None:
-            return
-        for obj in page.get("Contents", []):
-            yield obj["Key"]
+
+    def listing() -> list[str]:
+        pages = boto3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+    yield from _s3_call(uri, listing)
 
 
 def list_files(uri: str | os.PathLike[str]) -> list[str]:

@@ -26,14 +26,17 @@ from safetensors.torch import save as st_save
 
 import mtorl
 from mtorl import storage
+from mtorl.errors import MtorlError
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.pt"
 META_FILE = "meta.json"
 BEST_FILE = "best.json"
+CHECKSUM_FILE = "checksums.json"  # sha256 of meta.json and every weights file, written after meta.json
+META_REQUIRED = ("manifest", "spec", "sha256", "mtorl_version")
 
 
-class CheckpointError(Exception):
+class CheckpointError(MtorlError):
     """A checkpoint that can't be used: names the URI and the reason."""
 
 
@@ -59,7 +62,9 @@ def write_checkpoint_dir(
     for name, data in blobs.items():
         (d / name).write_bytes(data)
     meta = dict(meta, mtorl_version=mtorl.__version__, sha256={n: _sha256(b) for n, b in blobs.items()})
-    (d / META_FILE).write_text(json.dumps(meta, indent=1, default=str))  # written last
+    meta_bytes = json.dumps(meta, indent=1, default=str).encode()
+    (d / META_FILE).write_bytes(meta_bytes)
+    write_checksums(d, {**blobs, META_FILE: meta_bytes})  # written last
     return d
 
 
@@ -72,6 +77,56 @@ def _cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_cpu(v) for v in obj)
     return obj
+
+
+def write_checksums(directory: Path, blobs: dict[str, bytes]) -> None:
+    """``checksums.json``: the sha256 of meta.json and of every weights file. meta.json's own ``sha256``
+    covers the weights; this file also covers meta.json, so one edit can't change a label (or a weights
+    digest) unnoticed: meta.json and checksums.json would both have to be rewritten."""
+    body = {"algorithm": "sha256", "files": {n: _sha256(b) for n, b in sorted(blobs.items())}}
+    (Path(directory) / CHECKSUM_FILE).write_text(json.dumps(body, indent=1))
+
+
+def verify_meta(uri: str, meta_bytes: bytes) -> dict[str, Any]:
+    """meta.json's bytes checked against ``checksums.json``, parsed and checked for its keys; one line on failure."""
+    try:
+        sums = json.loads(storage.read_bytes(storage.join(uri, CHECKSUM_FILE)))
+        want = sums["files"][META_FILE]
+    except storage.StorageError as e:
+        if not storage.exists(storage.join(uri, CHECKSUM_FILE)):
+            raise CheckpointError(f"{uri}: no {CHECKSUM_FILE} (written by an older mtorl, or not a complete "
+                                  "checkpoint): refusing an unverified meta.json") from None
+        raise CheckpointError(f"{uri}/{CHECKSUM_FILE}: cannot be read: {e}") from None
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{uri}/{CHECKSUM_FILE}: not a checksum file (no files.{META_FILE})") from None
+    if _sha256(meta_bytes) != want:
+        raise CheckpointError(f"{uri}/{META_FILE}: checksum mismatch (file altered or truncated)")
+    try:
+        meta = json.loads(meta_bytes)
+    except ValueError as e:
+        raise CheckpointError(f"{uri}/{META_FILE}: not valid JSON ({e})") from None
+    missing = [k for k in META_REQUIRED if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"{uri}/{META_FILE}: lacks {', '.join(missing)}: not an mtorl checkpoint")
+    for name, digest in (meta.get("sha256") or {}).items():
+        if sums["files"].get(name) != digest:
+            raise CheckpointError(f"{uri}/{META_FILE}: sha256 of {name} disagrees with {CHECKSUM_FILE} (file altered)")
+    return dict(meta)
+
+
+def check_weights(uri: str, state: dict[str, torch.Tensor]) -> None:
+    """Every tensor finite: a NaN/inf weight is a corrupt checkpoint (one line naming the tensor)."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{uri}/{MODEL_FILE}: tensor {name!r} holds NaN or infinite values")
+
+
+def load_optimizer_state(uri: str, data: bytes) -> dict[str, Any]:
+    """``optimizer.pt`` as weights only (no code runs); anything else is refused in one line."""
+    try:
+        return dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+    except Exception as e:  # noqa: BLE001 - UnpicklingError & co carry a long advice text: one line instead
+        raise CheckpointError(f"{uri}/{OPTIM_FILE}: refused: not plain tensor data ({type(e).__name__})") from None
 
 
 @dataclass
@@ -97,7 +152,32 @@ def resolve_checkpoint_uri(uri: str) -> str:
         return uri
     best = storage.join(uri, BEST_FILE)
     if storage.exists(best):
-        return str(storage.read_json(best)["checkpoint"]).rstrip("/")
+        try:
+            target = storage.read_json(best)["checkpoint"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{best}: no 'checkpoint' key: not a run's best.json") from None
+        if not isinstance(target, str) or not target:
+            raise CheckpointError(f"{best}: 'checkpoint' is not a URI")
+        return target.rstrip("/")
+    return _recheck_missing(uri)
+
+
+def _recheck_missing(uri: str) -> str:
+    """Neither meta.json nor best.json: during an outage (a restarting SeaweedFS answers 404 before its
+    filer is ready) that is not proof. Where storage calls wait out outages (training), look again for
+    that window before calling it "not a checkpoint"."""
+    import time
+
+    from mtorl.storage.uri import retry_window_s
+
+    deadline, delay = time.monotonic() + retry_window_s(), 1.0
+    while time.monotonic() + delay <= deadline:
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
+        if storage.exists(storage.join(uri, META_FILE)):
+            return uri
+        if storage.exists(storage.join(uri, BEST_FILE)):
+            return resolve_checkpoint_uri(uri)
     raise CheckpointError(f"{uri}: not a checkpoint (no {META_FILE}) and not a run directory (no {BEST_FILE})")
 
 
@@ -109,9 +189,10 @@ def load_checkpoint(uri: str, with_optimizer: bool = False) -> LoadedCheckpoint:
     """Load weights only, after checking each file's sha256 and the package version."""
     uri = resolve_checkpoint_uri(uri)
     try:
-        meta = json.loads(storage.read_bytes(storage.join(uri, META_FILE)))
-    except (ValueError, storage.StorageError) as e:
+        meta_bytes = storage.read_bytes(storage.join(uri, META_FILE))
+    except storage.StorageError as e:
         raise CheckpointError(f"{uri}: unreadable {META_FILE}: {e}") from None
+    meta = verify_meta(uri, meta_bytes)
     version = str(meta.get("mtorl_version", "?"))
     if not _compatible(version):
         raise CheckpointError(f"{uri}: written by mtorl {version}, this is {mtorl.__version__} (incompatible)")
@@ -125,8 +206,13 @@ def load_checkpoint(uri: str, with_optimizer: bool = False) -> LoadedCheckpoint:
         blobs[name] = data
     optim = None
     if OPTIM_FILE in blobs:
-        optim = torch.load(io.BytesIO(blobs[OPTIM_FILE]), map_location="cpu", weights_only=True)
-    return LoadedCheckpoint(uri=uri, state_dict=st_load(blobs[MODEL_FILE]), meta=meta, optimizer_state=optim)
+        optim = load_optimizer_state(uri, blobs[OPTIM_FILE])
+    try:
+        state = st_load(blobs[MODEL_FILE])
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors: one line
+        raise CheckpointError(f"{uri}/{MODEL_FILE}: not a safetensors file ({e})") from None
+    check_weights(uri, state)
+    return LoadedCheckpoint(uri=uri, state_dict=state, meta=meta, optimizer_state=optim)
 
 
 def load_local_dir(directory: str | Path, with_optimizer: bool = True) -> LoadedCheckpoint:
@@ -175,3 +261,35 @@ def _score(meta: dict[str, Any], metric: str, mode: str) -> float:
 def best_run_checkpoint(run_uri: str, metric: str, mode: str) -> tuple[str, dict[str, Any]] | None:
     cks = list_run_checkpoints(run_uri)
     return min(cks, key=lambda x: _score(x[1], metric, mode)) if cks else None
+
+
+# ------------------------------------------------------------------ bookkeeping on resume (Ray Train runs)
+
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
+def unregistered_checkpoints(run_uri: str) -> list[str]:
+    """Checkpoint folders under a Ray Train run that its checkpoint manager snapshot does not list: a
+    rank-0 kill just after an upload leaves one, never ranked or pruned. [] when there is no snapshot."""
+    snap_uri = storage.join(run_uri, RAY_SNAPSHOT_FILE)
+    if not storage.exists(snap_uri):
+        return []
+    try:
+        snap = json.loads(storage.read_bytes(snap_uri))
+        states = [*snap.get("checkpoint_results", []), *snap.get("pending_training_results", []),
+                  snap.get("latest_checkpoint_result") or {}]
+        registered = {s["checkpoint_dir_name"] for s in states if isinstance(s, dict) and s.get("checkpoint_dir_name")}
+    except (ValueError, TypeError, AttributeError):
+        return []  # a snapshot we can't read: leave everything to Ray
+    base = run_uri.rstrip("/")
+    dirs = {f[len(base) + 1:].split("/", 1)[0] for f in storage.list_files(run_uri) if "/" in f[len(base) + 1:]}
+    return sorted(storage.join(run_uri, d) for d in dirs if d.startswith("checkpoint_") and d not in registered)
+
+
+def remove_unregistered_checkpoints(run_uri: str) -> list[str]:
+    """Delete what :func:`unregistered_checkpoints` finds (call before a resume, with no other driver on
+    the run); returns their URIs."""
+    found = unregistered_checkpoints(run_uri)
+    for uri in found:
+        storage.delete_prefix(uri)
+    return found

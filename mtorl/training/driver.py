@@ -16,15 +16,19 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from mtorl import storage
 from mtorl.data.pipeline import load_manifest, manifest_sha256, window_dataset
 from mtorl.spec import TrainJob, job_to_dict
-from mtorl.training.checkpoint import BEST_FILE, best_run_checkpoint, list_run_checkpoints
+from mtorl.training.checkpoint import (BEST_FILE, best_run_checkpoint, list_run_checkpoints,
+                                       remove_unregistered_checkpoints)
 from mtorl.training.step import dist_backend
 
 PASS_ENV_PREFIXES = ("AWS_", "MTORL_", "WANDB_", "RAY_DATA_")
 
 
 def worker_env() -> dict[str, str]:
-    """Environment the workers need (object-store credentials included; never printed)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(PASS_ENV_PREFIXES)}
+    """Environment the workers need. Ray logs a runtime_env, so no secret: object-store and W&B keys
+    travel in a 0600 file named by ``MTORL_CREDENTIALS_FILE`` (see mtorl.storage.credentials)."""
+    from mtorl.storage.credentials import forwardable_env
+
+    return forwardable_env(PASS_ENV_PREFIXES)
 
 
 def run_uri(job: TrainJob) -> str:
@@ -129,9 +133,25 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: s
     return trainer, manifest
 
 
+def check_train_resources(job: TrainJob, extra_units: int = 1, what: str = "") -> None:
+    """Fail in seconds, naming what is missing, when the cluster can't place the Train workers
+    (``extra_units`` concurrent runs of them, e.g. a sweep's parallel trials)."""
+    t = job.spec.trainer
+    if t.workers == 0:
+        return
+    from mtorl.raycluster import check_resources
+
+    per = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+    check_resources(per, t.workers * extra_units,
+                    what or f"trainer.workers={t.workers} x cpus_per_worker={t.cpus_per_worker:g}"
+                    + (f", gpus_per_worker={t.gpus_per_worker:g}" if t.use_gpu else ""))
+
+
 def _loop(config: dict[str, Any]) -> None:
+    from mtorl.storage.credentials import export_to_environ
     from mtorl.training.worker import train_loop
 
+    export_to_environ()  # WANDB_API_KEY from the credentials file, when this process lacks it
     train_loop(config)
 
 
@@ -180,6 +200,12 @@ def run_train(job: TrainJob, progress: Any = print) -> dict[str, Any]:
         init_ray()
     uri = run_uri(job)
     progress(f"training {spec.model.name} on {spec.data} with {spec.trainer.workers} worker(s) -> {uri}")
+    # object-store calls of the driver and the workers (forwarded: MTORL_*) wait out an outage
+    os.environ.setdefault("MTORL_STORAGE_RETRY_S", "90")
+    check_train_resources(job)
+    if spec.trainer.workers > 0:
+        for orphan in remove_unregistered_checkpoints(uri):  # uploaded but never registered (killed rank 0)
+            progress(f"removed {orphan}: a checkpoint the run's snapshot does not list")
     trainer, manifest = build_trainer(job, progress=progress)
     result = trainer.fit()
     best_uri, metrics, latest, final = finish_run(job, result, uri)

@@ -14,12 +14,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mtorl.errors import MtorlError
 from mtorl.models import Batch
 from mtorl.spec.models import ObjectiveSpec
 from mtorl.training.losses import compute_loss
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MtorlError, RuntimeError):
     """Raised when a loss becomes NaN/inf; the last good checkpoint is kept."""
 
 

@@ -139,10 +139,18 @@ def run_tune(job: TuneJob, progress: Any = print) -> dict[str, Any]:
     sweep_uri = storage.join(spec.output, job.metadata.name)
     trials_uri = storage.join(sweep_uri, "trials")
     storage_path, fs = storage_args(spec.output)
+    if fs is not None:  # Tune pickles this into its experiment state: no keys in it (the SDK finds them)
+        fs = storage.pyarrow_s3_keyless()
     group = spec.base.tracking.group or job.metadata.name
     metric, mode = spec.objective.metric, spec.objective.mode
     epochs = spec.base.trainer.epochs
 
+    from mtorl.training.driver import check_train_resources
+
+    check_train_resources(base)  # one trial must fit (parallel_trials beyond that just wait their turn)
+    from mtorl.data.pipeline import load_manifest
+
+    load_manifest(spec.base.data)  # a missing dataset is one line here, not a traceback from every trial
     kill_pid = os.getpid() if os.environ.get(KILL_DRIVER_AFTER_TRIAL_ENV) == "1" else None
     trainable = tune.with_resources(_make_trial_fn(job_to_dict(base), trials_uri, job.metadata.name, group, kill_pid), {"CPU": 0.01})
     if spec.early_stopping == "asha":
@@ -182,7 +190,10 @@ def run_tune(job: TuneJob, progress: Any = print) -> dict[str, Any]:
                                       storage_filesystem=fs, stop=GoalStopper(metric, mode, spec.objective.goal), callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1),
         )
-    results = tuner.fit()
+    from mtorl.storage.credentials import secrets_out_of_environ
+
+    with secrets_out_of_environ():  # Tune copies AWS_* keys into every trial's (logged) runtime_env
+        results = tuner.fit()
     return summarize(job, results, sweep_uri, trials_uri, time.time() - t0, restored, progress)
 
 

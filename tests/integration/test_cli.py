@@ -41,7 +41,7 @@ def test_prepare_via_cli_writes_result_without_secrets(s3_store: Any, s3_bucket:
 def test_wrong_credentials_one_clear_line(s3_store: Any, s3_bucket: str, tmp_path: Path) -> None:
     csv = write_journeys_csv(tmp_path / "j.csv", users=10)
     r = _mtorl(*_prepare_args(csv, f"{s3_bucket}/ds2"), env={"AWS_SECRET_ACCESS_KEY": "definitely-wrong"})
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert "Traceback" not in r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and s3_bucket in lines[0] and "refused the credentials" in lines[0], r.stderr
@@ -50,10 +50,10 @@ def test_wrong_credentials_one_clear_line(s3_store: Any, s3_bucket: str, tmp_pat
 
 def test_reading_a_missing_bucket_is_a_clear_error(s3_store: Any) -> None:
     r = _mtorl("evaluate", "--checkpoint", "s3://no-such-bucket-mtorl/runs/x", "--output", "s3://no-such-bucket-mtorl/rep")
-    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "no-such-bucket-mtorl" in r.stderr
 
 
 def test_missing_manifest_is_a_clear_error(s3_store: Any, s3_bucket: str) -> None:
     r = _mtorl("prepare", "--source", "journeys", "--input", "nope.csv", "--output", f"{s3_bucket}/x")
-    assert r.returncode == 1 and "Traceback" not in r.stderr and "nope.csv" in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "nope.csv" in r.stderr

@@ -120,3 +120,34 @@ def test_pyarrow_roundtrip_and_trees(s3_bucket: str, tmp_path: Path) -> None:
     storage.delete_prefix(storage.join(s3_bucket, "run"))
     assert storage.list_files(dest) == []
     assert storage.list_files(storage.join(s3_bucket, "ds")) == [storage.join(s3_bucket, "ds", "part-00000.parquet")]
+
+
+def test_up_restarts_from_a_shell_holding_the_printed_env(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's repro: store up; eval its export lines; store down; store up -> ready, same data."""
+    import time
+
+    d = tmp_path / "restart-store"
+    port = seaweed.free_ports(1)[0]
+    assert seaweed.store_command("up", str(d), port) == 0
+    out = capsys.readouterr().out
+    try:
+        for line in out.splitlines():
+            if line.startswith("export "):
+                k, v = line.removeprefix("export ").split("=", 1)
+                monkeypatch.setenv(k, v)
+        st = seaweed._load(d)
+        assert st is not None
+        storage.boto3_client(st.settings()).create_bucket(Bucket="owned")
+        storage.boto3_client(st.settings()).put_object(Bucket="owned", Key="k", Body=b"v")
+        assert seaweed.store_command("down", str(d), None) == 0
+        t0 = time.monotonic()
+        assert seaweed.store_command("up", str(d), port) == 0, capsys.readouterr().err
+        assert time.monotonic() - t0 < 60
+        st2 = seaweed._load(d)
+        assert st2 is not None and st2.pid
+        assert storage.boto3_client(st2.settings()).get_object(Bucket="owned", Key="k")["Body"].read() == b"v"
+        assert seaweed.store_command("up", str(d), port) == 0  # an up over a serving store leaves it alone
+        assert seaweed._load(d).pid == st2.pid and seaweed._cmdline(st2.pid) is not None  # type: ignore[union-attr]
+    finally:
+        seaweed.down(d)

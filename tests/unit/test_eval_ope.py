@@ -124,3 +124,35 @@ def test_behaviour_sources_and_fitted_model():
 def test_greedy_policy():
     pi = greedy_policy(np.array([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3]]), epsilon=0.06)
     assert np.allclose(pi, [[0.02, 0.96, 0.02], [0.96, 0.02, 0.02]])
+
+
+def test_ips_snips_pinned_to_hand_computed_values():
+    """4 steps, 2 channels: w = pi_e(a)/b; IPS = mean(w*y); SNIPS = sum(w*y)/sum(w)."""
+    p = Predictions(user=np.arange(4), t=np.zeros(4, int), channel=np.array([0, 1, 0, 1]),
+                    gain=np.array([1.0, 0.0, 0.0, 1.0]), cost=np.ones(4), reward=np.array([1.0, 0.0, 0.0, 1.0]),
+                    propensity=np.array([0.5, 0.25, 0.5, 0.8]), action_probs=np.full((4, 2), 0.5),
+                    reward_pred=np.full((4, 2), 0.5), channels=["a", "b"], binary=True, name="m")
+    target = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])
+    res = off_policy_estimates(p, target, p.propensity, n_boot=10, seed=0)
+    w = np.array([0.9 / 0.5, 0.8 / 0.25, 0.6 / 0.5, 0.5 / 0.8])      # 1.8, 3.2, 1.2, 0.625
+    y = np.array([1.0, 0.0, 0.0, 1.0])
+    assert res["ips"]["value"] == pytest.approx((1.8 + 0.625) / 4, abs=1e-12)             # 0.60625
+    assert res["snips"]["value"] == pytest.approx((1.8 + 0.625) / w.sum(), abs=1e-12)     # 2.425 / 6.825
+    assert res["ips"]["value"] == pytest.approx(float((w * y).mean()), abs=1e-12)
+
+
+@pytest.mark.parametrize("target,needle", [
+    (np.full((4, 2), 0.25), "row 0 (and 3 more) is not a distribution over channels (sum 0.5"),
+    (np.array([[1.2, -0.2], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]), "row 0 (and 0 more)"),
+    (np.array([[0.5, 0.5], [np.nan, 1.0], [0.5, 0.5], [0.5, 0.5]]), "row 1 (and 0 more)"),
+])
+def test_a_target_that_is_not_a_distribution_is_refused(target, needle):
+    from mtorl.evaluation.ope import TargetPolicyError
+
+    p, _ = _bandit(4)
+    p = Predictions(user=p.user, t=p.t, channel=np.minimum(p.channel, 1), gain=p.gain, cost=p.cost, reward=p.reward,
+                    propensity=p.propensity, action_probs=p.action_probs[:, :2], reward_pred=p.reward_pred[:, :2],
+                    channels=["a", "b"], binary=True, name="m")
+    with pytest.raises(TargetPolicyError) as e:
+        off_policy_estimates(p, target, p.propensity, n_boot=10)
+    assert str(e.value).startswith("target policy: ") and needle in str(e.value) and "\n" not in str(e.value)
