@@ -245,10 +245,15 @@ def proxy_port(args: ServeArgs) -> int:
 REPLICA_ENV = {"RAY_SERVE_LOG_TO_STDERR": "0"}
 
 
+def serve_env(args: ServeArgs) -> dict[str, str]:
+    """The Serve switches of ``args`` for the controller and the replicas (none is a secret). Ray Serve's
+    throughput-optimized mode without its direct ingress (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``,
+    ``RAY_SERVE_ENABLE_DIRECT_INGRESS=0``) was measured for ``ingress: proxy`` and lost (BENCHMARKS.md)."""
+    return direct_ingress_env(args.port) if args.ingress == "direct" else {}
+
+
 def _bind(args: ServeArgs, digest: Optional[str] = None) -> Application:
-    env = dict(REPLICA_ENV)
-    if args.ingress == "direct":
-        env.update(direct_ingress_env(args.port))
+    env = {**REPLICA_ENV, **serve_env(args)}
     actor: dict[str, Any] = {"num_cpus": args.num_cpus_per_replica, "runtime_env": {"env_vars": env}}
     dep = MtorlPredictor.options(
         ray_actor_options=actor,
@@ -281,8 +286,8 @@ def serve_config(args: ServeArgs) -> dict[str, Any]:
     """A Serve config (``serve deploy`` / ``serve run`` / KubeRay RayService ``serveConfigV2``)."""
     config: dict[str, Any] = {
         "http_options": {"host": args.host, "port": proxy_port(args), "request_timeout_s": args.request_timeout_s}}
-    if args.ingress == "direct":
-        config["controller_options"] = {"runtime_env": {"env_vars": direct_ingress_env(args.port)}}
+    if serve_env(args):
+        config["controller_options"] = {"runtime_env": {"env_vars": serve_env(args)}}
     return {
         **config,
         "applications": [{
