@@ -33,21 +33,19 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mtorl.data.windows import Journey, compute_reward, normalise_state
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _float32_range(x: float) -> float:
-    if not -FLOAT32_MAX <= x <= FLOAT32_MAX:
-        raise ValueError(f"{x!r} is outside the float32 range the model computes in (|x| <= 3.4e38)")
-    return x
+FLOAT32_RANGE_MSG = "outside the float32 range the model computes in (|x| <= 3.4e38)"
 
-
-# A finite JSON number within float32 range (strict: no string or boolean is coerced).
-Number = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_float32_range)]
+# A finite JSON number within float32 range (strict: no string or boolean is coerced). Native bounds, so
+# pydantic-core checks them without calling back into Python for every number.
+Number = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+NonNegative = Annotated[float, Field(allow_inf_nan=False, ge=0, le=FLOAT32_MAX)]  # (a field's own ge= would lose to Number's)
 Features = dict[str, Number]
 
 
@@ -60,7 +58,7 @@ class StepIn(_In):
 
     channel: str = Field(description="Channel shown at this step (a name from the model's channel list).")
     gain: Number = Field(description="Logged gain g_t (e.g. 1 for a conversion).")
-    cost: Number = Field(ge=0, description="Logged cost w_t of the exposure (cost units, >= 0).")
+    cost: NonNegative = Field(description="Logged cost w_t of the exposure (cost units, >= 0).")
     features: Features = Field(default_factory=dict, description="Step features by name (the model's step_features).")
 
 
@@ -76,8 +74,8 @@ class RecommendRequest(_In):
 
 
 class AllocateRequest(RecommendRequest):
-    budget: Number = Field(ge=0, description="Budget in cost units; the spend never exceeds it.")
-    penalty: Number | None = Field(None, ge=0, description="Budget penalty s of the channel-level module (default 0).")
+    budget: NonNegative = Field(description="Budget in cost units; the spend never exceeds it.")
+    penalty: NonNegative | None = Field(None, description="Budget penalty s of the channel-level module (default 0).")
 
 
 class UserRecommendation(BaseModel):
@@ -145,7 +143,11 @@ def validation_detail(err: ValidationError, limit: int = 5) -> str:
     parts = []
     for e in err.errors()[:limit]:
         path = field_path(e.get("loc", ()))
-        parts.append(f"{path or 'body'}: {str(e.get('msg', 'invalid')).removeprefix('Value error, ')}")
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        bound = (e.get("ctx") or {}).get("le", (e.get("ctx") or {}).get("ge"))
+        if isinstance(bound, float) and abs(bound) == FLOAT32_MAX:
+            msg = f"{e.get('input')!r} is {FLOAT32_RANGE_MSG}"
+        parts.append(f"{path or 'body'}: {msg}")
     more = len(err.errors()) - limit
     return "; ".join(parts) + (f"; ... {more} more" if more > 0 else "")
 

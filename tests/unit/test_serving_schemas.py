@@ -280,3 +280,10 @@ def test_micro_batcher_batches_and_keeps_answers_apart() -> None:
     assert [o for o in out if not isinstance(o, ValueError)] == [10 * i for i in range(1, 22) if i % 5]
     assert [str(o) for o in out if isinstance(o, ValueError)] == ["bad 5", "bad 10", "bad 15", "bad 20"]
     assert sizes == [8, 8, 4, 1]
+
+
+@pytest.mark.parametrize("extra, field", [({"budget": -1.0}, "budget"), ({"budget": 1e39}, "budget"),
+                                          ({"budget": 1.0, "penalty": -0.1}, "penalty"), ({"budget": True}, "budget")])
+def test_budget_and_penalty_are_non_negative_float32_numbers(extra: dict[str, Any], field: str) -> None:
+    e = _err({"users": [_user()], **extra}, AllocateRequest)
+    assert e.status == 422 and e.detail.startswith(field + ":"), e.detail
