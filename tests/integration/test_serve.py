@@ -246,8 +246,9 @@ def _train_other(data: str) -> str:
 
 
 def test_zero_downtime_update(served: dict[str, Any], tiny_dataset: str) -> None:
-    """Redeploy with another checkpoint while a client loop sends requests: none is lost, and none waits a
-    second (the new replica starts and becomes healthy before the old one stops: max_surge_percent)."""
+    """Redeploy with another checkpoint while a client loop sends requests: none is lost, and none waits for
+    the new model to load (the new replica starts and becomes healthy before the old one stops:
+    max_surge_percent)."""
     from mtorl.serving.app import run_serve
 
     new_ckpt = _train_other(tiny_dataset)
@@ -295,7 +296,10 @@ def test_zero_downtime_update(served: dict[str, Any], tiny_dataset: str) -> None
     print(f"update under load: {len(statuses)} requests, update took {t_done:.1f} s, max latency {max(latency):.3f} s; "
           "slowest (latency s, sent s after the update began): "
           + ", ".join(f"({lat:.3f}, {t0 - t_update:+.1f})" for lat, t0 in slow))
-    assert max(latency) < 1.0, f"a request waited {max(latency):.2f} s during the update"
+    # Serve's stop-then-start left clients without an answer for 4.5-5.4 s while the new model loaded. With
+    # surge the slowest request is the one competing for CPU with the new replica's start-up: 0.48-1.36 s
+    # on 2 cores at load average 30-64 (BENCHMARKS.md); the bound keeps a margin for such a machine.
+    assert max(latency) < 2.0, f"a request waited {max(latency):.2f} s during the update"
     assert res["model_version"] != served["model_version"]
     assert versions[0] == served["model_version"] and versions[-1] == res["model_version"]
 
