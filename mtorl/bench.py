@@ -14,7 +14,9 @@ Stages (ratio = ours / plain reference, same machine, same data, same run):
 - ``train``: samples/s of 1- and 2-worker Ray Train runs (``run_train``) vs the plain single-process loop
   over the same windows in memory, and the fraction of step time spent waiting for input.
 - ``serve``: p50/p99 latency and requests/s at concurrency 1, 8, 32 over HTTP (one journey of length 20
-  per request) vs the raw ``Predictor`` forward throughput at the serving batch size.
+  per request) of each Ray Serve ingress mode vs the plain reference server (the same request code on one
+  uvicorn worker, ``mtorl.serving.plain``), and journeys/s of requests carrying 8 and 32 users vs the raw
+  ``Predictor`` forward at the same batch size.
 - ``scale``: peak memory and wall time of ``prepare`` and of one 2-worker training epoch (streaming forced) at two sizes, each in its own
   subprocess (its own Ray); peak memory is the subprocess's VmHWM and, for the epoch, the sampled peak of the
   summed RSS of its whole process tree (Ray's raylet, workers and object store included).
@@ -57,6 +59,8 @@ MODEL: dict[str, Any] = {"name": "mtorl", "hidden": 32, "tcn": {"levels": 2}, "a
 SERVE_LENGTH = 20
 SERVE_BATCH = 32
 CONCURRENCY = (1, 8, 32)
+USERS_PER_REQUEST = (1, 8, 32)   # request sizes (users per request) measured at SIZE_CONCURRENCY
+SIZE_CONCURRENCY = 8
 MARK_START = "<!-- bench:{device}:start -->"
 MARK_END = "<!-- bench:{device}:end -->"
 BENCH_ENV = {  # the local-Ray defaults of mtorl.raycluster, plus no auth and no W&B for a throwaway cluster
@@ -68,7 +72,7 @@ BENCH_ENV = {  # the local-Ray defaults of mtorl.raycluster, plus no auth and no
 TARGETS = {
     "stream": "stream/train > 1",
     "train": "1-worker ratio >= 0.8; input wait <= 10%",
-    "serve": "served >= 50% of raw; p99 at c=8 <= 50 ms (CPU)",
+    "serve": ">= 0.8x plain req/s at c=8 and c=32; p99 at c=8 <= 50 ms (CPU); 32-user requests >= 50% of raw journeys/s",
     "scale": "peak memory at the large size <= 1.5x the small",
 }
 
@@ -604,11 +608,15 @@ class Bench:
 
         ck = self._ensure_checkpoint()
         bodies = serve_bodies(self._csv(), self.fmt, SERVE_LENGTH, 64)
-        # raw: the Predictor alone on journeys of the same length, at the serving batch size
+        sized = {n: merge_bodies(bodies, n) for n in USERS_PER_REQUEST if n > 1}
+        # raw: the Predictor alone on journeys of the same length, at each batch size, 1 torch thread (a
+        # replica's share)
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
         pred = Predictor.from_checkpoint(ck, device=self.device)
         journeys = [j for j in _test_journeys(self.data(), SERVE_LENGTH)][:SERVE_BATCH]
         raw: dict[str, Any] = {}
-        for bs in (1, SERVE_BATCH):
+        for bs in sorted({1, SERVE_BATCH, *USERS_PER_REQUEST}):
             chunk = (journeys * SERVE_BATCH)[:bs]
             pred.predict_next(chunk)
             t0 = time.perf_counter()
@@ -620,42 +628,61 @@ class Bench:
             raw[f"batch_{bs}"] = {"journeys_per_s": round(_rate(bs * self.sizes.raw_repeats, sec), 1),
                                   "ms_per_call": round(1000 * sec / self.sizes.raw_repeats, 2)}
         del pred
+        torch.set_num_threads(saved)
+
+        def levels(url: str) -> dict[str, Any]:
+            out = {f"c{c}": http_load(url, bodies, c, self.sizes.requests if c > 1 else max(50, self.sizes.requests // 2))
+                   for c in CONCURRENCY}
+            for n, bs in sized.items():  # many users per request, at the headline concurrency
+                r = http_load(url, bs, SIZE_CONCURRENCY, max(40, self.sizes.requests // 2))
+                out[f"users_{n}"] = {**r, "users_per_request": n,
+                                     "journeys_per_s": round(r["requests_per_s"] * n, 1),
+                                     "vs_raw": _ratio(r["requests_per_s"] * n, raw[f"batch_{n}"]["journeys_per_s"])}
+            return out
+
+        modes: dict[str, Any] = {}
+        port = free_ports(1)[0]
+        with plain_server(ck, port, self.work / "plain.log") as url:
+            modes["plain"] = levels(url + RECOMMEND_PATH)
+        self.say(f"bench: plain uvicorn c8 {modes['plain']['c8']['requests_per_s']} req/s")
 
         from ray import serve
 
         from mtorl.serving.app import run_serve
 
         self.ray()
-
-        def load(ingress: str) -> dict[str, Any]:
+        for ingress in ("proxy", "direct"):
             port = free_ports(1)[0]
             job = make_job("ServeJob", f"bench-serve-{ingress}", {"checkpoint": ck, "port": port, "ingress": ingress,
                                                                  "max_batch_size": SERVE_BATCH, "max_ongoing_requests": 64})
             served = run_serve(job, address=None, config_out=str(self.work / f"serve_config_{ingress}.yaml"),
                                blocking=False, progress=self.say)
             try:
-                url = str(served["url"]).rstrip("/") + RECOMMEND_PATH
-                return {f"c{c}": http_load(url, bodies, c, self.sizes.requests if c > 1 else max(50, self.sizes.requests // 2))
-                        for c in CONCURRENCY}
+                modes[ingress] = levels(str(served["url"]).rstrip("/") + RECOMMEND_PATH)
             finally:
                 serve.shutdown()
+            self.say(f"bench: serve {ingress} c8 {modes[ingress]['c8']['requests_per_s']} req/s")
 
-        levels = load("proxy")
-        direct = load("direct")
-        raw_top = raw[f"batch_{SERVE_BATCH}"]["journeys_per_s"]
-        top = f"c{CONCURRENCY[-1]}"
-        ratio = _ratio(levels[top]["requests_per_s"], raw_top)
-        ratio_direct = _ratio(direct[top]["requests_per_s"], raw_top)
+        plain = modes["plain"]
+        vs_plain = {m: {k: {"requests_per_s": _ratio(v["requests_per_s"], plain[k]["requests_per_s"]),
+                            "p50": _ratio(v["p50_ms"], plain[k]["p50_ms"]), "p99": _ratio(v["p99_ms"], plain[k]["p99_ms"])}
+                        for k, v in modes[m].items()} for m in ("proxy", "direct")}
+        top = f"users_{max(USERS_PER_REQUEST)}"
 
-        def ok(r: Optional[float], lv: dict[str, Any]) -> bool:
-            return bool(r is not None and r >= 0.5 and (self.device != "cpu" or lv["c8"]["p99_ms"] <= 50.0))
+        def met(m: str) -> bool:
+            r = vs_plain[m]
+            return bool(all((r[k]["requests_per_s"] or 0) >= 0.8 for k in ("c8", "c32"))
+                        and (self.device != "cpu" or modes[m]["c8"]["p99_ms"] <= 50.0)
+                        and (modes[m][top]["vs_raw"] or 0) >= 0.5)
 
-        return {"ours": levels, "direct": direct,
-                "baseline": {"name": f"Predictor.predict_next, journeys of length {SERVE_LENGTH}", **raw},
-                "ratio": ratio, "ratio_direct": ratio_direct, "target": TARGETS["serve"],
-                "met": ok(ratio, levels), "met_direct": ok(ratio_direct, direct),
-                "note": f"one journey per request; ours = ingress 'proxy' (the default), direct = ingress 'direct'; "
-                        f"ratio = requests/s at concurrency {CONCURRENCY[-1]} / raw journeys/s at batch {SERVE_BATCH}"}
+        return {"ours": modes["proxy"], "direct": modes["direct"], "plain": plain, "vs_plain": vs_plain,
+                "baseline": {"name": f"Predictor.predict_next, journeys of length {SERVE_LENGTH}, 1 torch thread", **raw},
+                "ratio": vs_plain["proxy"]["c8"]["requests_per_s"], "ratio_direct": vs_plain["direct"]["c8"]["requests_per_s"],
+                "target": TARGETS["serve"], "met": met("proxy"), "met_direct": met("direct"),
+                "note": f"one journey of {SERVE_LENGTH} steps per request at concurrency 1/8/32, then {', '.join(map(str, sized))} "
+                        f"users per request at concurrency {SIZE_CONCURRENCY}; ours = ingress 'proxy' (the default), "
+                        "direct = ingress 'direct', plain = the same request code on one uvicorn worker "
+                        "(mtorl.serving.plain); ratio = req/s at c=8 / plain's"}
 
     def stage_scale(self) -> dict[str, Any]:
         import ray
@@ -728,6 +755,57 @@ def serve_bodies(csv: Path, fmt: dict[str, Any], length: int, n: int) -> list[by
     if not bodies:
         raise RuntimeError(f"no user with {length} steps in the first rows of {csv.name}")
     return bodies
+
+
+def merge_bodies(bodies: list[bytes], n: int) -> list[bytes]:
+    """Request bodies of ``n`` users each, made of the one-user ``bodies`` (user ids made unique)."""
+    users = [json.loads(b)["users"][0] for b in bodies]
+    out = []
+    for k in range(max(1, len(users) // max(1, n // 4))):  # overlapping windows: enough distinct bodies
+        group = [dict(users[(k + i) % len(users)], user_id=f"{users[(k + i) % len(users)]['user_id']}-{i}") for i in range(n)]
+        out.append(json.dumps({"users": group}).encode())
+    return out
+
+
+class plain_server:
+    """``python -m mtorl.serving.plain`` in a subprocess on loopback ``port``: enter -> its base URL once
+    /healthz answers; exit -> stopped by PID."""
+
+    def __init__(self, checkpoint: str, port: int, log: Path) -> None:
+        self.cmd = [sys.executable, "-m", "mtorl.serving.plain", "--checkpoint", checkpoint, "--port", str(port)]
+        self.url, self.log = f"http://127.0.0.1:{port}", log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> str:
+        import http.client
+
+        self._f = open(self.log, "wb")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._f, stderr=subprocess.STDOUT, env=os.environ.copy())
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"plain server exited {self.proc.returncode}: {self.log.read_text()[-500:]}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", int(self.url.rsplit(":", 1)[1]), timeout=2)
+                conn.request("GET", "/healthz")
+                if conn.getresponse().status == 200:
+                    conn.close()
+                    return self.url
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.__exit__()
+        raise RuntimeError("plain server did not answer /healthz in 180 s")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._f.close()
 
 
 def recommend_request(user_id: str, steps: list[dict[str, Any]], fmt: dict[str, Any]) -> dict[str, Any]:
@@ -938,19 +1016,28 @@ def table_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]
                              f"{_fmt(d['baseline']['windows_per_s'])} (plain loop, {where}{base_gpu})", _fmt(r["ratio"]),
                              d["target"] if k == "1w" else "", met(d) if k == "1w" else ""))
         elif name == "serve":
-            raw = d["baseline"][f"batch_{SERVE_BATCH}"]["journeys_per_s"]
-            raw1 = d["baseline"]["batch_1"]["journeys_per_s"]
-            modes = [("ours", "ratio", "met", "")] + ([("direct", "ratio_direct", "met_direct", ", direct ingress")]
-                                                     if "direct" in d else [])
-            for key, rkey, mkey, label in modes:
+            raw = d["baseline"]
+            labels = [("plain", "plain", "plain uvicorn (reference)"), ("ours", "proxy", "proxy ingress (default)"),
+                      ("direct", "direct", "direct ingress")]
+            for key, mode, label in labels:
+                if key not in d:
+                    continue
                 for k, r in d[key].items():
-                    last = k == f"c{CONCURRENCY[-1]}"
-                    rows.append((f"serve{label} concurrency {k[1:]} (req/s; p50/p99 ms)",
+                    if k.startswith("users_"):
+                        n = int(k.split("_")[1])
+                        rows.append((f"serve {label}, {n} users/request at c={SIZE_CONCURRENCY} (journeys/s; p50/p99 ms)",
+                                     f"{_fmt(r['journeys_per_s'])}; {_fmt(r['p50_ms'])}/{_fmt(r['p99_ms'])}",
+                                     f"{_fmt(raw[f'batch_{n}']['journeys_per_s'])} (raw forward, batch {n})",
+                                     _fmt(r["vs_raw"]), "≥ 0.5" if n == max(USERS_PER_REQUEST) and key == "ours" else "", ""))
+                        continue
+                    vp = d.get("vs_plain", {}).get(mode, {}).get(k)
+                    ratio = (f"{_fmt(vp['requests_per_s'])} (p50 {_fmt(vp['p50'])}×, p99 {_fmt(vp['p99'])}×)" if vp else "1")
+                    rows.append((f"serve {label}, concurrency {k[1:]} (req/s; p50/p99 ms)",
                                  f"{_fmt(r['requests_per_s'])}; {_fmt(r['p50_ms'])}/{_fmt(r['p99_ms'])}",
-                                 f"{_fmt(raw)} (Predictor, batch {SERVE_BATCH})" if last else "",
-                                 _fmt(d[rkey]) if last else _fmt(_ratio(r["requests_per_s"], raw))
-                                 + (f" (vs batch 1: {_fmt(_ratio(r['requests_per_s'], raw1))})" if k == "c1" else ""),
-                                 d["target"] if k == "c8" else "", met({"met": d[mkey]}) if k == "c8" else ""))
+                                 "" if key == "plain" else "plain uvicorn, same row", ratio,
+                                 d["target"] if k == "c8" and key == "ours" else "",
+                                 met({"met": d["met"]}) if k == "c8" and key == "ours"
+                                 else met({"met": d["met_direct"]}) if k == "c8" and key == "direct" else ""))
         elif name == "scale":
             small, large = (d["ours"][str(s)] for s in d["sizes"])
             for part in ("prepare", "epoch"):

@@ -28,9 +28,6 @@ token's SHA-256 digest. The token is never logged.
 # (a class, not a string) to validate the config's ``args`` into ``ServeArgs``.
 
 import asyncio
-import hashlib
-import hmac
-import ipaddress
 import json
 import os
 import signal
@@ -38,33 +35,22 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError, model_validator
 from ray import serve
 from ray.serve import Application
 
 import mtorl
 from mtorl.serving.schemas import (
-    AllocateRequest, AllocateResponse, Limits, Prepared, Preprocessor, RecommendRequest, RecommendResponse,
-    RequestError, allocation, parse_request, recommend_scores, recommendations,
+    AllocateRequest, AllocateResponse, Limits, Preprocessor, RecommendRequest, RecommendResponse, RequestError,
 )
+from mtorl.serving.service import Answer, Job, Service, is_loopback, sample_user, token_digest
 from mtorl.spec import ServeJob, ServeSpec, SpecError
 
 IMPORT_PATH = "mtorl.serving.app:build_app"
 DEPLOYMENT_NAME = "MtorlPredictor"
-LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class ServeArgs(ServeSpec):
@@ -76,10 +62,6 @@ class ServeArgs(ServeSpec):
             raise ValueError(f"host {self.host!r} is not a loopback address: set auth_token_env "
                              "(the env var holding the bearer token) to expose the endpoints")
         return self
-
-
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ FastAPI ingress
@@ -110,138 +92,78 @@ def _openapi() -> dict[str, Any]:
 api.openapi = _openapi  # type: ignore[method-assign]
 
 
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "body is not JSON"}, 401: {"description": "missing or wrong token"},
+    413: {"description": "body too large"}, 415: {"description": "Content-Type is not application/json"},
+    422: {"description": "bad input (detail names the field)"}}
+
+
 def _body_doc(name: str) -> dict[str, Any]:
     ref = {"$ref": f"#/components/schemas/{_BODIES[name].__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
-Scored = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # probs (B, C), reward (B, C), channel (B,), its cost (B,)
-
-
-def _sample_user(pre: Preprocessor, user_id: str) -> dict[str, Any]:
-    """A valid one-step request user for the checkpoint's manifest (all required features 0). Defined above
-    the deployment class, which Serve serializes with the module names it uses as they are at that point."""
-    feats = {f: 0.0 for f in pre.step_features if f not in pre.optional_step}
-    user: dict[str, Any] = {"user_id": user_id,
-                            "journey": [{"channel": pre.channels[0], "gain": 0.0, "cost": 1.0, "features": feats}]}
-    if pre.user_features:
-        user["user_features"] = {f: 0.0 for f in pre.user_features}
-    return user
-
-
-def _http(e: RequestError) -> HTTPException:
-    return HTTPException(status_code=e.status, detail=e.detail)
+def _error(e: RequestError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse({"detail": e.detail}, status_code=e.status, headers=headers)
 
 
 @serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=10, health_check_timeout_s=30,
                   graceful_shutdown_wait_loop_s=1, graceful_shutdown_timeout_s=30)
 @serve.ingress(api)
 class MtorlPredictor:
-    """One replica: a ``Predictor`` loaded from object storage plus request preprocessing from its manifest."""
+    """One replica: a ``Predictor`` loaded from object storage behind ``mtorl.serving.service.Service`` (the
+    request checks, preprocessing and response code the plain reference server runs too)."""
 
     def __init__(self, args: dict[str, Any], digest: Optional[str] = None):
         from mtorl.serving.predictor import Predictor
 
         self.args = ServeArgs.model_validate(args)
-        self._digest = digest
-        if self._digest is None and self.args.auth_token_env:
+        if digest is None and self.args.auth_token_env:
             token = os.environ.get(self.args.auth_token_env)
             if not token:
                 raise RuntimeError(f"auth_token_env: environment variable {self.args.auth_token_env} is not set "
                                    "on this replica's node; refusing to serve without the token")
-            self._digest = token_digest(token)
-        if self._digest is None and not is_loopback(self.args.host):
+            digest = token_digest(token)
+        if digest is None and not is_loopback(self.args.host):
             raise RuntimeError(f"host {self.args.host!r} is not loopback and no token is configured")
         threads = max(1, int(round(self.args.num_cpus_per_replica)))
         self.predictor = Predictor.from_checkpoint(self.args.checkpoint)
         import torch
 
         torch.set_num_threads(threads)
-        self.pre = Preprocessor(self.predictor.manifest, Limits(self.args.max_users_per_request, self.args.max_journey_length))
-        meta = self.predictor.meta
-        self.version = str(meta.get("sha256", {}).get("model.safetensors", ""))[:12] or "unknown"
+        self.service = Service(self.predictor, Limits(self.args.max_users_per_request, self.args.max_journey_length),
+                               self.args.max_body_bytes, digest)
+        self.pre, self.version = self.service.pre, self.service.version
         self._forward.set_max_batch_size(self.args.max_batch_size)
         self._forward.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
-        self.stats = {"requests": 0, "users": 0, "batches": 0}
-        self._warm_up()
-
-    def _warm_up(self) -> None:
-        """One request's whole path (parse, preprocess, forward, score, allocate) on a made-up user before the
-        replica reports ready: lazy imports and first-call set-up happen here rather than in a client's
-        request, and before Serve freezes the start-up objects out of the garbage collector's scans (objects
-        created after that freeze made every full collection a ~35 ms pause in the request path)."""
-        pre = self.pre
-        req = parse_request(AllocateRequest, {"users": [_sample_user(pre, "warm-up")], "budget": 1.0})
-        p = pre.prepare(req.users)
-        probs, reward, best, kb = self._score([p])
-        JSONResponse(recommendations(p, probs, reward, pre.channels, scored=(best, kb)))
-        JSONResponse(allocation(p, probs, reward, pre.channels, req.budget, req.penalty))
+        # One request's whole path on a made-up user before the replica reports ready: lazy imports and
+        # first-call set-up happen here rather than in a client's request, and before Serve freezes the
+        # start-up objects out of the garbage collector's scans (objects created after that freeze made
+        # every full collection a ~35 ms pause in the request path).
+        self.service.warm_up()
 
     def check_health(self) -> None:
         if self.predictor is None or self.pre is None:
             raise RuntimeError("model not loaded")
 
-    # -- request plumbing
-    def _authorize(self, request: Request) -> None:
-        if self._digest is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        ok = hmac.compare_digest(token_digest(token.strip() if scheme.lower() == "bearer" else ""), self._digest)
-        if not ok or not token.strip():
-            raise HTTPException(status_code=401, detail="authorization: missing or invalid bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})
-
-    async def _json(self, request: Request) -> Any:
-        limit = self.args.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            try:
-                n = int(declared)
-            except ValueError:
-                raise HTTPException(status_code=400, detail="content-length: not an integer") from None
-            if n > limit:
-                raise HTTPException(status_code=413, detail=f"body: {n} bytes, the limit is {limit} (max_body_bytes)")
-        buf = bytearray()
-        async for chunk in request.stream():
-            buf += chunk
-            if len(buf) > limit:
-                raise HTTPException(status_code=413, detail=f"body: more than {limit} bytes (max_body_bytes)")
-        try:
-            return json.loads(buf)
-        except (ValueError, RecursionError) as e:
-            raise HTTPException(status_code=400, detail=f"body: not valid JSON ({str(e)[:200]})") from None
-
-    async def _prepare(self, request: Request, model: type) -> tuple[Any, Prepared]:
-        self._authorize(request)
-        try:
-            req = parse_request(model, await self._json(request))
-            return req, self.pre.prepare(req.users)
-        except RequestError as e:
-            raise _http(e) from None
-
-    def _score(self, requests: list[Prepared]) -> Scored:
-        journeys = [j for p in requests for j in p.journeys]
-        nxt = np.concatenate([p.next_states for p in requests])                      # (sum B, D)
-        probs, reward = self.predictor.predict_next(journeys, nxt)                   # (sum B, C) each
-        best, kb = recommend_scores(probs, reward, np.concatenate([p.costs for p in requests]))  # (sum B,) each
-        return probs, reward, best, kb
-
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _forward(self, requests: list[Prepared]) -> list[Scored]:
-        """One model forward, and one channel scoring, for the users of many concurrent requests (dynamic batching)."""
-        arrays = await asyncio.to_thread(self._score, requests)
-        self.stats["batches"] += 1
-        out, s = [], 0
-        for p in requests:
-            out.append(tuple(a[s:s + len(p)] for a in arrays))
-            s += len(p)
-        return out
+    async def _forward(self, jobs: list[Job]) -> list[Answer]:
+        """One model forward, one channel scoring and every response body for many concurrent requests
+        (dynamic batching), in a worker thread; each request gets its own body or its own error."""
+        return await asyncio.to_thread(self.service.run_batch, jobs)
 
-    async def _predict(self, p: Prepared) -> Scored:
-        self.stats["requests"] += 1
-        self.stats["users"] += len(p)
-        return await self._forward(p)
+    async def _handle(self, request: Request, kind: str) -> Response:
+        svc = self.service
+        try:
+            svc.authorize(request.headers)
+            job = svc.parse(kind, await svc.read_body(request.headers, request.stream))  # alone, before any batch
+        except RequestError as e:
+            return _error(e)
+        answer = await self._forward(job)
+        if isinstance(answer, RequestError):
+            return _error(answer)
+        return Response(answer, media_type="application/json")
 
     # -- endpoints
     @api.get("/healthz")
@@ -249,32 +171,26 @@ class MtorlPredictor:
         return {"status": "ok", "model_version": self.version}
 
     @api.post("/v1/recommend", response_model=RecommendResponse, openapi_extra=_body_doc("recommend"),
-              responses={401: {"description": "missing or wrong token"}, 413: {"description": "body too large"},
-                         422: {"description": "bad input (detail names the field)"}})
-    async def recommend(self, request: Request) -> JSONResponse:
+              responses=_ERRORS)
+    async def recommend(self, request: Request) -> Response:
         """Next-channel recommendation for each user."""
-        _, p = await self._prepare(request, RecommendRequest)
-        probs, reward, best, kb = await self._predict(p)
-        # Sent as built (the fields of RecommendResponse): returning a dict would have FastAPI validate it into
-        # the response model again and re-encode it on every request. The model still documents the response,
-        # and the integration tests validate responses against it.
-        return JSONResponse({"model_version": self.version,
-                             "users": recommendations(p, probs, reward, self.pre.channels, scored=(best, kb))})
+        # The body is sent as built (the fields of RecommendResponse): the model documents the response, and
+        # the integration tests validate responses against it.
+        return await self._handle(request, "recommend")
 
     @api.post("/v1/allocate", response_model=AllocateResponse, openapi_extra=_body_doc("allocate"),
-              responses={401: {"description": "missing or wrong token"}, 413: {"description": "body too large"},
-                         422: {"description": "bad input (detail names the field)"}})
-    async def allocate(self, request: Request) -> JSONResponse:
+              responses=_ERRORS)
+    async def allocate(self, request: Request) -> Response:
         """Which users to target, and on which channel, within a budget (spend <= budget)."""
-        req, p = await self._prepare(request, AllocateRequest)
-        probs, reward, _, _ = await self._predict(p)
-        res = allocation(p, probs, reward, self.pre.channels, req.budget, req.penalty)
-        return JSONResponse({"model_version": self.version, **res})  # as built, like recommend
+        return await self._handle(request, "allocate")
 
     @api.get("/v1/model")
-    async def model(self, request: Request) -> dict[str, Any]:
+    async def model(self, request: Request) -> Any:
         """Checkpoint version, training spec and metrics, data manifest summary."""
-        self._authorize(request)
+        try:
+            self.service.authorize(request.headers)
+        except RequestError as e:
+            return _error(e)
         meta, man = self.predictor.meta, self.predictor.manifest
         return {
             "model_version": self.version,
@@ -301,7 +217,7 @@ class MtorlPredictor:
             },
             "serving": {k: getattr(self.args, k) for k in ("max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests",
                                                            "max_journey_length", "max_users_per_request", "max_body_bytes")},
-            "stats": dict(self.stats),
+            "stats": dict(self.service.stats),
         }
 
 
@@ -323,12 +239,26 @@ def proxy_port(args: ServeArgs) -> int:
     return args.port if args.ingress == "proxy" else (args.port + 1 if args.port < 65535 else args.port - 1)
 
 
+# Replica settings (no secrets: Ray logs runtime_env env_vars). Serve's own log lines, the access log
+# included, still go to the replica's log file; only the copy on stderr, which Ray streams to the driver's
+# stdout line by line, is dropped.
+REPLICA_ENV = {"RAY_SERVE_LOG_TO_STDERR": "0"}
+
+
+def serve_env(args: ServeArgs) -> dict[str, str]:
+    """The Serve switches of ``args`` for the controller and the replicas (none is a secret). Ray Serve's
+    throughput-optimized mode without its direct ingress (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``,
+    ``RAY_SERVE_ENABLE_DIRECT_INGRESS=0``) was measured for ``ingress: proxy`` and lost (BENCHMARKS.md)."""
+    return direct_ingress_env(args.port) if args.ingress == "direct" else {}
+
+
 def _bind(args: ServeArgs, digest: Optional[str] = None) -> Application:
-    actor: dict[str, Any] = {"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica}
-    if args.ingress == "direct":
-        actor["runtime_env"] = {"env_vars": direct_ingress_env(args.port)}
+    env = {**REPLICA_ENV, **serve_env(args)}
+    actor: dict[str, Any] = {"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica,
+                             "runtime_env": {"env_vars": env}}
     dep = MtorlPredictor.options(
         ray_actor_options=actor,
+        max_surge_percent=0 if args.ingress == "direct" else args.max_surge_percent,
         max_ongoing_requests=args.max_ongoing_requests,
         logging_config={"enable_access_log": args.access_log, "log_level": args.log_level},
         autoscaling_config={
@@ -357,8 +287,8 @@ def serve_config(args: ServeArgs) -> dict[str, Any]:
     """A Serve config (``serve deploy`` / ``serve run`` / KubeRay RayService ``serveConfigV2``)."""
     config: dict[str, Any] = {
         "http_options": {"host": args.host, "port": proxy_port(args), "request_timeout_s": args.request_timeout_s}}
-    if args.ingress == "direct":
-        config["controller_options"] = {"runtime_env": {"env_vars": direct_ingress_env(args.port)}}
+    if serve_env(args):
+        config["controller_options"] = {"runtime_env": {"env_vars": serve_env(args)}}
     return {
         **config,
         "applications": [{
@@ -382,7 +312,7 @@ def serve_config_yaml(args: ServeArgs) -> str:
 
 
 def _examples(url: str, pre: Preprocessor, auth_env: Optional[str]) -> list[str]:
-    user = _sample_user(pre, "u1")
+    user = sample_user(pre, "u1")
     auth = f" -H \"Authorization: Bearer ${auth_env}\"" if auth_env else ""
     rec = json.dumps({"users": [user]})
     alloc = json.dumps({"users": [user], "budget": 10.0})

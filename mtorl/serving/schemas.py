@@ -13,7 +13,11 @@ e.g. ``users[0].journey[3].features.foo: unknown feature ...``):
   manifest's ``user_features``. Unknown names are rejected; every numeric feature is required. One-hot
   columns of categorical features (``column=value``) may be left out: absent means 0, as for a value
   unseen in training.
-* Values are finite (JSON ``NaN``/``Infinity`` are rejected); ``cost >= 0``.
+* Types are strict: numbers are JSON numbers (a string ``"1.5"`` or a boolean is refused, never coerced),
+  names and ids are JSON strings.
+* Values are finite and within float32 range (the model computes in float32): JSON ``NaN``/``Infinity``,
+  ``1e39`` and ``1e308`` are refused, and so is a value whose *normalised* state is not finite in float32;
+  ``cost >= 0``.
 * ``1 <= len(journey) <= max_journey_length``; ``1 <= len(users) <= max_users_per_request``; user ids unique.
 
 Cost of a channel for a user (used by both endpoints' channel-level module and by allocation): the
@@ -26,26 +30,35 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Annotated, Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mtorl.data.windows import Journey, compute_reward, normalise_state
 
-Features = dict[str, FiniteFloat]
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+FLOAT32_RANGE_MSG = "outside the float32 range the model computes in (|x| <= 3.4e38)"
+
+# A finite JSON number within float32 range (strict: no string or boolean is coerced). Native bounds, so
+# pydantic-core checks them without calling back into Python for every number.
+Number = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+NonNegative = Annotated[float, Field(allow_inf_nan=False, ge=0, le=FLOAT32_MAX)]  # (a field's own ge= would lose to Number's)
+Features = dict[str, Number]
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class StepIn(_In):
     """One logged step of a user's journey (time order)."""
 
     channel: str = Field(description="Channel shown at this step (a name from the model's channel list).")
-    gain: FiniteFloat = Field(description="Logged gain g_t (e.g. 1 for a conversion).")
-    cost: FiniteFloat = Field(ge=0, description="Logged cost w_t of the exposure (cost units, >= 0).")
+    gain: Number = Field(description="Logged gain g_t (e.g. 1 for a conversion).")
+    cost: NonNegative = Field(description="Logged cost w_t of the exposure (cost units, >= 0).")
     features: Features = Field(default_factory=dict, description="Step features by name (the model's step_features).")
 
 
@@ -61,8 +74,8 @@ class RecommendRequest(_In):
 
 
 class AllocateRequest(RecommendRequest):
-    budget: FiniteFloat = Field(ge=0, description="Budget in cost units; the spend never exceeds it.")
-    penalty: FiniteFloat | None = Field(None, ge=0, description="Budget penalty s of the channel-level module (default 0).")
+    budget: NonNegative = Field(description="Budget in cost units; the spend never exceeds it.")
+    penalty: NonNegative | None = Field(None, description="Budget penalty s of the channel-level module (default 0).")
 
 
 class UserRecommendation(BaseModel):
@@ -130,7 +143,11 @@ def validation_detail(err: ValidationError, limit: int = 5) -> str:
     parts = []
     for e in err.errors()[:limit]:
         path = field_path(e.get("loc", ()))
-        parts.append(f"{path or 'body'}: {e.get('msg', 'invalid')}")
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        bound = (e.get("ctx") or {}).get("le", (e.get("ctx") or {}).get("ge"))
+        if isinstance(bound, float) and abs(bound) == FLOAT32_MAX:
+            msg = f"{e.get('input')!r} is {FLOAT32_RANGE_MSG}"
+        parts.append(f"{path or 'body'}: {msg}")
     more = len(err.errors()) - limit
     return "; ".join(parts) + (f"; ... {more} more" if more > 0 else "")
 
@@ -141,6 +158,20 @@ def parse_request(model: type[BaseModel], obj: Any) -> Any:
         return model.model_validate(obj)
     except ValidationError as e:
         raise RequestError("", validation_detail(e)) from None
+
+
+def parse_body(model: type[BaseModel], body: bytes | str) -> Any:
+    """Parse and validate a raw JSON body in one pass (pydantic-core's JSON parser: no intermediate dicts).
+    Not JSON -> ``RequestError`` 400 (``body: not valid JSON ...``); invalid -> 422 naming the fields."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        errs = e.errors()
+        if errs and errs[0].get("type") == "json_invalid":
+            raise RequestError("body", f"not valid JSON ({str(errs[0].get('msg', ''))[:200]})", status=400) from None
+        raise RequestError("", validation_detail(e)) from None
+    except (ValueError, RecursionError) as e:  # e.g. not UTF-8
+        raise RequestError("body", f"not valid JSON ({str(e)[:200]})", status=400) from None
 
 
 # ------------------------------------------------------------------------------------------ preprocessing
@@ -240,19 +271,41 @@ class Preprocessor:
         f = self._vector(u.user_features, self.user_features, set(), f"{where}.user_features", "user feature")  # (Df,)
         gain = np.array([s.gain for s in u.journey], dtype=np.float32)
         cost = np.array([s.cost for s in u.journey], dtype=np.float32)
-        state = normalise_state(q, f, self.manifest)                                   # (T, D)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below, naming the field
+            state = normalise_state(q, f, self.manifest)                               # (T, D)
+        self._check_finite(state, f"{where}.journey", "features", f"{where}.user_features")
         if u.next_features is None:
             nxt = state[-1]
         else:
             qn = self._vector(u.next_features, self.step_features, self.optional_step, f"{where}.next_features", "feature")
-            nxt = normalise_state(qn[None, :], f, self.manifest)[0]                    # (D,)
+            with np.errstate(over="ignore", invalid="ignore"):
+                nxt = normalise_state(qn[None, :], f, self.manifest)[0]                # (D,)
+            self._check_finite(nxt[None, :], f"{where}.next_features", None, f"{where}.user_features")
+        reward = compute_reward(gain, cost, self.manifest)                             # (T,)
+        if not np.isfinite(reward).all():
+            t = int(np.flatnonzero(~np.isfinite(reward))[0])
+            raise RequestError(f"{where}.journey[{t}].gain", "gain and cost give a reward that is not finite")
         journey = Journey(user_id=u.user_id, channel=ch, gain=gain, cost=cost,
-                          propensity=np.full(T, np.nan, dtype=np.float32), state=state,
-                          reward=compute_reward(gain, cost, self.manifest))
+                          propensity=np.full(T, np.nan, dtype=np.float32), state=state, reward=reward)
         costs = self.default_cost.copy()
         seen, last = np.unique(ch[::-1], return_index=True)  # the most recent logged cost of each channel wins
         costs[seen] = cost[::-1][last]
         return journey, nxt, costs
+
+    def _check_finite(self, state: np.ndarray, steps: str, sub: str | None, user: str) -> None:
+        """state (T, D) float32: a value that is in range but not after normalisation ((x - mean) / std with a
+        small std) would make the model's output NaN for every user batched with it; name its field."""
+        bad = ~np.isfinite(state)
+        if not bad.any():
+            return
+        t, d = (int(x) for x in np.argwhere(bad)[0])
+        nq = len(self.step_features)
+        if d < nq:
+            field = f"{steps}[{t}].{sub}.{self.step_features[d]}" if sub else f"{steps}.{self.step_features[d]}"
+        else:
+            field = f"{user}.{self.user_features[d - nq]}"
+        raise RequestError(field, "out of range: its normalised value is not finite in float32 (far outside the "
+                                  "training data's range)")
 
     def prepare(self, users: Sequence[UserIn]) -> Prepared:
         if not users:

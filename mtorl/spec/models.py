@@ -324,13 +324,18 @@ class ServeSpec(_Strict):
     num_gpus_per_replica: float = Field(0.0, ge=0, description="GPUs each replica reserves (Ray num_gpus); 0 = CPU only. The cluster needs GPU nodes (a GPU worker group).")
     max_body_bytes: int = Field(4_000_000, ge=1024)
     num_cpus_per_replica: float = Field(0.5, gt=0)
-    access_log: bool = Field(True, description="Log every request from the replica (Serve's access log).")
+    access_log: bool = Field(True, description="Log every request from the replica (Serve's access log) to its log "
+                             "file under the Ray session's logs/serve/ (not streamed to the driver's stdout).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Replica log level.")
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     ingress: Literal["proxy", "direct"] = Field(
         "proxy", description="proxy: Serve's HTTP proxy routes requests to the replicas (autoscaling, zero-downtime "
         "updates). direct: the single replica serves HTTP on `port` itself (Ray Serve direct ingress), skipping the "
         "proxy hop: several times the requests/s on a small CPU budget (BENCHMARKS.md); one replica, no rolling update.")
+    max_surge_percent: int = Field(100, ge=0, le=100, description="Extra replicas a rolling update may start, in % of "
+                                   "the replica count: with 100 the new replica starts, and becomes healthy, before the "
+                                   "old one stops (no stall while the new model loads). 0: Serve's stop-then-start. "
+                                   "ingress 'direct' always uses 0 (its one replica holds `port`).")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
 
     @model_validator(mode="after")

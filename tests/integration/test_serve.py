@@ -149,6 +149,12 @@ def _bad_cases(man: dict[str, Any]) -> list[tuple[str, Any, int, str]]:
         ("not JSON", b"{users: [", 400, "body"),
         ("wrong type", {"users": "all"}, 422, "users"),
         ("oversized body", {"users": _users(man, 45, steps=40)}, 413, "body"),
+        ("cost beyond float32", body(lambda b: b["users"][0]["journey"][1].update(cost=1e39)), 422, "users[0].journey[1].cost"),
+        ("feature 1e308", body(lambda b: b["users"][1]["journey"][0]["features"].update({feat: 1e308})), 422,
+         f"users[1].journey[0].features.{feat}"),
+        ("string for a number", body(lambda b: b["users"][0]["journey"][0].update(gain="1")), 422, "users[0].journey[0].gain"),
+        ("boolean for a number", body(lambda b: b["users"][0]["journey"][2].update(cost=True)), 422, "users[0].journey[2].cost"),
+        ("number for a channel", body(lambda b: b["users"][0]["journey"][0].update(channel=0)), 422, "users[0].journey[0].channel"),
     ]
 
 
@@ -161,8 +167,15 @@ def test_bad_input_is_4xx_naming_the_field(served: dict[str, Any]) -> None:
         assert r.json()["detail"].startswith(field + ":"), (name, r.json()["detail"])
     # a chunked body (no Content-Length) over the limit is refused too
     big = json.dumps({"users": _users(served["manifest"], 45, steps=40)}).encode()
-    r = _post(url, content=iter([big[i:i + 8192] for i in range(0, len(big), 8192)]), headers=AUTH)
+    r = _post(url, content=iter([big[i:i + 8192] for i in range(0, len(big), 8192)]),
+              headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 413, r.text[:300]
+    # only application/json is parsed as JSON
+    ok = json.dumps({"users": _users(served["manifest"], 1)}).encode()
+    for ctype in (None, "text/plain", "application/x-www-form-urlencoded", "application/jsonx"):
+        r = _post(url, content=ok, headers={**AUTH, **({"Content-Type": ctype} if ctype else {})})
+        assert r.status_code == 415 and r.json()["detail"].startswith("content-type:"), (ctype, r.text[:300])
+    assert _post(url, content=ok, headers={**AUTH, "Content-Type": "application/json; charset=utf-8"}).status_code == 200
     # allocate: the budget is required and finite
     r = _post(f"{served['url']}/v1/allocate", json={"users": _users(served["manifest"], 1)}, headers=AUTH)
     assert r.status_code == 422 and r.json()["detail"].startswith("budget:")
@@ -233,20 +246,27 @@ def _train_other(data: str) -> str:
 
 
 def test_zero_downtime_update(served: dict[str, Any], tiny_dataset: str) -> None:
-    """Redeploy with another checkpoint while a client loop sends requests: none is lost."""
+    """Redeploy with another checkpoint while a client loop sends requests: none is lost, and none waits for
+    the new model to load (the new replica starts and becomes healthy before the old one stops:
+    max_surge_percent)."""
     from mtorl.serving.app import run_serve
 
     new_ckpt = _train_other(tiny_dataset)
     body = {"users": _users(served["manifest"], 2)}
     statuses: list[int] = []
     versions: list[str] = []
+    latency: list[float] = []
+    sent: list[float] = []
     stop = threading.Event()
 
     def client() -> None:
         with httpx.Client(headers=AUTH, timeout=120) as c:
             while not stop.is_set():
+                t0 = time.perf_counter()
                 try:
                     r = c.post(f"{served['url']}/v1/recommend", json=body)
+                    latency.append(time.perf_counter() - t0)
+                    sent.append(t0)
                     statuses.append(r.status_code)
                     if r.status_code == 200:
                         versions.append(r.json()["model_version"])
@@ -259,7 +279,9 @@ def test_zero_downtime_update(served: dict[str, Any], tiny_dataset: str) -> None
     t.start()
     try:
         time.sleep(1.0)
+        t_update = time.perf_counter()
         res = run_serve(_job(new_ckpt, served["port"]), blocking=False, progress=print)
+        t_done = time.perf_counter() - t_update
         deadline = time.time() + 120
         while time.time() < deadline and (not versions or versions[-1] != res["model_version"]):
             time.sleep(0.2)
@@ -270,5 +292,233 @@ def test_zero_downtime_update(served: dict[str, Any], tiny_dataset: str) -> None
         stop.set()
         t.join(timeout=130)
     assert len(statuses) >= 5 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    slow = sorted(zip(latency, sent), reverse=True)[:5]
+    print(f"update under load: {len(statuses)} requests, update took {t_done:.1f} s, max latency {max(latency):.3f} s; "
+          "slowest (latency s, sent s after the update began): "
+          + ", ".join(f"({lat:.3f}, {t0 - t_update:+.1f})" for lat, t0 in slow))
+    # Serve's stop-then-start left clients without an answer for 4.5-5.4 s while the new model loaded. With
+    # surge the slowest request is the one competing for CPU with the new replica's start-up: 0.48-1.36 s in 4 runs
+    # on 2 cores at load average 30-64 (BENCHMARKS.md); the bound keeps a margin for such a machine.
+    assert max(latency) < 2.0, f"a request waited {max(latency):.2f} s during the update"
     assert res["model_version"] != served["model_version"]
     assert versions[0] == served["model_version"] and versions[-1] == res["model_version"]
+
+
+# ------------------------------------------------------------------------------ hostile inputs, many at once
+
+def generated_bad_bodies(man: dict[str, Any]) -> list[tuple[str, bytes, dict[str, str]]]:
+    """At least 200 bad requests, generated: (name, raw body, extra headers). Every one must be a 4xx
+    whose detail names a field (or ``body``/``content-type``), and none a 5xx."""
+    feat, chan = man["step_features"][0], man["channels"][0]
+    bad_numbers: list[Any] = ["1", "1.5", "", True, False, None, [], {}, [1.0], 1e39, -1e39, 1e308, -1e308,
+                              3.5e38, "NaN", "abc"]
+    raw_numbers = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1" * 5000]
+    spots: list[tuple[str, Any]] = [  # (field path, setter)
+        ("users[0].journey[0].gain", lambda b, v: b["users"][0]["journey"][0].update(gain=v)),
+        ("users[0].journey[1].cost", lambda b, v: b["users"][0]["journey"][1].update(cost=v)),
+        ("users[1].journey[3].cost", lambda b, v: b["users"][1]["journey"][3].update(cost=v)),
+        ("users[1].journey[2].gain", lambda b, v: b["users"][1]["journey"][2].update(gain=v)),
+        (f"users[1].journey[2].features.{feat}", lambda b, v: b["users"][1]["journey"][2]["features"].update({feat: v})),
+        ("users[0].next_features." + feat, lambda b, v: b["users"][0].update(
+            next_features={**{f: 0.0 for f in man["step_features"]}, feat: v})),
+    ]
+    if man["user_features"]:
+        uf = man["user_features"][0]
+        spots.append((f"users[1].user_features.{uf}", lambda b, v: b["users"][1]["user_features"].update({uf: v})))
+    out: list[tuple[str, bytes, dict[str, str]]] = []
+    marker = 987654.125
+
+    for path, put in spots:
+        for v in bad_numbers:
+            b = {"users": _users(man, 2)}
+            put(b, v)
+            out.append((f"{path}={v!r}"[:80], json.dumps(b).encode(), {}))
+        for tok in raw_numbers:
+            b = {"users": _users(man, 2)}
+            put(b, marker)
+            out.append((f"{path}={tok[:12]}", json.dumps(b).replace(repr(marker), tok, 1).encode(), {}))
+    for v in (0, 1.5, True, None, [], {}, "", "x" * 300):  # user ids and channels are strings from a known set
+        b = {"users": _users(man, 2)}
+        b["users"][0]["user_id"] = v
+        out.append((f"user_id={v!r}"[:40], json.dumps(b).encode(), {}))
+        b = {"users": _users(man, 2)}
+        b["users"][1]["journey"][0]["channel"] = v
+        out.append((f"channel={v!r}"[:40], json.dumps(b).encode(), {}))
+    for shape in ([], "x", 1, None, True, {"users": None}, {"users": {}}, {"users": [1]}, {"users": [[]]}, {"users": [None]},
+                  {"users": [{}]}, {"users": _users(man, 1), "extra": 1}, {"Users": _users(man, 1)},
+                  {"users": [{**_users(man, 1)[0], "journey": "abc"}]}, {"users": [{**_users(man, 1)[0], "journey": [1, 2]}]},
+                  {"users": [{**_users(man, 1)[0], "journey": [{"channel": chan}]}]},
+                  {"users": [{**_users(man, 1)[0], "user_features": [0.1]}]},
+                  {"users": _users(man, 1) + _users(man, 1)}):  # duplicate user ids
+        out.append((f"shape {json.dumps(shape)[:40]}", json.dumps(shape).encode(), {}))
+    good = json.dumps({"users": _users(man, 2)}).encode()
+    for cut in range(1, len(good), max(1, len(good) // 25)):  # truncated bodies
+        out.append((f"truncated at {cut}", good[:cut], {}))
+    for raw in (b"", b"\xff\xfe\x00{", "{\"users\": [\"\u00e9\"]}".encode("utf-16"), b"[" * 100_000, b"{" * 50_000,
+                b'{"users": [' + b"1," * 5000 + b"1]}", b"\x00" * 64, b"null", b"{'users': []}"):
+        out.append((f"raw {raw[:12]!r}", raw, {}))
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                  "application/xml", "text/json", "", "application/json-patch+json"):
+        out.append((f"content-type {ctype!r}", good, {"Content-Type": ctype}))
+    assert len(out) >= 200, len(out)
+    return out
+
+
+def assert_no_5xx_for_bad_bodies(url: str, man: dict[str, Any]) -> int:
+    """Send every generated bad body (16 at a time); return how many were sent."""
+    cases = generated_bad_bodies(man)
+
+    async def go() -> list[tuple[str, httpx.Response]]:
+        sem = asyncio.Semaphore(16)
+        async with httpx.AsyncClient(timeout=120) as c:
+            async def one(name: str, body: bytes, extra: dict[str, str]) -> tuple[str, httpx.Response]:
+                async with sem:
+                    headers = {**AUTH, "Content-Type": "application/json", **extra}
+                    return name, await c.post(url, content=body, headers=headers)
+            return await asyncio.gather(*[one(*c) for c in cases])
+
+    wrong = []
+    for name, r in asyncio.run(go()):
+        detail = r.json().get("detail") if r.headers.get("content-type", "").startswith("application/json") else None
+        if not (400 <= r.status_code < 500) or not isinstance(detail, str) or ":" not in detail:
+            wrong.append((name, r.status_code, r.text[:200]))
+    assert not wrong, f"{len(wrong)} of {len(cases)} bad bodies were not a 4xx naming a field: {wrong[:10]}"
+    return len(cases)
+
+
+def test_generated_bad_bodies_are_4xx_never_5xx(served: dict[str, Any]) -> None:
+    n = assert_no_5xx_for_bad_bodies(f"{served['url']}/v1/recommend", served["manifest"])
+    assert n >= 200
+    r = _post(f"{served['url']}/v1/recommend", json={"users": _users(served["manifest"], 2)}, headers=AUTH)
+    assert r.status_code == 200, r.text  # and the server still serves
+
+
+def poisoned_bodies(man: dict[str, Any]) -> list[dict[str, Any]]:
+    """Bodies that used to fail the whole batch they joined: values beyond float32 (``1e39``, ``1e308``), and
+    values just inside it whose normalised state or model output can overflow float32."""
+    feat = man["step_features"][0]
+    out = []
+    for i, (where, v) in enumerate([("cost", 1e39), ("feature", 1e308), ("feature", 3.4e38), ("feature", -3.4e38),
+                                    ("gain", 3.0e38), ("cost", 3.3e38)]):
+        b = {"users": _users(man, 2, start=1000 + 10 * i)}
+        step = b["users"][1]["journey"][1]
+        if where == "feature":
+            step["features"][feat] = v
+        else:
+            step[where] = v
+        out.append(b)
+    return out
+
+
+def assert_poison_fails_alone(url: str, man: dict[str, Any], rounds: int = 10) -> None:
+    """Rounds of 16 concurrent requests, valid and poisoned interleaved: every valid one is a 200 with its
+    own users; no poisoned one is a 5xx (those beyond float32 are 4xx; extreme in-range values may be served)."""
+    poison = poisoned_bodies(man)
+
+    async def go() -> list[tuple[bool, int, Any, httpx.Response]]:
+        async with httpx.AsyncClient(headers=AUTH, timeout=120) as c:
+            out = []
+            for r in range(rounds):
+                reqs = []
+                for k in range(16):
+                    if k % 2 == 0:
+                        start = 100 * r + k
+                        reqs.append((True, start, c.post(url, json={"users": _users(man, 2, start=start)})))
+                    else:
+                        reqs.append((False, 0, c.post(url, json=poison[(r + k) % len(poison)])))
+                rs = await asyncio.gather(*[q for _, _, q in reqs])
+                out += [(ok, start, None, resp) for (ok, start, _), resp in zip(reqs, rs)]
+            return out
+
+    valid_failed, poison_not_4xx = [], []
+    for ok, start, _, r in asyncio.run(go()):
+        if ok:
+            if r.status_code != 200 or r.json()["users"][0]["user_id"] != f"u{start}":
+                valid_failed.append((r.status_code, r.text[:200]))
+        elif r.status_code >= 500:
+            poison_not_4xx.append((r.status_code, r.text[:200]))
+    assert not valid_failed, f"{len(valid_failed)} of {8 * rounds} valid requests failed: {valid_failed[:5]}"
+    assert not poison_not_4xx, poison_not_4xx[:5]
+
+
+def test_poisoned_requests_fail_alone(served: dict[str, Any]) -> None:
+    before = _get(f"{served['url']}/v1/model", headers=AUTH).json()["stats"]
+    assert_poison_fails_alone(f"{served['url']}/v1/recommend", served["manifest"])
+    after = _get(f"{served['url']}/v1/model", headers=AUTH).json()["stats"]
+    assert after["batches"] - before["batches"] < after["requests"] - before["requests"]  # they were batched
+
+
+def listening_sockets(pids: set[int]) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every TCP socket in LISTEN state that one of ``pids`` holds (Linux /proc)."""
+    import ipaddress
+
+    by_inode: dict[str, tuple[str, int]] = {}
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for ln in lines:
+            f = ln.split()
+            if f[3] != "0A":  # LISTEN
+                continue
+            hexaddr, hexport = f[1].split(":")
+            raw = bytes.fromhex(hexaddr)
+            # /proc prints each 32-bit word in host (little-endian) order
+            addr = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
+            by_inode[f[9]] = (str(ipaddress.ip_address(addr)), int(hexport, 16))
+    out = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in by_inode:
+                out.append((*by_inode[link[8:-1]], pid))
+    return out
+
+
+def serve_listeners() -> tuple[list[tuple[str, int, int]], set[int], set[int]]:
+    """The listening sockets of Serve's processes (controller, proxies, replicas) on this node, the ports
+    of those actors' own Ray worker RPC servers (Ray's internal ports, not Serve's) and the replicas' pids."""
+    from ray._private.state import actors
+
+    names = ("ServeController", "ProxyActor", "ServeReplica")
+    table = [a for a in actors().values() if a.get("State") == "ALIVE"
+             and str(a.get("ActorClassName", "")).startswith(names)]
+    pids = {int(a["Pid"]) for a in table if a.get("Pid")}
+    assert pids, "no Serve process found"
+    ray_rpc = {int(a["Address"]["Port"]) for a in table if a.get("Address", {}).get("Port")}
+    replicas = {int(a["Pid"]) for a in table if str(a.get("ActorClassName", "")).startswith("ServeReplica")}
+    return listening_sockets(pids), ray_rpc, replicas
+
+
+def assert_serve_binds_loopback_only(port: int) -> None:
+    """The HTTP sockets Serve opens for mtorl (the proxy's, a direct-ingress replica's) listen on loopback
+    only, and nothing listens on HAProxy's stats/metrics ports.
+
+    Two kinds of socket are Ray's own and set by the cluster, not by the ServeSpec: each actor's Ray worker
+    RPC port (on the node address), and each replica's inter-deployment gRPC server, which Ray 2.60 binds
+    on ``[::]:0`` unconditionally (``ray/serve/_private/replica.py``, ``_on_initialized``; no setting
+    changes it). They are allowed here, one gRPC port per replica at most, and documented in OPERATIONS.md."""
+    import ipaddress
+
+    socks, ray_rpc, replicas = serve_listeners()
+    on_port = {a for a, p, _ in socks if p == port}
+    assert on_port == {"127.0.0.1"}, (port, socks)
+    assert not [s for s in socks if s[1] in (8404, 9101)], socks
+    wide = [s for s in socks if s[1] not in ray_rpc and not ipaddress.ip_address(s[0]).is_loopback]
+    inter_deployment = [s for s in wide if s[2] in replicas and ipaddress.ip_address(s[0]).is_unspecified]
+    per_replica = {pid: sum(1 for s in inter_deployment if s[2] == pid) for pid in replicas}
+    assert all(n <= 1 for n in per_replica.values()), per_replica
+    rest = [s for s in wide if s not in inter_deployment]
+    assert not rest, f"Serve listens beyond loopback: {rest} (Ray RPC ports {sorted(ray_rpc)})"
+
+
+def test_listening_sockets_are_loopback_only(served: dict[str, Any]) -> None:
+    assert_serve_binds_loopback_only(served["port"])

@@ -15,7 +15,10 @@ from typing import Any
 import pytest
 
 from mtorl.serving.schemas import AllocateResponse, RecommendResponse
-from tests.integration.test_serve import AUTH, TOKEN, TOKEN_ENV, _bad_cases, _get, _job, _post, _users
+from tests.integration.test_serve import (
+    AUTH, TOKEN, TOKEN_ENV, _bad_cases, _get, _job, _post, _users, assert_no_5xx_for_bad_bodies, assert_poison_fails_alone,
+    assert_serve_binds_loopback_only,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -88,6 +91,10 @@ def test_direct_ingress_serves_from_the_replica(ray_session: None, tiny_checkpoi
             content = body if isinstance(body, bytes) else json.dumps(body).encode()
             b = _post(f"{url}/v1/recommend", content=content, headers={**AUTH, "Content-Type": "application/json"})
             assert b.status_code == status and b.json()["detail"].startswith(field + ":"), (name, b.text[:300])
+
+        assert_no_5xx_for_bad_bodies(f"{url}/v1/recommend", man)
+        assert_poison_fails_alone(f"{url}/v1/recommend", man, rounds=4)
+        assert_serve_binds_loopback_only(port)
 
         cfg = out.read_text()
         assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" in cfg and f"port: {port + 1}" in cfg

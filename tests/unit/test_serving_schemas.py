@@ -203,3 +203,87 @@ def test_serving_imports_leave_out_the_evaluation_reports() -> None:
             "assert 'sklearn' in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda b: b["users"][0]["journey"][0].update(gain="1"), "users[0].journey[0].gain"),
+    (lambda b: b["users"][0]["journey"][0].update(gain=True), "users[0].journey[0].gain"),
+    (lambda b: b["users"][0]["journey"][1].update(cost="2.5"), "users[0].journey[1].cost"),
+    (lambda b: b["users"][0]["journey"][1]["features"].update(hour="3"), "users[0].journey[1].features.hour"),
+    (lambda b: b["users"][0]["journey"][1]["features"].update(hour=False), "users[0].journey[1].features.hour"),
+    (lambda b: b["users"][0].update(user_id=7), "users[0].user_id"),
+    (lambda b: b["users"][0]["journey"][0].update(channel=1), "users[0].journey[0].channel"),
+])
+def test_strict_types_nothing_is_coerced(mutate: Any, field: str) -> None:
+    body = {"users": [_user()]}
+    mutate(body)
+    e = _err(body)
+    assert e.status == 422 and e.detail.startswith(field + ":"), e.detail
+
+
+def test_integers_are_numbers() -> None:
+    body = {"users": [_user()]}
+    body["users"][0]["journey"][0].update(gain=1, cost=2)
+    p = _pre().prepare(parse_request(RecommendRequest, body).users)
+    assert p.journeys[0].gain[0] == 1.0 and p.costs[0][0] == 2.0
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda b: b["users"][0]["journey"][0].update(cost=1e39), "users[0].journey[0].cost"),
+    (lambda b: b["users"][0]["journey"][2].update(gain=-1e39), "users[0].journey[2].gain"),
+    (lambda b: b["users"][0]["journey"][1]["features"].update(depth=1e308), "users[0].journey[1].features.depth"),
+    (lambda b: b["users"][0].update(user_features={"age": -1e308}), "users[0].user_features.age"),
+    # in float32 range, but (x - mean) / std is not: 3.4e38 / 0.5 overflows float32
+    (lambda b: b["users"][0]["journey"][2]["features"].update({"device=ios": 3.4e38}), "users[0].journey[2].features.device=ios"),
+    (lambda b: b["users"][0].update(next_features={"hour": 1.0, "depth": 1.0, "device=web": -3.4e38}),
+     "users[0].next_features.device=web"),
+])
+def test_values_beyond_float32_are_refused_naming_the_field(mutate: Any, field: str) -> None:
+    body = {"users": [_user()]}
+    mutate(body)
+    e = _err(body)
+    assert e.status == 422 and e.detail.startswith(field + ":"), e.detail
+    assert "float32" in e.detail, e.detail
+
+
+def test_raw_bodies_parse_in_one_pass() -> None:
+    from mtorl.serving.schemas import parse_body
+
+    good = json.dumps({"users": [_user()], "budget": 2}).encode()
+    assert parse_body(AllocateRequest, good).budget == 2.0
+    for raw in (b"{users: [", b"", b"\xff\xfe", "{}".encode("utf-16"), b"[" * 10_000):
+        with pytest.raises(RequestError) as e:
+            parse_body(RecommendRequest, raw)
+        assert e.value.status == 400 and e.value.detail.startswith("body:"), (raw[:10], e.value.detail)
+    with pytest.raises(RequestError) as e:
+        parse_body(RecommendRequest, json.dumps({"users": [_user()]}).replace('"hour": 3.0', '"hour": NaN', 1))
+    assert e.value.status == 422 and e.value.detail.startswith("users[0].journey[1].features.hour:")
+
+
+def test_micro_batcher_batches_and_keeps_answers_apart() -> None:
+    import asyncio
+
+    from mtorl.serving.service import MicroBatcher
+
+    sizes: list[int] = []
+
+    def fn(items: list[int]) -> list[Any]:
+        sizes.append(len(items))
+        return [ValueError(f"bad {x}") if x % 5 == 0 else x * 10 for x in items]
+
+    async def go() -> list[Any]:
+        b: MicroBatcher[int, Any] = MicroBatcher(fn, max_batch_size=8, wait_s=0.05)
+        first = await asyncio.gather(*[b(i) for i in range(1, 21)])
+        return list(first) + [await b(21)]
+
+    out = asyncio.run(go())
+    assert [o for o in out if not isinstance(o, ValueError)] == [10 * i for i in range(1, 22) if i % 5]
+    assert [str(o) for o in out if isinstance(o, ValueError)] == ["bad 5", "bad 10", "bad 15", "bad 20"]
+    assert sizes == [8, 8, 4, 1]
+
+
+@pytest.mark.parametrize("extra, field", [({"budget": -1.0}, "budget"), ({"budget": 1e39}, "budget"),
+                                          ({"budget": 1.0, "penalty": -0.1}, "penalty"), ({"budget": True}, "budget")])
+def test_budget_and_penalty_are_non_negative_float32_numbers(extra: dict[str, Any], field: str) -> None:
+    e = _err({"users": [_user()], **extra}, AllocateRequest)
+    assert e.status == 422 and e.detail.startswith(field + ":"), e.detail
