@@ -58,7 +58,7 @@ from typing import Any, Literal, NamedTuple, Sequence
 import numpy as np
 
 __all__ = ["Decision", "DecisionParams", "channel_values", "choose", "spend_at", "solve_penalty", "decide",
-           "POLICIES"]
+           "decision_metrics", "POLICIES"]
 
 POLICIES = ("reward", "imitation")
 PI_FLOOR = 1e-3
@@ -239,3 +239,44 @@ def ranking(d: Decision) -> np.ndarray:
     """Item order by expected reward per cost of the served channel (free items first), stable."""
     ratio = np.divide(d.value + d.penalty * d.cost, d.cost, out=np.full(d.cost.shape, np.inf), where=d.cost > 0)
     return np.argsort(-ratio, kind="stable")
+
+
+def decision_metrics(channel: np.ndarray, action_probs: np.ndarray, outcome: np.ndarray, reward_pred: np.ndarray,
+                     cost: np.ndarray, propensity: np.ndarray | None = None, params: Any = None,
+                     budget_fraction: float | None = 0.3, penalty: float | None = None,
+                     epsilon: float = 0.05) -> dict[str, float]:
+    """Validation metrics of the DECISIONS (for checkpoint selection and tuning), over N logged steps.
+
+    channel (N,) logged a_t, action_probs (N, C), outcome (N,) y_t (1[g > 0] or r_t), reward_pred (N, C),
+    cost (N,) logged w_t, propensity (N,) logged pi_b(a_t) (NaN / None: unknown).
+        select_rate@budget  mean outcome of the steps the decision layer serves within
+                            B = budget_fraction * sum(w) (steps priced at their logged cost; s solved;
+                            0 when nothing is served)
+        decision_penalty    that s
+        decision_dr         DR value of the epsilon-greedy decision policy at s = penalty (no budget):
+                            mean[sum_c pi_e(c) rhat_c + pi_e(a)/b (y - rhat_a)], only when every
+                            propensity is known
+    Names carry no prefix (the caller adds ``val/``).
+    """
+    out: dict[str, float] = {}
+    r = np.asarray(reward_pred, dtype=np.float64)
+    n = r.shape[0]
+    if n == 0:
+        return out
+    y = np.asarray(outcome, dtype=np.float64)
+    w = np.asarray(cost, dtype=np.float64)
+    w = w if w.sum() > 0 else np.ones(n)
+    if budget_fraction is not None:
+        d = decide(r, action_probs, w, params, budget=float(budget_fraction) * float(w.sum()))
+        out["select_rate@budget"] = float(y[d.served].mean()) if d.served.any() else 0.0  # nothing served: no reward
+        out["decision_penalty"] = d.penalty
+    if propensity is not None:
+        b = np.asarray(propensity, dtype=np.float64)
+        if np.all(np.isfinite(b) & (b > 0)):
+            c = decide(r, action_probs, broadcast_cost(w, r.shape), params, penalty=penalty).channel
+            pi_e = np.full(r.shape, epsilon / r.shape[1])
+            rows = np.arange(n)
+            pi_e[rows, c] += 1.0 - epsilon
+            a = np.asarray(channel, dtype=np.int64)
+            out["decision_dr"] = float(np.mean((pi_e * r).sum(axis=1) + pi_e[rows, a] / b * (y - r[rows, a])))
+    return out

@@ -111,3 +111,21 @@ def test_penalty_without_budget_and_bad_input():
         decide(np.array([[0.3]]), None, -1.0)
     with pytest.raises(ValueError, match="penalty"):
         decide(np.array([[0.3]]), None, 1.0, penalty=-1)
+
+
+def test_decision_metrics_select_rate_and_dr():
+    from mtorl.evaluation.decision import decision_metrics
+
+    # 4 steps, unit costs, budget 50% -> the two with the highest best-channel reward are served
+    r = np.array([[0.9, 0.1], [0.2, 0.3], [0.1, 0.8], [0.05, 0.1]])
+    y = np.array([1.0, 0.0, 0.0, 1.0])
+    ch = np.array([0, 1, 1, 0])
+    out = decision_metrics(ch, np.full((4, 2), 0.5), y, r, np.ones(4), np.full(4, 0.5), budget_fraction=0.5)
+    assert out["select_rate@budget"] == pytest.approx(0.5)      # steps 0 and 2 served
+    assert out["decision_penalty"] == pytest.approx(0.3, abs=1e-9)
+    eps = 0.05
+    pe = np.full((4, 2), eps / 2)
+    pe[np.arange(4), [0, 1, 1, 1]] += 1 - eps
+    dr = (pe * r).sum(1) + pe[np.arange(4), ch] / 0.5 * (y - r[np.arange(4), ch])
+    assert out["decision_dr"] == pytest.approx(dr.mean())
+    assert "decision_dr" not in decision_metrics(ch, np.full((4, 2), 0.5), y, r, np.ones(4), np.full(4, np.nan))
