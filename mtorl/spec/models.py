@@ -184,7 +184,7 @@ class TrainSpec(_Strict):
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
-    decision: DecisionSpec = Field(default_factory=DecisionSpec, description="Decision layer of the validation metric val/select_rate@budget (and the checkpoint's default for evaluation and serving).")
+    decision: DecisionSpec = Field(default_factory=DecisionSpec, description="Decision layer of the validation metrics val/select_rate@budget and val/decision_dr, and the checkpoint's default for evaluation and the closed loop.")
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -281,7 +281,6 @@ class ServeSpec(_Strict):
         "updates). direct: the single replica serves HTTP on `port` itself (Ray Serve direct ingress), skipping the "
         "proxy hop: several times the requests/s on a small CPU budget (BENCHMARKS.md); one replica, no rolling update.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
-    decision: DecisionSpec | None = Field(None, description="Decision layer of /v1/allocate; None = the checkpoint's training spec's.")
 
     @model_validator(mode="after")
     def _direct_is_one_replica(self) -> "ServeSpec":

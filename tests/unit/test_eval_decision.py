@@ -129,3 +129,11 @@ def test_decision_metrics_select_rate_and_dr():
     dr = (pe * r).sum(1) + pe[np.arange(4), ch] / 0.5 * (y - r[np.arange(4), ch])
     assert out["decision_dr"] == pytest.approx(dr.mean())
     assert "decision_dr" not in decision_metrics(ch, np.full((4, 2), 0.5), y, r, np.ones(4), np.full(4, np.nan))
+
+
+def test_params_defaults_match_the_spec():
+    from mtorl.evaluation.decision import params_of
+    from mtorl.spec import DecisionSpec
+
+    assert params_of(DecisionSpec()) == DecisionParams()
+    assert params_of(None) == DecisionParams()
