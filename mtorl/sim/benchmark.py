@@ -34,7 +34,8 @@ def _mean_ci(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def run_benchmark(checkpoint: str, budgets: Sequence[float], seeds: Sequence[int], users: int,
-                  decision: Any = None, ope_split: str = "test", progress: Any = print) -> dict[str, Any]:
+                  decision: Any = None, ope_split: str = "test", imitation_at: Sequence[float] = (0.3,),
+                  progress: Any = print) -> dict[str, Any]:
     from mtorl.evaluation.decision import DecisionParams
     from mtorl.evaluation.run import decision_label, decision_of
     from mtorl.serving.predictor import Predictor
@@ -51,7 +52,8 @@ def run_benchmark(checkpoint: str, budgets: Sequence[float], seeds: Sequence[int
         per: dict[str, list[dict[str, Any]]] = {}
         pens: dict[str, list[float]] = {}
         for seed in seeds:
-            W, rows = closed_loop_rows(predictor, sim, users, f, seed, dec, n_boot=50, extra=extra)
+            more = extra if any(abs(f - g) < 1e-9 for g in imitation_at) else {}
+            W, rows = closed_loop_rows(predictor, sim, users, f, seed, dec, n_boot=50, extra=more)
             for name, r in rows.items():
                 per.setdefault(name, []).append(r["expected_reward"])
                 if r.get("penalty"):
@@ -83,12 +85,15 @@ def markdown(res: dict[str, Any], command: str) -> str:
           "(the ceiling); `observable oracle` = knows the response model but sees only what a learner sees (particle "
           "posterior of z given features and outcomes): the ceiling of what is learnable; the gap between the two oracles "
           "is hidden from every learner.", ""]
-    names = list(next(iter(res["table"].values())).keys())
+    names = list(dict.fromkeys(n for agg in res["table"].values() for n in agg))
     md += ["| budget | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for f, agg in res["table"].items():
         cells = []
         for n in names:
-            a = agg[n]
+            a = agg.get(n)
+            if a is None:
+                cells.append("–")
+                continue
             g = f"; {a['gap_closed']:.0%} of gap" if a.get("gap_closed") is not None and n not in ("logging", "oracle") else ""
             cells.append(f"{a['value']:.1f} [{a['ci95'][0]:.1f}, {a['ci95'][1]:.1f}]{g}")
         md.append(f"| {float(f):.0%} | " + " | ".join(cells) + " |")
@@ -116,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--users", type=int, default=2000)
+    ap.add_argument("--imitation-at", type=float, nargs="*", default=[0.3],
+                    help="budgets at which the same checkpoint's imitation policy gets a row too")
     a = ap.parse_args(argv)
     cmd = "python -m mtorl.sim.benchmark " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    res = run_benchmark(a.checkpoint, a.budgets, a.seeds, a.users)
+    res = run_benchmark(a.checkpoint, a.budgets, a.seeds, a.users, imitation_at=a.imitation_at)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(markdown(res, cmd))

@@ -38,15 +38,57 @@ def simulator_for(manifest: dict[str, Any]) -> Any:
     return Simulator(SimulateSpec.model_validate(meta["spec"]))
 
 
-def checkpoint_policy(predictor: Any, sim: Any, decision: Any = None) -> Any:
+def served_history(h: dict[str, np.ndarray], recency_col: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The served steps of closed-loop histories, plus the current step, in the logs' semantics.
+
+    h: ``Observation.history()`` of B users at step t: state (B, t+1, D) raw, prev_channel (B, t+1)
+    (-1 = the previous step was not served), prev_reward (B, t+1). The logs a checkpoint was trained
+    on hold exposures only (every logged step was served), so an unserved opportunity is not a step
+    of the journey: it is dropped, and its time goes into the recency (log1p of hours since the
+    previous step, column ``recency_col``) of the next kept step. The first kept step has recency 0,
+    as a journey's first step has in the logs.
+    Returns right-padded state (B, L, D), prev_channel (B, L), prev_reward (B, L) and lengths (B,).
+    """
+    state, pc, pr = h["state"], h["prev_channel"], h["prev_reward"]
+    B, T1, _ = state.shape
+    keep = np.ones((B, T1), bool)
+    keep[:, :-1] = pc[:, 1:] >= 0                                   # step t' < t was served
+    n = keep.sum(axis=1)                                            # (B,) >= 1
+    L = int(n.max())
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :L]        # kept positions first, in time order
+    valid = np.arange(L)[None, :] < n[:, None]                      # (B, L)
+    pos = np.where(valid, order, 0)
+    gaps = np.expm1(np.clip(state[:, :, recency_col].astype(np.float64), 0, None))
+    G = np.cumsum(gaps, axis=1)                                      # (B, t+1)
+    Gp = np.take_along_axis(G, pos, axis=1)
+    prev_pos = np.concatenate([np.zeros((B, 1), np.int64), pos[:, :-1]], axis=1)
+    first = np.zeros((B, L), bool)
+    first[:, 0] = True
+    rec = np.where(first, 0.0, Gp - np.take_along_axis(G, prev_pos, axis=1))
+    st = np.take_along_axis(state, pos[:, :, None], axis=1).copy()
+    st[:, :, recency_col] = np.log1p(np.maximum(rec, 0.0))
+    # the channel and outcome of the previous kept step are recorded at the step after it
+    nxt = np.minimum(prev_pos + 1, T1 - 1)
+    prev_c = np.where(first, -1, np.take_along_axis(pc, nxt, axis=1))
+    prev_r = np.where(first, 0.0, np.take_along_axis(pr, nxt, axis=1))
+    st[~valid] = 0.0
+    return st, np.where(valid, prev_c, -1), np.where(valid, prev_r, 0.0), n
+
+
+def checkpoint_policy(predictor: Any, sim: Any, decision: Any = None, history: str = "served") -> Any:
     """policy_fn for ``run_online``: full observable histories -> per-channel scores q (B, C) in sim order.
 
     q is the decision layer's pessimistic reward estimate (``decision.channel_values`` of the
     checkpoint's reward head and action decoder, ``decision`` = DecisionSpec / DecisionParams); the
     closed loop then solves the penalty s for each step's budget with the same ``solve_penalty`` as
-    offline evaluation and ``/v1/allocate``.
+    offline evaluation and ``/v1/allocate``. ``history``: "served" (default) feeds the model the
+    served steps only, as its training logs hold them (``served_history``); "all" feeds every
+    opportunity, an unserved one as a step with no previous channel.
     """
+    import torch
+
     from mtorl.evaluation.decision import channel_values, params_of
+    from mtorl.models import Batch
 
     man = predictor.manifest
     names = list(man["step_features"]) + list(man["user_features"])
@@ -58,21 +100,35 @@ def checkpoint_policy(predictor: Any, sim: Any, decision: Any = None) -> Any:
         cols = [sim_cols.index(n) for n in names]
     except ValueError as e:
         raise ValueError(f"checkpoint features {names} do not match the simulator's {sim_cols}") from e
+    if history not in ("served", "all"):
+        raise ValueError(f"history must be 'served' or 'all', got {history!r}")
     to_model = np.array([predictor.channels.index(c) for c in sim.spec.channels])  # sim channel -> model index
     mean = np.asarray(man["normalization"]["mean"], dtype=np.float32)
     std = np.asarray(man["normalization"]["std"], dtype=np.float32)
     costs_model = np.asarray(sim.costs, dtype=np.float64)[np.argsort(to_model)]
     prm = params_of(decision)
+    rec_col = sim_cols.index("recency")
     from mtorl.data.windows import compute_reward
 
     def fn(obs: Any) -> np.ndarray:
         h = obs.history()
-        state = (h["state"][:, :, cols] - mean) / std
-        pc = h["prev_channel"]
+        if history == "served":
+            raw, pc, pr, n = served_history(h, rec_col)
+        else:
+            raw, pc, pr = h["state"], h["prev_channel"], h["prev_reward"]
+            n = np.full(len(pc), pc.shape[1])
+        state = (raw[:, :, cols] - mean) / std
         prev = np.where(pc >= 0, to_model[np.clip(pc, 0, None)], -1)
         prev_cost = np.where(pc >= 0, np.asarray(sim.costs)[np.clip(pc, 0, None)], 0.0)
-        prev_r = np.where(pc >= 0, compute_reward(h["prev_reward"], prev_cost, man), 0.0)
-        probs, reward = predictor.predict_last(state, prev, prev_r)
+        prev_r = np.where(pc >= 0, compute_reward(pr, prev_cost, man), 0.0)
+        mask = np.arange(pc.shape[1])[None, :] < n[:, None]
+        batch = Batch.from_numpy({"state": state.astype(np.float32), "prev_channel": prev.astype(np.int64),
+                                  "prev_reward": prev_r.astype(np.float32), "mask": mask}, device=predictor.device)
+        with torch.no_grad():
+            p_all, r_all = predictor.model.predict(batch)        # (B, L, C); causal: padding after n is harmless
+        last = torch.as_tensor(n - 1, device=p_all.device)[:, None, None].expand(-1, 1, p_all.shape[-1])
+        probs = p_all.gather(1, last)[:, 0].float().cpu().numpy()
+        reward = r_all.gather(1, last)[:, 0].float().cpu().numpy()
         q = channel_values(reward, probs, prm, np.broadcast_to(costs_model, reward.shape))
         return np.asarray(q[:, to_model], dtype=np.float64)  # (B, C) in sim channel order
 

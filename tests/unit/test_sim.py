@@ -297,3 +297,18 @@ def test_prepare_takes_the_mapping_of_simulated_logs(generated: tuple[SimulateSp
     assert man["user_features"] == list(meta["journeys"]["user_features"])
     assert man["journeys_format"]["propensity_col"] == "propensity"
     assert man["rows_read"] == meta["steps"]
+
+
+def test_served_history_drops_unserved_steps_and_carries_their_time() -> None:
+    from mtorl.sim.closed_loop import served_history
+
+    # one user at step t = 3: steps 0 and 2 served (channels 1, 0; outcomes 1, 0), step 1 not served
+    gaps = np.array([0.0, 2.0, 3.0, 4.0])                     # hours since the previous opportunity
+    state = np.zeros((1, 4, 2))
+    state[0, :, 0] = np.log1p(gaps)                           # recency column
+    state[0, :, 1] = [10, 11, 12, 13]                         # a marker per step
+    h = {"state": state, "prev_channel": np.array([[-1, 1, -1, 0]]), "prev_reward": np.array([[0.0, 1.0, 0.0, 0.0]])}
+    st, pc, pr, n = served_history(h, recency_col=0)
+    assert n.tolist() == [3] and st[0, :, 1].tolist() == [10, 12, 13]
+    assert np.expm1(st[0, :, 0]) == pytest.approx([0.0, 5.0, 4.0])   # step 2 is 2 + 3 h after step 0
+    assert pc[0].tolist() == [-1, 1, 0] and pr[0].tolist() == [0.0, 1.0, 0.0]
