@@ -256,6 +256,9 @@ def decision_metrics(channel: np.ndarray, action_probs: np.ndarray, outcome: np.
         decision_dr         DR value of the epsilon-greedy decision policy at s = penalty (no budget):
                             mean[sum_c pi_e(c) rhat_c + pi_e(a)/b (y - rhat_a)], only when every
                             propensity is known
+        decision_dr@budget  DR value (per logged step) of the budgeted decision: channels priced at
+                            their mean logged cost, s solved for B, served steps earn
+                            rhat_{c*} + 1[a = c*]/b (y - rhat_a), unserved ones 0 (propensities needed)
     Names carry no prefix (the caller adds ``val/``).
     """
     out: dict[str, float] = {}
@@ -272,11 +275,18 @@ def decision_metrics(channel: np.ndarray, action_probs: np.ndarray, outcome: np.
         out["decision_penalty"] = d.penalty
     if propensity is not None:
         b = np.asarray(propensity, dtype=np.float64)
+        a = np.asarray(channel, dtype=np.int64)
+        rows = np.arange(n)
+        if budget_fraction is not None and np.all(np.isfinite(b) & (b > 0)):
+            # the budgeted decision: channels priced at their mean logged cost, s solved for B
+            cnt = np.bincount(a, minlength=r.shape[1]).astype(np.float64)
+            kc = np.where(cnt > 0, np.bincount(a, weights=w, minlength=r.shape[1]) / np.maximum(cnt, 1), w.mean())
+            d = decide(r, action_probs, kc, params, budget=float(budget_fraction) * float(w.sum()))
+            hit = (a == d.channel) / b
+            out["decision_dr@budget"] = float(np.mean(d.served * (d.expected_reward + hit * (y - r[rows, a]))))
         if np.all(np.isfinite(b) & (b > 0)):
             c = decide(r, action_probs, broadcast_cost(w, r.shape), params, penalty=penalty).channel
             pi_e = np.full(r.shape, epsilon / r.shape[1])
-            rows = np.arange(n)
             pi_e[rows, c] += 1.0 - epsilon
-            a = np.asarray(channel, dtype=np.int64)
             out["decision_dr"] = float(np.mean((pi_e * r).sum(axis=1) + pi_e[rows, a] / b * (y - r[rows, a])))
     return out

@@ -137,3 +137,13 @@ def test_params_defaults_match_the_spec():
 
     assert params_of(DecisionSpec()) == DecisionParams()
     assert params_of(None) == DecisionParams()
+
+
+def test_decision_dr_at_budget_hand_computed():
+    from mtorl.evaluation.decision import decision_metrics
+
+    # B = 0.5 * 2 = 1: only step 0 is served (channel 0, the logged one): DR = (0.6 + (1 - 0.6) / 0.5 + 0) / 2
+    r = np.array([[0.6, 0.2], [0.1, 0.3]])
+    out = decision_metrics(np.array([0, 1]), np.full((2, 2), 0.5), np.array([1.0, 0.0]), r, np.ones(2),
+                           np.full(2, 0.5), budget_fraction=0.5)
+    assert out["decision_dr@budget"] == pytest.approx(0.7)
