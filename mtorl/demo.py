@@ -152,9 +152,8 @@ def _run(args: argparse.Namespace, base: Path, results: dict[str, Any], t0: floa
         "data": prep_spec["output"], "output": f"{bucket}/runs",
         "model": {"name": "mtorl", "hidden": 32, "tcn": {"levels": 2}, "attention": {"heads": 2}, "decoder_hidden": 32},
         "trainer": {"workers": 2, "cpus_per_worker": 1, "epochs": args.epochs, "batch_size": 64,
-                    # select the checkpoint on the value of its decisions: the DR value of the decision policy
-                    # where the logs carry propensities (simulated), else the val select rate at the budget
-                    "metric": "val/select_rate@budget" if args.data else "val/decision_dr", "mode": "max"},
+                    # select the checkpoint on the value of its decisions (the decision layer at 30% budget)
+                    "metric": "val/select_rate@budget", "mode": "max"},
         "tracking": {"wandb": os.environ.get("WANDB_MODE", "offline")},
     })
     results["train"] = run_train(train_job, progress=print)
