@@ -68,7 +68,7 @@ class DecisionParams(NamedTuple):
     """The decision layer's knobs (a `spec.DecisionSpec` has the same fields)."""
 
     policy: Literal["reward", "imitation"] = "reward"
-    support_threshold: float = 0.0
+    support_threshold: float = 0.5
     pessimism: float = 0.0
     fill: bool = True
 

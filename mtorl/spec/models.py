@@ -87,7 +87,7 @@ class DecisionSpec(_Strict):
     """The decision layer (mtorl/evaluation/decision.py): which channel, and whom to serve within a budget."""
 
     policy: Literal["reward", "imitation"] = Field("reward", description="reward: argmax of the per-channel reward head minus s*cost, where the logs support the channel; imitation: the action decoder's pi-reweighted choice (imitates the logger).")
-    support_threshold: float = Field(0.0, ge=0, le=1, description="tau (BCQ-style): a channel is allowed only when pi(c|s) >= tau * max_c pi(c|s); 0 = every channel.")
+    support_threshold: float = Field(0.5, ge=0, le=1, description="tau (BCQ-style): a channel is allowed only when pi(c|s) >= tau * max_c pi(c|s); 0 = every channel. The default 0.5 is conservative for a reward head not yet validated (in the simulator a 1-epoch model acting freely, tau = 0, lost to the logger); lower it when the val DR value says so (sim-train.yaml uses 0).")
     pessimism: float = Field(0.0, ge=0, description="beta: score r_hat - beta * sqrt(r_hat (1 - r_hat) / pi(c|s)), a lower bound that is low where the logs rarely chose c.")
     budget: float | None = Field(0.3, gt=0, le=1, description="Offline budget as a fraction of the split's logged cost: the validation metric val/select_rate@budget and the report's s.")
     penalty: float | None = Field(None, ge=0, description="Fixed penalty s (reward units per unit cost) where no budget is given (the OPE channel policy; /v1/allocate without a budget). None = 0.")

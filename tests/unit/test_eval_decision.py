@@ -94,11 +94,13 @@ def test_ranking_uses_the_served_channel_reward_not_pi():
 def test_support_threshold_and_pessimism():
     r = np.array([[0.2, 0.5]])
     pi = np.array([[0.95, 0.05]])
-    assert decide(r, pi, 1.0).channel.tolist() == [1]
+    free = DecisionParams(support_threshold=0.0)
+    assert decide(r, pi, 1.0, params=free).channel.tolist() == [1]
+    assert decide(r, pi, 1.0).channel.tolist() == [0]                     # default tau = 0.5: unsupported
     assert decide(r, pi, 1.0, params=DecisionParams(support_threshold=0.1)).channel.tolist() == [0]
-    q = channel_values(r, pi, DecisionParams(pessimism=0.1))
+    q = channel_values(r, pi, DecisionParams(support_threshold=0.0, pessimism=0.1))
     assert q[0, 1] == pytest.approx(0.5 - 0.1 * np.sqrt(0.25 / 0.05))
-    assert decide(r, pi, 1.0, params=DecisionParams(pessimism=0.2)).channel.tolist() == [0]
+    assert decide(r, pi, 1.0, params=DecisionParams(support_threshold=0.0, pessimism=0.2)).channel.tolist() == [0]
     # imitation: the pi-reweighted channel, the value is the reward of that channel
     d = decide(r, pi, 1.0, params=DecisionParams(policy="imitation"))
     assert d.channel.tolist() == [0] and d.value.tolist() == [0.2]
