@@ -151,7 +151,9 @@ def _run(args: argparse.Namespace, base: Path, results: dict[str, Any], t0: floa
     train_job = make_job("TrainJob", f"demo-{tag}", {
         "data": prep_spec["output"], "output": f"{bucket}/runs",
         "model": {"name": "mtorl", "hidden": 32, "tcn": {"levels": 2}, "attention": {"heads": 2}, "decoder_hidden": 32},
-        "trainer": {"workers": 2, "cpus_per_worker": 1, "epochs": args.epochs, "batch_size": 64},
+        "trainer": {"workers": 2, "cpus_per_worker": 1, "epochs": args.epochs, "batch_size": 64,
+                    # select the checkpoint on the value of its decisions (the decision layer at 30% budget)
+                    "metric": "val/select_rate@budget", "mode": "max"},
         "tracking": {"wandb": os.environ.get("WANDB_MODE", "offline")},
     })
     results["train"] = run_train(train_job, progress=print)

@@ -13,7 +13,7 @@ from typing import Any
 
 _WHERE = {
     "allocate_requests": "allocation", "allocate_users": "allocation", "budget_curve": "allocation",
-    "channel_scores": "allocation",
+    "channel_scores": "allocation", "decide": "decision", "decision_metrics": "decision",
     "HistoryPrior": "heuristics", "heuristic_predictions": "heuristics",
     "channel_metrics": "metrics", "reward_metrics": "metrics",
     "behaviour_propensities": "ope", "evaluate_policies": "ope", "fit_behaviour_model": "ope",

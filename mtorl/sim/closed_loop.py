@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from mtorl import storage
-from mtorl.evaluation.allocation import score_steps
 from mtorl.spec import EvaluateSpec, SimulateSpec
 
 
@@ -39,8 +38,58 @@ def simulator_for(manifest: dict[str, Any]) -> Any:
     return Simulator(SimulateSpec.model_validate(meta["spec"]))
 
 
-def checkpoint_policy(predictor: Any, sim: Any) -> Any:
-    """policy_fn for ``run_online``: full observable histories -> (channel (B,), value (B,))."""
+def served_history(h: dict[str, np.ndarray], recency_col: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The served steps of closed-loop histories, plus the current step, in the logs' semantics.
+
+    h: ``Observation.history()`` of B users at step t: state (B, t+1, D) raw, prev_channel (B, t+1)
+    (-1 = the previous step was not served), prev_reward (B, t+1). The logs a checkpoint was trained
+    on hold exposures only (every logged step was served), so an unserved opportunity is not a step
+    of the journey: it is dropped, and its time goes into the recency (log1p of hours since the
+    previous step, column ``recency_col``) of the next kept step. The first kept step has recency 0,
+    as a journey's first step has in the logs.
+    Returns right-padded state (B, L, D), prev_channel (B, L), prev_reward (B, L) and lengths (B,).
+    """
+    state, pc, pr = h["state"], h["prev_channel"], h["prev_reward"]
+    B, T1, _ = state.shape
+    keep = np.ones((B, T1), bool)
+    keep[:, :-1] = pc[:, 1:] >= 0                                   # step t' < t was served
+    n = keep.sum(axis=1)                                            # (B,) >= 1
+    L = int(n.max())
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :L]        # kept positions first, in time order
+    valid = np.arange(L)[None, :] < n[:, None]                      # (B, L)
+    pos = np.where(valid, order, 0)
+    gaps = np.expm1(np.clip(state[:, :, recency_col].astype(np.float64), 0, None))
+    G = np.cumsum(gaps, axis=1)                                      # (B, t+1)
+    Gp = np.take_along_axis(G, pos, axis=1)
+    prev_pos = np.concatenate([np.zeros((B, 1), np.int64), pos[:, :-1]], axis=1)
+    first = np.zeros((B, L), bool)
+    first[:, 0] = True
+    rec = np.where(first, 0.0, Gp - np.take_along_axis(G, prev_pos, axis=1))
+    st = np.take_along_axis(state, pos[:, :, None], axis=1).copy()
+    st[:, :, recency_col] = np.log1p(np.maximum(rec, 0.0))
+    # the channel and outcome of the previous kept step are recorded at the step after it
+    nxt = np.minimum(prev_pos + 1, T1 - 1)
+    prev_c = np.where(first, -1, np.take_along_axis(pc, nxt, axis=1))
+    prev_r = np.where(first, 0.0, np.take_along_axis(pr, nxt, axis=1))
+    st[~valid] = 0.0
+    return st, np.where(valid, prev_c, -1), np.where(valid, prev_r, 0.0), n
+
+
+def checkpoint_policy(predictor: Any, sim: Any, decision: Any = None, history: str = "served") -> Any:
+    """policy_fn for ``run_online``: full observable histories -> per-channel scores q (B, C) in sim order.
+
+    q is the decision layer's pessimistic reward estimate (``decision.channel_values`` of the
+    checkpoint's reward head and action decoder, ``decision`` = DecisionSpec / DecisionParams); the
+    closed loop then solves the penalty s for each step's budget with the same ``solve_penalty`` as
+    offline evaluation and ``/v1/allocate``. ``history``: "served" (default) feeds the model the
+    served steps only, as its training logs hold them (``served_history``); "all" feeds every
+    opportunity, an unserved one as a step with no previous channel.
+    """
+    import torch
+
+    from mtorl.evaluation.decision import channel_values, params_of
+    from mtorl.models import Batch
+
     man = predictor.manifest
     names = list(man["step_features"]) + list(man["user_features"])
     from mtorl.sim.generate import user_feature_names
@@ -51,49 +100,84 @@ def checkpoint_policy(predictor: Any, sim: Any) -> Any:
         cols = [sim_cols.index(n) for n in names]
     except ValueError as e:
         raise ValueError(f"checkpoint features {names} do not match the simulator's {sim_cols}") from e
+    if history not in ("served", "all"):
+        raise ValueError(f"history must be 'served' or 'all', got {history!r}")
     to_model = np.array([predictor.channels.index(c) for c in sim.spec.channels])  # sim channel -> model index
-    to_sim = np.argsort(to_model)
     mean = np.asarray(man["normalization"]["mean"], dtype=np.float32)
     std = np.asarray(man["normalization"]["std"], dtype=np.float32)
-    costs_model = np.asarray(sim.costs, dtype=np.float64)[to_sim]
-    penalty = float(man.get("penalty", 0.0))
+    costs_model = np.asarray(sim.costs, dtype=np.float64)[np.argsort(to_model)]
+    prm = params_of(decision)
+    rec_col = sim_cols.index("recency")
     from mtorl.data.windows import compute_reward
 
-    def fn(obs: Any) -> tuple[np.ndarray, np.ndarray]:
+    def fn(obs: Any) -> np.ndarray:
         h = obs.history()
-        state = (h["state"][:, :, cols] - mean) / std
-        pc = h["prev_channel"]
+        if history == "served":
+            raw, pc, pr, n = served_history(h, rec_col)
+        else:
+            raw, pc, pr = h["state"], h["prev_channel"], h["prev_reward"]
+            n = np.full(len(pc), pc.shape[1])
+        state = (raw[:, :, cols] - mean) / std
         prev = np.where(pc >= 0, to_model[np.clip(pc, 0, None)], -1)
         prev_cost = np.where(pc >= 0, np.asarray(sim.costs)[np.clip(pc, 0, None)], 0.0)
-        prev_r = np.where(pc >= 0, compute_reward(h["prev_reward"], prev_cost, man), 0.0)
-        probs, reward = predictor.predict_last(state, prev, prev_r)
-        _, best, value, _ = score_steps(probs, reward, costs_model, penalty)
-        return to_sim[best], np.asarray(value, dtype=np.float64)
+        prev_r = np.where(pc >= 0, compute_reward(pr, prev_cost, man), 0.0)
+        mask = np.arange(pc.shape[1])[None, :] < n[:, None]
+        batch = Batch.from_numpy({"state": state.astype(np.float32), "prev_channel": prev.astype(np.int64),
+                                  "prev_reward": prev_r.astype(np.float32), "mask": mask}, device=predictor.device)
+        with torch.no_grad():
+            p_all, r_all = predictor.model.predict(batch)        # (B, L, C); causal: padding after n is harmless
+        last = torch.as_tensor(n - 1, device=p_all.device)[:, None, None].expand(-1, 1, p_all.shape[-1])
+        probs = p_all.gather(1, last)[:, 0].float().cpu().numpy()
+        reward = r_all.gather(1, last)[:, 0].float().cpu().numpy()
+        q = channel_values(reward, probs, prm, np.broadcast_to(costs_model, reward.shape))
+        return np.asarray(q[:, to_model], dtype=np.float64)  # (B, C) in sim channel order
 
     return fn
 
 
+def closed_loop_rows(predictor: Any, sim: Any, users: int, budget: float, seed: int, decision: Any,
+                     n_boot: int = 200, extra: dict[str, Any] | None = None) -> tuple[float, dict[str, Any]]:
+    """Every policy of the closed-loop table on the same ``users`` fresh users (seed ``seed``) and budget.
+
+    The budget W = ``budget`` x the logging policy's unconstrained spend on those users. Rows: the
+    logging policy, the full oracle (knows the hidden interest), the observable oracle (knows the
+    response model, sees what a learner sees), the checkpoint through the decision layer (its
+    ``decision.policy``), plus ``extra`` {name: DecisionSpec/DecisionParams} for the same checkpoint.
+    Returns (W, {name: run_online result}).
+    """
+    from mtorl.sim.online import logging_policy, observable_oracle_policy, oracle_policy, run_online
+
+    free = run_online(sim, logging_policy(sim, seed), users, 1e18, seed=seed, keep_history=False)
+    W = budget * free["spend"]["value"]
+    pols: list[tuple[str, Any, bool]] = [("logging", logging_policy(sim, seed), False), ("oracle", oracle_policy(sim), False),
+                                         ("observable oracle", observable_oracle_policy(sim, users, seed=seed), False),
+                                         (predictor.name, checkpoint_policy(predictor, sim, decision), True)]
+    for name, d in (extra or {}).items():
+        pols.append((name, checkpoint_policy(predictor, sim, d), True))
+    rows = {name: run_online(sim, fn, users, W, seed=seed, keep_history=hist, n_boot=n_boot) for name, fn, hist in pols}
+    return W, rows
+
+
 def run_online_evaluation(spec: EvaluateSpec, users: int = 2000, budget: float = 0.3, progress: Any = print) -> dict[str, Any]:
+    from mtorl.evaluation.run import decision_label, decision_of
     from mtorl.serving.predictor import Predictor
-    from mtorl.sim.online import logging_policy, oracle_policy, run_online
 
     t0 = time.time()
     predictor = Predictor.from_checkpoint(spec.checkpoint)
     sim = simulator_for(predictor.manifest)
-    free = run_online(sim, logging_policy(sim, spec.seed), users, 1e18, seed=spec.seed, keep_history=False)
-    W = budget * free["spend"]["value"]
-    progress(f"closed loop: {users} fresh simulated users, budget {W:.1f} = {budget:.0%} of the logging policy's unconstrained spend")
-    rows: dict[str, Any] = {}
-    for name, fn, hist in (("logging", logging_policy(sim, spec.seed), False), ("oracle", oracle_policy(sim), False),
-                           (predictor.name, checkpoint_policy(predictor, sim), True)):
-        r = run_online(sim, fn, users, W, seed=spec.seed, keep_history=hist, n_boot=spec.bootstrap)
-        rows[name] = r
+    decision = decision_of(spec.decision, predictor.meta)
+    W, rows = closed_loop_rows(predictor, sim, users, budget, spec.seed, decision, n_boot=spec.bootstrap)
+    progress(f"closed loop: {users} fresh simulated users, budget {W:.1f} = {budget:.0%} of the logging policy's unconstrained spend; "
+             f"decision layer: {decision_label(decision)}")
+    for name, r in rows.items():
         e = r["expected_reward"]
-        progress(f"  {name:<8} true reward {e['value']:.1f} (95% CI {e['ci95'][0]:.1f}–{e['ci95'][1]:.1f})  "
-                 f"spend {r['spend']['value']:.1f}  ROI {r['roi_expected']['value']:.4f}")
-    ope = ope_vs_truth(predictor, sim, spec, progress=progress)
+        pen = f"  mean s {r['penalty']['mean']:.4f}" if r.get("penalty") else ""
+        progress(f"  {name:<18} true reward {e['value']:.1f} (95% CI {e['ci95'][0]:.1f}–{e['ci95'][1]:.1f})  "
+                 f"spend {r['spend']['value']:.1f}  ROI {r['roi_expected']['value']:.4f}{pen}")
+    ope = ope_vs_truth(predictor, sim, spec, decision=decision, progress=progress)
     out = {"kind": "EvaluateJob", "mode": "online", "checkpoint": predictor.uri, "users": users, "budget": W,
-           "budget_fraction": budget, "results": _strip(rows), "ope_vs_truth": _strip(ope), "wall_s": round(time.time() - t0, 2)}
+           "budget_fraction": budget, "decision": decision.model_dump(mode="json"), "results": _strip(rows),
+           "ope_vs_truth": _strip(ope), "wall_s": round(time.time() - t0, 2)}
     storage.write_bytes(storage.join(spec.output, "online.md"), online_markdown(out).encode())
     target = storage.join(spec.output, "online.json")
     storage.write_json(target, out)  # written last: its presence means the run is complete
@@ -101,7 +185,7 @@ def run_online_evaluation(spec: EvaluateSpec, users: int = 2000, budget: float =
     return out
 
 
-def ope_vs_truth(predictor: Any, sim: Any, spec: EvaluateSpec, progress: Any = print) -> dict[str, Any]:
+def ope_vs_truth(predictor: Any, sim: Any, spec: EvaluateSpec, decision: Any = None, progress: Any = print) -> dict[str, Any]:
     """Each off-policy estimate of the checkpoint's policies on the logged split, against the truth.
 
     The logged users of ``spec.split`` (never seen in training) keep the simulator's response model
@@ -143,20 +227,23 @@ def ope_vs_truth(predictor: Any, sim: Any, spec: EvaluateSpec, progress: Any = p
     bounds = np.cumsum([0] + [j.length for j in kept])
     out: dict[str, Any] = {"split": spec.split, "users": len(kept), "steps": int(p.n_steps), "unaligned_users": unaligned,
                            "behaviour_source": source, "policies": {}}
-    greedy, soft = target_policies(p, penalty=float(man.get("penalty", 0.0)), cost_per_channel=np.asarray(sim.costs)[to_sim])
+    greedy, soft = target_policies(p, penalty=float(getattr(decision, "penalty", None) or 0.0),
+                                   cost_per_channel=np.asarray(sim.costs)[to_sim], decision=decision)
     for name, pi in (("greedy", greedy), ("softmax", soft)):
         true = true_policy_value(sim, lambda jj: jj["pi"], ({"true_p": tp[a:z], "pi": pi[a:z]} for a, z in zip(bounds[:-1], bounds[1:])))
         est = off_policy_estimates(p, pi, b, n_boot=spec.bootstrap, seed=spec.seed)
         ests = {k: {"value": est[k]["value"], "ci95": [est[k]["ci_low"], est[k]["ci_high"]] if est[k]["ci_low"] is not None else None}
                 for k in ("ips", "snips", "dm", "dr") if est[k]["value"] is not None}
         out["policies"][name] = {"truth": true, "errors": ope_error(ests, true["value"]), "ess": est["ess"], "warnings": est["warnings"]}
-    logged_true = float(tp[np.arange(len(tp)), p.channel].mean())
-    out["logged"] = {"observed": float((p.gain > 0).mean()), "true": logged_true}
+    logged_true = true_policy_value(sim, lambda jj: jj["pi"], ({"true_p": tp[a:z], "pi": np.eye(p.n_channels)[p.channel[a:z]]}
+                                                                for a, z in zip(bounds[:-1], bounds[1:])))
+    out["logged"] = {"observed": float((p.gain > 0).mean()), "true": logged_true["value"], "true_ci95": logged_true["ci95"]}
     progress(f"OPE vs the simulator's truth on {len(kept)} {spec.split} users ({p.n_steps} steps; behaviour: {source}):")
     for name, r in out["policies"].items():
         errs = "  ".join(f"{k} {e['estimate']:.4f} (err {e['abs_error']:.4f}{'' if 'covered' not in e else ', CI covers' if e['covered'] else ', CI misses'})"
                          for k, e in r["errors"].items())
-        progress(f"  {name:<8} true {r['truth']['value']:.4f}  {errs}")
+        progress(f"  {name:<8} true {r['truth']['value']:.4f} (95% CI {r['truth']['ci95'][0]:.4f}–{r['truth']['ci95'][1]:.4f}, "
+                 f"logged {out['logged']['true']:.4f})  {errs}")
     return out
 
 
@@ -165,11 +252,21 @@ def online_markdown(out: dict[str, Any]) -> str:
     md = [f"# Closed-loop evaluation of {out['checkpoint']}", "",
           f"{out['users']} fresh simulated users; budget {out['budget']:.1f} = {out['budget_fraction']:.0%} of the logging "
           "policy's unconstrained spend. True reward = sum of the response model's probabilities of the served steps.", "",
-          "| policy | true reward | 95% CI | spend | ROI |", "|---|---|---|---|---|"]
-    for name, r in out["results"].items():
+          "| policy | true reward | 95% CI | spend | ROI | mean s | logger→oracle gap closed |", "|---|---|---|---|---|---|---|"]
+    res = out["results"]
+    lo_v, hi_v = res["logging"]["expected_reward"]["value"], res["oracle"]["expected_reward"]["value"]
+    for name, r in res.items():
         e = r["expected_reward"]
+        gap = f"{(e['value'] - lo_v) / (hi_v - lo_v):.0%}" if hi_v > lo_v else "–"
+        pen = f"{r['penalty']['mean']:.4f}" if r.get("penalty") else "–"
         md.append(f"| {name} | {e['value']:.1f} | {e['ci95'][0]:.1f}–{e['ci95'][1]:.1f} | {r['spend']['value']:.1f} | "
-                  f"{r['roi_expected']['value']:.4f} |")
+                  f"{r['roi_expected']['value']:.4f} | {pen} | {gap} |")
+    if out.get("decision"):
+        d = out["decision"]
+        md += ["", f"Decision layer of the checkpoint: policy {d['policy']}, support threshold {d['support_threshold']:g}, "
+               f"pessimism {d['pessimism']:g}; s is solved at every step for that step's share of the budget (the same "
+               "function as offline evaluation and /v1/allocate). The oracles go through the same allocator with the true "
+               "(oracle) or posterior-mean (observable oracle) reward probabilities; the logging policy serves random users."]
     ope = out.get("ope_vs_truth")
     if ope:
         md += ["", f"## Off-policy estimates vs the simulator's truth ({ope['split']} split)", "",

@@ -1,11 +1,20 @@
 """Closed-loop ("online") evaluation of a policy in the simulator under a budget, and OPE ground truth.
 
 ``run_online`` plays N fresh users step by step. At each step the policy sees the active users'
-observations and returns a channel and a value per user; the allocator then serves, in order of
-value per cost, the users that fit in this step's share of the remaining budget (pacing follows the
-expected number of active users per step). Unserved steps get no exposure and no reward.
+observations; this step's share of the remaining budget is spent (pacing follows the expected number
+of active users per step). Unserved steps get no exposure and no reward. A policy returns either
 
-A policy is ``policy_fn(obs: Observation) -> (channel (B,) int, value (B,) float)``.
+* per-channel scores ``q (B, C)`` (its expected reward of serving each channel; -inf = not allowed):
+  then the decision layer (``mtorl.evaluation.decision.solve_penalty``, the same function as offline
+  evaluation and ``/v1/allocate``) solves the penalty s for the step's budget and serves
+  c* = argmax_c q_c - s kappa_c to the users with q_{c*} - s kappa_{c*} > 0; or
+* ``(channel (B,) int, value (B,) float)``: users are served in order of value per cost of that channel
+  (the logging policy, which does not rank users, uses random values).
+
+Built-in policies: the logging policy, random, the full oracle (knows the hidden interest z: the
+ceiling), and the observable oracle (knows the response model but sees only what a learner sees, so
+it marginalises z over its posterior given the observed features and outcomes: the ceiling of what is
+learnable). The gap between the two oracles is what no learner can close.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import numpy as np
 
 from mtorl.sim.model import STEP_FEATURES, Simulator, UserState
 
-PolicyFn = Callable[["Observation"], tuple[np.ndarray, np.ndarray]]
+PolicyFn = Callable[["Observation"], "tuple[np.ndarray, np.ndarray] | np.ndarray"]
 
 
 @dataclass
@@ -72,13 +81,16 @@ def _ratio_ci(num: np.ndarray, den: np.ndarray, n_boot: int, rng: np.random.Gene
 
 
 def run_online(sim: Simulator, policy_fn: PolicyFn, n_users: int, budget: float, seed: int = 0,
-               keep_history: bool = True, n_boot: int = 200) -> dict[str, Any]:
+               keep_history: bool = True, n_boot: int = 200, fill: bool = True) -> dict[str, Any]:
     """Closed-loop run of ``policy_fn`` on ``n_users`` fresh users with total budget ``budget``.
 
     Returns totals with 95% CIs over users: ``expected_reward`` (sum of the true probabilities of the
     served steps), ``realized_reward`` (sum of the drawn outcomes), ``spend``, ``roi_expected`` and
-    ``roi_realized`` (reward / spend), plus counts. ``spend <= budget`` always holds.
+    ``roi_realized`` (reward / spend), plus counts, and ``penalty`` (the step penalties s solved for
+    score policies: mean and quartiles over steps). ``spend <= budget`` always holds.
     """
+    from mtorl.evaluation.decision import solve_penalty
+
     if budget < 0:
         raise ValueError("budget must be >= 0")
     rng = np.random.default_rng([seed, 2])
@@ -98,6 +110,7 @@ def run_online(sim: Simulator, policy_fn: PolicyFn, n_users: int, budget: float,
     exp_r, real_r, spend = np.zeros(n_users), np.zeros(n_users), np.zeros(n_users)
     served_steps = total_steps = 0
     spent = 0.0
+    penalties: list[float] = []
     for t in range(T):
         idx = np.nonzero(st.length > t)[0]
         if len(idx) == 0:
@@ -110,22 +123,31 @@ def run_online(sim: Simulator, policy_fn: PolicyFn, n_users: int, budget: float,
             hist["prev_reward"][idx, t] = st.last_reward[idx]
         obs = Observation(t=t, user=idx, state=state, prev_channel=prev_ch[idx].copy(),
                           prev_reward=st.last_reward[idx].astype(np.float32), sim=sim, hidden=st, idx=idx, _history=hist)
-        channel, value = policy_fn(obs)
-        channel = np.asarray(channel, dtype=np.int64).reshape(-1)
-        value = np.asarray(value, dtype=np.float64).reshape(-1)
-        if channel.shape != idx.shape or value.shape != idx.shape:
-            raise ValueError(f"policy returned shapes {channel.shape}, {value.shape} for {len(idx)} users")
-        if channel.min() < 0 or channel.max() >= C:
-            raise ValueError(f"policy returned a channel outside [0, {C})")
-        # allocation: this step's share of the remaining budget, best value per cost first
-        step_budget = (budget - spent) * surv[t] / max(remaining_expected[t], 1e-12)
-        cost = sim.costs[channel]
-        order = np.argsort(-(value / cost), kind="stable")
-        order = order[value[order] > 0]
-        fits = np.cumsum(cost[order]) <= step_budget * (1 + 1e-12) + 1e-12
-        take = order[: int(np.argmin(fits)) if not fits.all() else len(order)]
-        served = np.zeros(len(idx), bool)
-        served[take] = True
+        out = policy_fn(obs)
+        # allocation: this step's share of the remaining budget
+        step_budget = max((budget - spent) * surv[t] / max(remaining_expected[t], 1e-12), 0.0)
+        if isinstance(out, np.ndarray):  # per-channel scores: the decision layer solves s for the step budget
+            if out.shape != (len(idx), C):
+                raise ValueError(f"policy returned scores of shape {out.shape} for {len(idx)} users and {C} channels")
+            s_t, channel, _, served = solve_penalty(np.asarray(out, dtype=np.float64), np.broadcast_to(sim.costs, out.shape),
+                                                    step_budget * (1 - 1e-12), fill=fill)
+            penalties.append(s_t)
+            cost = sim.costs[channel]
+        else:  # (channel, value): best value per cost of the given channel first
+            channel, value = out
+            channel = np.asarray(channel, dtype=np.int64).reshape(-1)
+            value = np.asarray(value, dtype=np.float64).reshape(-1)
+            if channel.shape != idx.shape or value.shape != idx.shape:
+                raise ValueError(f"policy returned shapes {channel.shape}, {value.shape} for {len(idx)} users")
+            if channel.min() < 0 or channel.max() >= C:
+                raise ValueError(f"policy returned a channel outside [0, {C})")
+            cost = sim.costs[channel]
+            order = np.argsort(-(value / cost), kind="stable")
+            order = order[value[order] > 0]
+            fits = np.cumsum(cost[order]) <= step_budget * (1 + 1e-12) + 1e-12
+            take = order[: int(np.argmin(fits)) if not fits.all() else len(order)]
+            served = np.zeros(len(idx), bool)
+            served[take] = True
         p = sim.true_reward_prob(st, channel, idx)  # (B,)
         g = (rng.random(len(idx)) < p).astype(np.float64)
         g[~served] = 0.0
@@ -148,6 +170,8 @@ def run_online(sim: Simulator, policy_fn: PolicyFn, n_users: int, budget: float,
         "realized_reward": _ci(real_r),
         "roi_expected": _ratio_ci(exp_r, spend, n_boot, brng),
         "roi_realized": _ratio_ci(real_r, spend, n_boot, brng),
+        "penalty": ({"mean": float(np.mean(penalties)), "quartiles": np.percentile(penalties, [25, 50, 75]).tolist()}
+                    if penalties else None),
     }
 
 
@@ -176,12 +200,74 @@ def random_policy(sim: Simulator, seed: int = 0) -> PolicyFn:
 
 
 def oracle_policy(sim: Simulator) -> PolicyFn:
-    """Greedy oracle: knows the true response; picks the best probability per cost, values users by it."""
+    """Full oracle: knows the hidden state, returns the true reward probability of every channel (B, C)."""
 
-    def fn(obs: Observation) -> tuple[np.ndarray, np.ndarray]:
-        p = obs.sim.reward_probs(obs.hidden, obs.idx)  # (B, C)
-        c = np.argmax(p / sim.costs[None, :], axis=1)
-        return c, p[np.arange(len(c)), c]
+    def fn(obs: Observation) -> np.ndarray:
+        return obs.sim.reward_probs(obs.hidden, obs.idx)  # (B, C)
+
+    return fn
+
+
+def observable_oracle_policy(sim: Simulator, n_users: int, particles: int = 128, seed: int = 0) -> PolicyFn:
+    """Observable oracle: knows the response model, sees only what a learner sees (B, C) scores.
+
+    The hidden part of the state is the interest z_u. Everything else the response depends on is a
+    function of the observed history: the hour, the exposure counts (served channels and times), the
+    last outcome and the drift (after each observed positive outcome on c, z moves by drift * beta_c / |beta_c|).
+    The oracle keeps a particle posterior of z_u given the observations: prior z_u | x_u =
+    N(x_u / (1 + sigma_x^2), sigma_x^2 / (1 + sigma_x^2) I) (z ~ N(0, I), x = z + N(0, sigma_x^2 I)),
+    reweighted by the likelihood p^y (1 - p)^(1 - y) of every served step's outcome, resampled
+    (with a small jitter) when the effective sample size falls below a quarter. It scores channel c
+    by E[p(u, c) | observations] = sum_k w_k sigmoid(logit_k,c): the best any learner could predict.
+    """
+    from mtorl.sim.model import SIGMA_X, sigmoid
+
+    rng = np.random.default_rng([seed, 7])
+    K, D = particles, sim.n_features
+    shrink, sd = 1.0 / (1.0 + SIGMA_X**2), float(np.sqrt(SIGMA_X**2 / (1.0 + SIGMA_X**2)))
+    Z = np.zeros((n_users, K, D))
+    logw = np.zeros((n_users, K))
+    last_p = np.zeros((n_users, K, sim.n_channels))  # per-particle probabilities at the user's last step
+    seen = np.zeros(n_users, bool)
+    nq = len(STEP_FEATURES)
+
+    def fn(obs: Observation) -> np.ndarray:
+        u = obs.user
+        new = ~seen[u]
+        if new.any():
+            un = u[new]
+            x = obs.state[new, nq:].astype(np.float64)  # (b, D) observed user features
+            Z[un] = shrink * x[:, None, :] + sd * rng.standard_normal((len(un), K, D))
+            logw[un] = 0.0
+            seen[un] = True
+        old = ~new & (obs.prev_channel >= 0)  # served at their previous step: an observed outcome
+        if old.any():
+            uo, c = u[old], obs.prev_channel[old]
+            y = obs.prev_reward[old].astype(np.float64)
+            pk = np.clip(last_p[uo, :, c], 1e-9, 1 - 1e-9)  # (b, K) per-particle p of the served channel
+            logw[uo] += np.where(y[:, None] > 0, np.log(pk), np.log1p(-pk))
+            pos = y > 0
+            if pos.any():
+                Z[uo[pos]] += sim.drift * sim._beta_unit[c[pos]][:, None, :]
+            lw = logw[uo] - logw[uo].max(axis=1, keepdims=True)
+            w = np.exp(lw)
+            ess = w.sum(axis=1) ** 2 / (w**2).sum(axis=1)
+            low = ess < K / 4
+            if low.any():
+                ur = uo[low]
+                p = w[low] / w[low].sum(axis=1, keepdims=True)
+                cdf = np.cumsum(p, axis=1)
+                pick = (rng.random((len(ur), 1)) + np.arange(K)[None, :]) / K  # systematic resampling
+                j = np.minimum((pick[:, :, None] > cdf[:, None, :]).sum(axis=2), K - 1)
+                Z[ur] = Z[ur][np.arange(len(ur))[:, None], j] + 0.05 * sd * rng.standard_normal((len(ur), K, D))
+                logw[ur] = 0.0
+        # observable part of the logits: the model's logits with the hidden z term taken out
+        base = sim.reward_logits(obs.hidden, obs.idx) - obs.hidden.z[obs.idx] @ sim.beta.T  # (B, C)
+        pk = sigmoid(base[:, None, :] + Z[u] @ sim.beta.T)  # (B, K, C)
+        last_p[u] = pk
+        w = np.exp(logw[u] - logw[u].max(axis=1, keepdims=True))
+        w /= w.sum(axis=1, keepdims=True)
+        return np.einsum("bk,bkc->bc", w, pk)
 
     return fn
 

@@ -126,6 +126,19 @@ class PrepareSpec(_Strict):
     spill_dir: Uri | None = Field(None, description="Local directory for the spill partitions (default: the system temp directory).")
 
 
+# ----------------------------------------------------------------------------- decisions
+
+class DecisionSpec(_Strict):
+    """The decision layer (mtorl/evaluation/decision.py): which channel, and whom to serve within a budget."""
+
+    policy: Literal["reward", "imitation"] = Field("reward", description="reward: argmax of the per-channel reward head minus s*cost, where the logs support the channel; imitation: the action decoder's pi-reweighted choice (imitates the logger).")
+    support_threshold: float = Field(0.5, ge=0, le=1, description="tau (BCQ-style): a channel is allowed only when pi(c|s) >= tau * max_c pi(c|s); 0 = every channel. The default 0.5 is conservative for a reward head not yet validated (in the simulator a 1-epoch model acting freely, tau = 0, lost to the logger); lower it when the val DR value says so (sim-train.yaml uses 0).")
+    pessimism: float = Field(0.0, ge=0, description="beta: score r_hat - beta * sqrt(r_hat (1 - r_hat) / pi(c|s)), a lower bound that is low where the logs rarely chose c.")
+    budget: float | None = Field(0.3, gt=0, le=1, description="Offline budget as a fraction of the split's logged cost: the validation metric val/select_rate@budget and the report's s.")
+    penalty: float | None = Field(None, ge=0, description="Fixed penalty s (reward units per unit cost) where no budget is given (the OPE channel policy; /v1/allocate without a budget). None = 0.")
+    fill: bool = Field(True, description="Spend the budget left at the Lagrangian breakpoint on the marginal users (spend stays <= budget).")
+
+
 # ----------------------------------------------------------------------------- model
 
 class TCNSpec(_Strict):
@@ -224,6 +237,7 @@ class TrainSpec(_Strict):
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
+    decision: DecisionSpec = Field(default_factory=DecisionSpec, description="Decision layer of the validation metrics val/select_rate@budget and val/decision_dr, and the checkpoint's default for evaluation and the closed loop.")
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -240,6 +254,7 @@ class EvaluateSpec(_Strict):
     compare: list[Uri] = Field(default_factory=list, description="Further checkpoints put side by side (heuristics always are).")
     seed: int = Field(0, ge=0, le=2**32 - 1)
     run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
+    decision: DecisionSpec | None = Field(None, description="Decision layer for every row of the report; None = the checkpoint's training spec's.")
 
     @field_validator("budget_fractions")
     @classmethod

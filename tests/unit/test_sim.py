@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mtorl.sim import (Simulator, calibrate, dataset_stats, journeys_format, logging_policy, ope_error, oracle_policy, random_policy,
+from mtorl.sim import (Simulator, calibrate, dataset_stats, journeys_format, logging_policy, observable_oracle_policy, ope_error,
+                       oracle_policy, random_policy,
                        read_journeys, run_online, simulate, true_policy_value)
 from mtorl.spec.models import JourneysFormat, SimulateSpec
 
@@ -145,13 +146,18 @@ def test_oracle_beats_logging_within_budget() -> None:
     sim = Simulator(SimulateSpec(output="unused", mean_steps=10.0, seed=1))
     n, budget = 3000, 3000 * 10 * 0.3  # about 15% of the steps of the mean cost 2
     res = {name: run_online(sim, pol, n, budget, seed=5)
-           for name, pol in (("oracle", oracle_policy(sim)), ("logging", logging_policy(sim)), ("random", random_policy(sim)))}
+           for name, pol in (("oracle", oracle_policy(sim)), ("observable", observable_oracle_policy(sim, n)),
+                             ("logging", logging_policy(sim)), ("random", random_policy(sim)))}
     for r in res.values():
         assert r["spend"]["value"] <= budget + 1e-9
         assert r["spend"]["value"] > 0.9 * budget  # pacing spends (almost) all of it
         assert r["served_steps"] < r["steps"]
     assert res["oracle"]["expected_reward"]["ci95"][0] > res["logging"]["expected_reward"]["ci95"][1]
     assert res["oracle"]["roi_expected"]["ci95"][0] > res["logging"]["roi_expected"]["ci95"][1]
+    # what a learner can see lies between: above the logger, below the full oracle
+    v = {k: r["expected_reward"]["value"] for k, r in res.items()}
+    assert v["oracle"] > v["observable"] > res["logging"]["expected_reward"]["ci95"][1], v
+    assert res["oracle"]["penalty"]["mean"] > 0 and res["logging"]["penalty"] is None
     lo, hi = res["oracle"]["expected_reward"]["ci95"]
     assert lo <= res["oracle"]["expected_reward"]["value"] <= hi
 
@@ -291,3 +297,18 @@ def test_prepare_takes_the_mapping_of_simulated_logs(generated: tuple[SimulateSp
     assert man["user_features"] == list(meta["journeys"]["user_features"])
     assert man["journeys_format"]["propensity_col"] == "propensity"
     assert man["rows_read"] == meta["steps"]
+
+
+def test_served_history_drops_unserved_steps_and_carries_their_time() -> None:
+    from mtorl.sim.closed_loop import served_history
+
+    # one user at step t = 3: steps 0 and 2 served (channels 1, 0; outcomes 1, 0), step 1 not served
+    gaps = np.array([0.0, 2.0, 3.0, 4.0])                     # hours since the previous opportunity
+    state = np.zeros((1, 4, 2))
+    state[0, :, 0] = np.log1p(gaps)                           # recency column
+    state[0, :, 1] = [10, 11, 12, 13]                         # a marker per step
+    h = {"state": state, "prev_channel": np.array([[-1, 1, -1, 0]]), "prev_reward": np.array([[0.0, 1.0, 0.0, 0.0]])}
+    st, pc, pr, n = served_history(h, recency_col=0)
+    assert n.tolist() == [3] and st[0, :, 1].tolist() == [10, 12, 13]
+    assert np.expm1(st[0, :, 0]) == pytest.approx([0.0, 5.0, 4.0])   # step 2 is 2 + 3 h after step 0
+    assert pc[0].tolist() == [-1, 1, 0] and pr[0].tolist() == [0.0, 1.0, 0.0]
