@@ -20,7 +20,9 @@ API_VERSION = "mtorl/v1"
 LOSS_NAMES = ("loss", "reward_loss", "pref_loss", "action_loss", "q_loss", "td_loss", "cql_loss", "v_loss",
               "awr_loss", "imitation_loss")
 QUALITY_NAMES = ("accuracy", "macro_f1", "mean_auc", "reward_auc", "reward_mse")
-VAL_METRICS = tuple(f"val/{n}" for n in LOSS_NAMES + QUALITY_NAMES)
+# decision metrics (mtorl.evaluation.decision.decision_metrics, reported through training.step.decision_val_metrics)
+DECISION_NAMES = ("select_rate@budget", "decision_penalty", "decision_dr", "decision_dr@budget")
+VAL_METRICS = tuple(f"val/{n}" for n in LOSS_NAMES + QUALITY_NAMES + DECISION_NAMES)
 
 _URI_SCHEMES = ("s3://", "file://")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")

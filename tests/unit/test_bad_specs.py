@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from mtorl.cli import main
-from mtorl.spec.models import LOSS_NAMES, QUALITY_NAMES, VAL_METRICS
+from mtorl.spec.models import DECISION_NAMES, LOSS_NAMES, QUALITY_NAMES, VAL_METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "ray_jobs/specs/kuairand-train.yaml"
@@ -147,6 +147,13 @@ def test_val_metric_names_come_from_the_training_code() -> None:
     keys = set(val_metrics(ch, probs, np.array([0.0, 1.0, 1.0, 0.0]), np.array([0.2, 0.7, 0.6, 0.1]), True))
     keys |= set(val_metrics(ch, probs, np.array([0.1, 0.5, 0.9, 0.3]), np.array([0.2, 0.4, 0.8, 0.1]), False))
     assert keys == set(QUALITY_NAMES)
+    from mtorl.spec.models import DecisionSpec
+    from mtorl.training.step import decision_val_metrics
+
+    r = np.array([0.0, 1.0, 1.0, 0.0])
+    dkeys = set(decision_val_metrics(ch, probs, r, np.tile([[0.2], [0.7], [0.6], [0.1]], (1, 3)), np.ones(4),
+                                     np.full(4, 1 / 3), True, DecisionSpec()))
+    assert dkeys == set(DECISION_NAMES), dkeys ^ set(DECISION_NAMES)
     assert len(VAL_METRICS) == len(set(VAL_METRICS))
 
 
