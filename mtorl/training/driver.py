@@ -44,7 +44,8 @@ def to_uri(output: str, path: str) -> str:
 
 
 def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: str | None = None,
-                  storage_path_override: tuple[str, Any] | None = None) -> tuple[TorchTrainer, dict[str, Any]]:
+                  storage_path_override: tuple[str, Any] | None = None,
+                  epoch_feed: Any = None) -> tuple[TorchTrainer, dict[str, Any]]:
     spec = job.spec
     manifest = load_manifest(spec.data)
     t = spec.trainer
@@ -67,7 +68,7 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: s
     trainer = TorchTrainer(
         _loop,
         train_loop_config={"job": job_to_dict(job), "manifest": manifest, "manifest_sha256": manifest_sha256(spec.data),
-                           "cache_shards": cached,
+                           "cache_shards": cached, "epoch_feed": epoch_feed,
                            "local_run_uri": to_uri(spec.output, f"{storage_path.rstrip('/')}/{run_name or job.metadata.name}")
                            if t.workers == 0 else None},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources),
@@ -138,8 +139,11 @@ def run_train(job: TrainJob, progress: Any = print) -> dict[str, Any]:
         init_ray()
     uri = run_uri(job)
     progress(f"training {spec.model.name} on {spec.data} with {spec.trainer.workers} worker(s) -> {uri}")
-    trainer, manifest = build_trainer(job)
-    result = trainer.fit()
+    from mtorl.console import epoch_progress
+
+    with epoch_progress(spec.trainer.epochs) as feed:  # the epochs display of a command's console
+        trainer, manifest = build_trainer(job, epoch_feed=feed)
+        result = trainer.fit()
     best_uri, metrics, latest, final = finish_run(job, result, uri)
     wall = time.time() - t0
     out = {

@@ -18,6 +18,7 @@ import ray.train.torch
 from mtorl.models import build_model
 from mtorl.spec import validate_doc
 from mtorl.training import checkpoint as ckpt
+from mtorl.training import tracking
 from mtorl.training.step import NonFiniteLossError, train_batches, unwrap, val_metrics, validate_batches
 
 # Test-only fault injection: the worker of this rank exits hard at this global step, once (marker file).
@@ -92,19 +93,19 @@ class ShardCache:
             self.rows = {k: np.concatenate([b[k] for b in kept]) for k in kept[0]}
 
 
-def _wandb_run(job: Any, rank: int, resume_id: str) -> Any:
-    tr = job.spec.tracking
-    if rank != 0 or tr.wandb == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
-        return None
-    import wandb
-
-    wdir = os.environ.get("WANDB_DIR") or os.path.join(tempfile.gettempdir(), "mtorl-wandb")
-    os.makedirs(wdir, exist_ok=True)
-    return wandb.init(
-        project=tr.project, entity=tr.entity, group=tr.group, name=job.metadata.name, id=resume_id,
-        resume="allow", mode=os.environ.get("WANDB_MODE", tr.wandb), dir=wdir,
-        config=job.spec.model_dump(mode="json"),
-    )
+def _announce_epoch(config: dict[str, Any], epoch: int, epochs: int, eta: float, metrics: dict[str, Any]) -> None:
+    """Rank 0's epoch line: to the command's progress display when it passed a feed, else printed."""
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    feed = config.get("epoch_feed")
+    if feed is not None:
+        try:
+            feed.put_nowait({"epoch": epoch, "epochs": epochs, "eta_s": eta, "metrics": scalars})
+            return
+        except Exception:  # noqa: BLE001 - the display is gone (driver interrupted): print instead
+            pass
+    print(f"[mtorl] epoch {epoch + 1}/{epochs} loss {metrics.get('train/loss', float('nan')):.4f} "
+          f"val/loss {metrics.get('val/loss', float('nan')):.4f} val/reward_auc {metrics.get('val/reward_auc', float('nan')):.4f} "
+          f"{metrics.get('train/samples_per_s', 0.0):.0f} windows/s ETA {eta:.0f}s", flush=True)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -149,7 +150,7 @@ def train_loop(config: dict[str, Any]) -> None:
     else:
         model = model.to(device)
 
-    run = _wandb_run(job, rank, resume_id=f"{job.metadata.name}-{config.get('run_id', 'run')}")
+    run = tracking.open_run(job, rank)  # one W&B run per mtorl run (per trial); the id comes from the job name
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     cache = config.get("cache_shards") or {}
@@ -212,13 +213,8 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics["perf/node_ids"] = sorted(set(map(str, node_ids)))
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if rank == 0:
-            done = epoch + 1 - start_epoch
-            eta = (time.time() - t_run) / done * (epochs - epoch - 1)
-            print(f"[mtorl] epoch {epoch + 1}/{epochs} loss {metrics.get('train/loss', float('nan')):.4f} "
-                  f"val/loss {metrics.get('val/loss', float('nan')):.4f} val/reward_auc {metrics.get('val/reward_auc', float('nan')):.4f} "
-                  f"{samples_per_s:.0f} windows/s ETA {eta:.0f}s", flush=True)
-            if run is not None:
-                run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=global_step)
+            _announce_epoch(config, epoch, epochs, (time.time() - t_run) / (epoch + 1 - start_epoch) * (epochs - epoch - 1), metrics)
+            tracking.log_metrics(run, metrics, global_step)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
