@@ -280,7 +280,10 @@ def session(verbose: bool = False, stream: TextIO | None = None) -> Iterator[Con
 
                 if ray.is_initialized():
                     ray.shutdown()
+            kept = _REDIRECT.path
             _REDIRECT.stop()
+            if kept and con.ray_logs is None and os.path.exists(kept):  # Ray never came up: say where its output is
+                con(f"Ray's output of this command: {kept}")
         _CURRENT = prev
         if owned:
             with contextlib.suppress(Exception):

@@ -76,9 +76,15 @@ def trial_job(base: TrainJob, config: dict[str, Any], name: str, output: str) ->
 
 
 def _make_trial_fn(base_doc: dict[str, Any], trials_uri: str, sweep_name: str, group: str, kill_pid: int | None = None) -> Any:
+    # W&B settings of this sweep's driver (mode, dir), for the trial's workers: the trial process
+    # itself has the environment of the Ray job, which may predate them.
+    wandb_env = {k: v for k, v in os.environ.items() if k.startswith("WANDB_") and k != "WANDB_API_KEY"}
+
     def trial(config: dict[str, Any]) -> None:
         import ray.tune
         from ray.tune.integration.ray_train import TuneReportCallback
+
+        os.environ.update(wandb_env)
 
         base = validate_doc(base_doc, "<tune base>")
         trial_id = ray.tune.get_context().get_trial_id()
@@ -124,6 +130,12 @@ class TrialProgress(Callback):
         self.metric, self.mode, self.trials = metric, mode, trials
         self.bar: Any = None
         self.best: tuple[float, str] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles its run config: the display stays in this process
+        return {k: v for k, v in self.__dict__.items() if k not in ("console", "bar")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, console=current() or as_console(None), bar=None)
 
     def _best(self) -> str:
         return "no result yet" if self.best is None else f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})"
