@@ -88,7 +88,8 @@ class Progress:
             self.bar = tqdm(total=total, desc=desc, unit=unit, file=console.stream, leave=True, dynamic_ncols=True)
             console._bars += 1
 
-    def update(self, n: int = 1, postfix: str = "") -> None:
+    def update(self, n: int = 1, postfix: str = "", eta_s: float | None = None) -> None:
+        """Advance by ``n``; ``eta_s``: the caller's own estimate of the time left (else tqdm's, from the rate)."""
         self.n += n
         if self.bar is not None:
             self.bar.set_postfix_str(postfix, refresh=False)
@@ -96,8 +97,9 @@ class Progress:
             return
         from tqdm import tqdm
 
+        fmt = LINE_FORMAT if eta_s is None else LINE_FORMAT.replace("{remaining}", tqdm.format_interval(max(0.0, eta_s)))
         self.console(tqdm.format_meter(self.n, self.total, time.time() - self.t0, prefix=self.desc, unit=self.unit,
-                                       postfix=postfix or None, bar_format=LINE_FORMAT))
+                                       postfix=postfix or None, bar_format=fmt))
 
     def note(self, msg: str) -> None:
         """A line that doesn't advance the count (printed above the bar on a terminal)."""
@@ -180,9 +182,11 @@ class _Redirect:
         old = self.path
         if old is None or old == path:
             return self.start(path)
-        self.start(path)
+        sys.stdout.flush()
+        sys.stderr.flush()
         with contextlib.suppress(OSError), open(old, "rb") as f, open(path, "ab") as g:
             g.write(f.read())
+        self.start(path)
         with contextlib.suppress(OSError):
             os.unlink(old)
 
@@ -236,7 +240,9 @@ def after_ray_init() -> None:
     ctx.print_on_execution_start = False
     if logs and _REDIRECT.saved is not None:
         _REDIRECT.move(os.path.join(logs, DRIVER_LOG))
-    where = _REDIRECT.path or logs
+    where = _REDIRECT.path or "-"
+    if logs and where.startswith(logs + os.sep):
+        where = os.path.relpath(where, logs)
     _CURRENT(f"Ray logs: {logs} (this process: {where}); -v or {LOG_LEVEL_ENV}=INFO shows them here")
 
 
@@ -356,7 +362,7 @@ def epoch_progress(epochs: int) -> Iterator[Any]:
             bar.n = done - 1
             if bar.bar is not None:
                 bar.bar.n = done - 1
-        bar.update(done - bar.n, postfix=epoch_line(item))
+        bar.update(done - bar.n, postfix=epoch_line(item), eta_s=item.get("eta_s"))  # the loop's ETA: start-up excluded
 
     feed = RemoteFeed(on_item)
     try:

@@ -140,6 +140,10 @@ class TrialProgress(Callback):
     def _best(self) -> str:
         return "no result yet" if self.best is None else f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})"
 
+    def setup(self, **info: Any) -> None:  # the sweep starts: the display's clock starts
+        if self.bar is None:
+            self.bar = self.console.progress(self.trials, "trials", unit="trial")
+
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
         if self.bar is None:
             self.bar = self.console.progress(self.trials, "trials", unit="trial")

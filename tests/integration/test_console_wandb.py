@@ -51,8 +51,8 @@ def test_cli_train_off_a_terminal_one_line_per_epoch_and_one_resumable_wandb_run
     assert all("loss " in ln and "val/loss " in ln for ln in epochs)
     assert sum(ln.startswith("Ray logs: ") for ln in out.splitlines()) == 1
     assert not [ln for ln in (out + r.stderr).splitlines() if NOISE.search(ln)], out + r.stderr
-    log = re.search(r"this process: (\S+?)\)", out)
-    assert log and Path(log.group(1)).is_file()  # Ray's output of this command went there
+    log = re.search(r"^Ray logs: (\S+) \(this process: (\S+?)\)", out, flags=re.M)
+    assert log and (Path(log.group(1)) / log.group(2)).is_file()  # Ray's output of this command went there
 
     (run,) = offline_runs(tmp_path / "wb")
     assert run.run_id == "cli-console" and run.name == "cli-console"

@@ -23,6 +23,12 @@ def test_progress_off_a_terminal_is_one_plain_line_per_step() -> None:
     assert not CONTROL.search(out.getvalue())
 
 
+def test_progress_takes_the_callers_eta() -> None:
+    out = io.StringIO()
+    Console(out, tty=False).progress(3, "epochs").update(1, postfix="x", eta_s=75)
+    assert re.fullmatch(r"epochs: 1/3 \[00:0\d<01:15, x\]\n", out.getvalue())
+
+
 def test_progress_on_a_terminal_is_a_tqdm_bar() -> None:
     out = io.StringIO()
     con = Console(out, tty=True)
