@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 DATA ?=
 SOURCE ?=
 DEMO_DIR ?= demo-output
+DEMO_ARGS ?=
 # torch: pinned to the CPU build that pip finds on a machine without a GPU (no multi-GB CUDA download).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m mtorl.demo --dir $(DEMO_DIR) $(if $(DATA),--data $(DATA)) $(if $(SOURCE),--source $(SOURCE))
+	$(BIN)/python -m mtorl.demo --dir $(DEMO_DIR) $(if $(DATA),--data $(DATA)) $(if $(SOURCE),--source $(SOURCE)) $(DEMO_ARGS)
 
 # The HTML report test renders the page in Debian's headless chromium: installed here when absent (as root).
 test-deps:
