@@ -9,13 +9,14 @@ BIN := $(VENV)/bin
 DATA ?=
 SOURCE ?=
 DEMO_DIR ?= demo-output
+DEMO_ARGS ?=
 # torch: pinned to the CPU build that pip finds on a machine without a GPU (no multi-GB CUDA download).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 MANIFESTS_DIR ?= build/manifests
 VALUES ?=
 
-.PHONY: install demo test test-unit test-integration bench manifests clean store-up store-down
+.PHONY: install demo test test-deps test-unit test-integration bench manifests clean store-up store-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,9 +29,17 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m mtorl.demo --dir $(DEMO_DIR) $(if $(DATA),--data $(DATA)) $(if $(SOURCE),--source $(SOURCE))
+	$(BIN)/python -m mtorl.demo --dir $(DEMO_DIR) $(if $(DATA),--data $(DATA)) $(if $(SOURCE),--source $(SOURCE)) $(DEMO_ARGS)
 
-test: $(STAMP)
+# The HTML report test renders the page in Debian's headless chromium: installed here when absent (as root).
+test-deps:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null \
+	      || echo "warning: could not install chromium; the HTML report's browser test will be skipped"; \
+	  else echo "note: chromium not found and not root: the HTML report's browser test will be skipped"; fi
+
+test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=25 tests
 
 test-unit: $(STAMP)

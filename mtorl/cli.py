@@ -18,7 +18,13 @@ from mtorl.spec.loader import apply_overrides
 
 
 def _p(msg: str) -> None:
-    print(msg, flush=True)
+    from mtorl.console import say
+
+    say(msg)  # the command's console (stays on the terminal while Ray's output goes to its log file)
+
+
+VERBOSE_HELP = ("show Ray's own output (logs of Ray, Ray Data, Train, Tune, Serve and the workers) on the console; "
+                "by default it goes to the Ray session's log files (path printed once). Also: MTORL_LOG_LEVEL=INFO|DEBUG")
 
 
 def _common(sp: argparse.ArgumentParser, spec_required: bool = False) -> None:
@@ -27,6 +33,7 @@ def _common(sp: argparse.ArgumentParser, spec_required: bool = False) -> None:
                     help="override a field, e.g. --set spec.trainer.workers=2 (repeatable)")
     sp.add_argument("--result", metavar="FILE", help="also write the JSON result (URIs, metrics, timings) here")
     sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on loopback)")
+    sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
 
 
 def _job(args: argparse.Namespace, kind: str, from_flags: Callable[[], dict[str, Any]] | None = None) -> Any:
@@ -223,6 +230,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtorl", description="Multi-task offline RL for budget-aware advertising on Ray.")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sp = sub.add_parser("store", help="the embedded S3 object store (SeaweedFS) on 127.0.0.1")
@@ -342,8 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MTORL_DEBUG") == "1"
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    from mtorl.console import session
+
     try:
-        return int(args.fn(args) or 0)
+        with session(verbose=args.verbose):
+            return int(args.fn(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -26,10 +26,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _say(msg: str) -> None:
-    print(f"\n=== {msg}", flush=True)
-
-
 def guess_source(path: str) -> str:
     name = Path(path).name.lower()
     if "kuairand" in name:
@@ -61,15 +57,15 @@ def example_users(dataset_uri: str, n: int = 5, split: str = "test") -> list[dic
     return users
 
 
-def demo_queries(url: str, dataset_uri: str, progress: Any = print) -> dict[str, Any]:
+def demo_queries(url: str, dataset_uri: str, progress: Any = print, n: int = 5) -> dict[str, Any]:
     """POST /v1/recommend and /v1/allocate with a few held-out users; print the answers."""
     import httpx
 
-    users = example_users(dataset_uri)
+    users = example_users(dataset_uri, n=n)
     rec = httpx.post(f"{url}/v1/recommend", json={"users": users}, timeout=30)
     rec.raise_for_status()
-    for u in rec.json()["users"]:
-        progress(f"  recommend {u['user_id']}: {u['recommended_channel']} (expected reward {u['expected_reward']:.3f})")
+    progress("  recommend: " + ", ".join(f"{u['user_id']} -> {u['recommended_channel']} ({u['expected_reward']:.3f})"
+                                         for u in rec.json()["users"]))
     budget = 2.5 * sum(u["journey"][-1]["cost"] for u in users) / len(users)
     alloc = httpx.post(f"{url}/v1/allocate", json={"users": users, "budget": budget}, timeout=30)
     alloc.raise_for_status()
@@ -88,36 +84,54 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--trials", type=int, default=2)
     ap.add_argument("--keep-store", action="store_true", help="leave the object store running at the end")
+    ap.add_argument("-v", "--verbose", action="store_true", help="Ray's own output and every stage's details on the console")
     args = ap.parse_args(argv)
 
+    from mtorl.console import session
+
+    with session(verbose=args.verbose) as con:
+        return _demo(args, con)
+
+
+def _demo(args: argparse.Namespace, con: Any) -> int:
     from mtorl.storage import seaweed
 
     base = Path(args.dir).resolve()
     base.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     t0 = time.time()
-
-    _say("object store (SeaweedFS, S3 API on 127.0.0.1)")
     try:
         state = seaweed.up(base / "store", None)
     except seaweed.PortInUseError:  # e.g. `mtorl store up` holds 8333: the demo's own store goes elsewhere
         port = seaweed.free_ports(1)[0]
-        print(f"the default S3 port {seaweed.DEFAULT_PORT} is taken (another store?); the demo's own store uses port {port}")
+        con(f"the default S3 port {seaweed.DEFAULT_PORT} is taken (another store?); the demo's own store uses port {port}")
         state = seaweed.up(base / "store", port)
     os.environ.update(seaweed.env_vars(state))
-    print(f"endpoint {state.endpoint}; credentials in {base / 'store' / 'state.json'} (mode 0600)")
+    con(f"object store (SeaweedFS) at {state.endpoint}; credentials in {base / 'store' / 'state.json'} (mode 0600)")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_DIR", str(base))
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
-        return _run(args, base, results, t0)
+        return _run(args, base, results, t0, con)
     finally:
         if not args.keep_store:
             seaweed.down(base / "store")
-            print("object store stopped (its data stays in", base / "store", ")")
+            con(f"object store stopped (its data stays in {base / 'store'})")
 
 
-def _run(args: argparse.Namespace, base: Path, results: dict[str, Any], t0: float) -> int:
+def _detail(con: Any) -> Any:
+    """Where a stage's detailed lines go: the console with -v, else the log file beside Ray's
+    (the demo prints each stage's result in one line of its own)."""
+    if con.verbose:
+        return con
+
+    def to_log(msg: str) -> None:
+        print(msg, flush=True)  # stdout is the session's log file once Ray is up
+
+    return to_log
+
+
+def _run(args: argparse.Namespace, base: Path, results: dict[str, Any], t0: float, con: Any) -> int:
     from mtorl.data.prepare import prepare
     from mtorl.raycluster import init_ray
 
@@ -127,91 +141,112 @@ def _run(args: argparse.Namespace, base: Path, results: dict[str, Any], t0: floa
         raw = args.data
         tag = Path(args.data).name.split(".")[0].split("_")[0]
     else:
-        _say("simulated advertising logs (known ground truth)")
-        from mtorl.sim.generate import simulate
+        with con.stage("simulated advertising logs (known ground truth)"):
+            from mtorl.sim.generate import simulate
 
-        sim_job = make_job("SimulateJob", "demo-sim", {"output": f"{bucket}/raw/sim", "users": 3000, "seed": 0})
-        results["simulate"] = simulate(sim_job.spec, progress=print)
+            sim_job = make_job("SimulateJob", "demo-sim", {"output": f"{bucket}/raw/sim", "users": 3000, "seed": 0})
+            results["simulate"] = simulate(sim_job.spec, progress=con)
         source, raw, tag = "journeys", f"{bucket}/raw/sim", "sim"
 
-    _say(f"prepare ({source})")
-    prep_spec: dict[str, Any] = {"source": source, "input": raw, "output": f"{bucket}/datasets/{tag}"}
-    if source == "journeys" and not args.data:
-        from mtorl.sim.generate import journeys_format
+    with con.stage(f"prepare ({source})"):
+        prep_spec: dict[str, Any] = {"source": source, "input": raw, "output": f"{bucket}/datasets/{tag}"}
+        if source == "journeys" and not args.data:
+            from mtorl.sim.generate import journeys_format
 
-        prep_spec["journeys"] = journeys_format(f"{bucket}/raw/sim")
-    manifest = prepare(make_job("PrepareJob", "demo-prepare", prep_spec).spec, progress=print)
-    results["prepare"] = {"dataset": prep_spec["output"], "rows_read": manifest["rows_read"], "rows_dropped": manifest["rows_dropped"],
-                          "users": {k: v["users"] for k, v in manifest["splits"].items()}}
+            prep_spec["journeys"] = journeys_format(f"{bucket}/raw/sim")
+        manifest = prepare(make_job("PrepareJob", "demo-prepare", prep_spec).spec, progress=con)
+        results["prepare"] = {"dataset": prep_spec["output"], "rows_read": manifest["rows_read"], "rows_dropped": manifest["rows_dropped"],
+                              "users": {k: v["users"] for k, v in manifest["splits"].items()}}
 
-    init_ray()
-    _say("train (Ray Train, 2 data-parallel workers, checkpoints in the object store)")
-    from mtorl.training.driver import run_train
+    with con.stage("start Ray (local, loopback)"):
+        init_ray()
+    with con.stage("train (Ray Train, 2 data-parallel workers, checkpoints in the object store)"):
+        from mtorl.training.driver import run_train
 
-    train_job = make_job("TrainJob", f"demo-{tag}", {
-        "data": prep_spec["output"], "output": f"{bucket}/runs",
-        "model": {"name": "mtorl", "hidden": 32, "tcn": {"levels": 2}, "attention": {"heads": 2}, "decoder_hidden": 32},
-        "trainer": {"workers": 2, "cpus_per_worker": 1, "epochs": args.epochs, "batch_size": 64,
-                    # select the checkpoint on the value of its decisions (the decision layer at 30% budget)
-                    "metric": "val/select_rate@budget", "mode": "max"},
-        "tracking": {"wandb": os.environ.get("WANDB_MODE", "offline")},
-    })
-    results["train"] = run_train(train_job, progress=print)
+        train_job = make_job("TrainJob", f"demo-{tag}", {
+            "data": prep_spec["output"], "output": f"{bucket}/runs",
+            "model": {"name": "mtorl", "hidden": 32, "tcn": {"levels": 2}, "attention": {"heads": 2}, "decoder_hidden": 32},
+            "trainer": {"workers": 2, "cpus_per_worker": 1, "epochs": args.epochs, "batch_size": 64,
+                        # select the checkpoint on the value of its decisions (the decision layer at 30% budget)
+                        "metric": "val/select_rate@budget", "mode": "max"},
+            "tracking": {"wandb": os.environ.get("WANDB_MODE", "offline")},
+        })
+        results["train"] = run_train(train_job, progress=con)
 
-    _say("evaluate on the user-disjoint test split (heuristics in the table)")
-    from mtorl.evaluation.run import run_evaluate
+    with con.stage("evaluate on the user-disjoint test split (heuristics in the table)"):
+        from mtorl.evaluation.run import run_evaluate
 
-    ev = make_job("EvaluateJob", "demo-eval", {"checkpoint": results["train"]["best_checkpoint"],
-                                               "output": str(base / "report"), "bootstrap": 50})
-    results["evaluate"] = run_evaluate(ev.spec, progress=print)
+        ev = make_job("EvaluateJob", "demo-eval", {"checkpoint": results["train"]["best_checkpoint"],
+                                                   "output": str(base / "report"), "bootstrap": 50})
+        results["evaluate"] = run_evaluate(ev.spec, progress=_detail(con))
+        cmp = results["evaluate"]["compare"]
+        for k in sorted(cmp, key=lambda k: k != "mtorl"):
+            r = cmp[k]
+            con(f"  {k:<10} acc {r['channel_accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}  reward AUC {_num(r['reward_auc'])}")
 
     if not args.data:
-        _say("closed loop in the simulator (true reward under a budget) and OPE against the truth")
-        from mtorl.sim.closed_loop import run_online_evaluation
+        with con.stage("closed loop in the simulator (true reward under a budget) and OPE against the truth"):
+            from mtorl.sim.closed_loop import run_online_evaluation
 
-        on = make_job("EvaluateJob", "demo-online", {"checkpoint": results["train"]["best_checkpoint"],
-                                                     "output": str(base / "online"), "bootstrap": 50})
-        results["online"] = run_online_evaluation(on.spec, users=1000, budget=0.3, progress=print)
+            on = make_job("EvaluateJob", "demo-online", {"checkpoint": results["train"]["best_checkpoint"],
+                                                         "output": str(base / "online"), "bootstrap": 50})
+            results["online"] = run_online_evaluation(on.spec, users=1000, budget=0.3, progress=_detail(con))
+            rows = results["online"]["results"]
+            con("  true reward at 30% budget: " + ", ".join(f"{k} {v['expected_reward']['value']:.0f}" for k, v in rows.items()))
 
-    _say(f"tune ({args.trials} trials over μ and λ, ASHA)")
-    from mtorl.tuning.sweep import run_tune
+    with con.stage(f"tune ({args.trials} trials over μ and λ, ASHA)"):
+        from mtorl.tuning.sweep import run_tune
 
-    tune_job = make_job("TuneJob", f"demo-{tag}-sweep", {
-        "base": {**train_job.spec.model_dump(mode="json", by_alias=True),
-                 "trainer": {"workers": 1, "epochs": 2, "batch_size": 64}},
-        "parameters": {"objective.reward_weight": {"type": "double", "min": 0.3, "max": 3.0, "log": True},
-                       "objective.pref_weight": {"type": "double", "min": 0.0, "max": 0.5}},
-        "algorithm": "random", "early_stopping": "asha", "max_trials": args.trials, "output": f"{bucket}/sweeps",
-    })
-    results["tune"] = run_tune(tune_job, progress=print)
+        tune_job = make_job("TuneJob", f"demo-{tag}-sweep", {
+            "base": {**train_job.spec.model_dump(mode="json", by_alias=True),
+                     "trainer": {"workers": 1, "epochs": 2, "batch_size": 64}},
+            "parameters": {"objective.reward_weight": {"type": "double", "min": 0.3, "max": 3.0, "log": True},
+                           "objective.pref_weight": {"type": "double", "min": 0.0, "max": 0.5}},
+            "algorithm": "random", "early_stopping": "asha", "max_trials": args.trials, "output": f"{bucket}/sweeps",
+        })
+        results["tune"] = run_tune(tune_job, progress=_detail(con))
+        best_t = results["tune"].get("best")
+        if best_t:
+            con(f"  best trial {best_t['trial']}: {results['tune']['metric']} {best_t['metric']:.4f} with "
+                + ", ".join(f"{k} {v:.3g}" for k, v in best_t["config"].items()))
 
-    _say("serve the best model (Ray Serve on 127.0.0.1) and query it")
-    from mtorl.serving.app import run_serve
+    with con.stage("serve the best model (Ray Serve on 127.0.0.1) and query it"):
+        from mtorl.serving.app import run_serve
 
-    best = (results["tune"].get("best") or {}).get("checkpoint") or results["train"]["best_checkpoint"]
-    serve_job = make_job("ServeJob", "demo-serve", {"checkpoint": best, "port": _free_port()})
-    served = run_serve(serve_job, address=None, config_out=str(base / "serve_config.yaml"), blocking=False, progress=print)
-    try:
-        results["serve"] = {**served, "queries": demo_queries(served["url"], prep_spec["output"], progress=print)}
-    finally:
-        from ray import serve
+        best = (results["tune"].get("best") or {}).get("checkpoint") or results["train"]["best_checkpoint"]
+        serve_job = make_job("ServeJob", "demo-serve", {"checkpoint": best, "port": _free_port()})
+        t_serve = time.time()
+        served = run_serve(serve_job, address=None, config_out=str(base / "serve_config.yaml"), blocking=False,
+                           progress=_detail(con))
+        con(f"  ready at {served['url']} in {time.time() - t_serve:.1f} s (API docs {served['docs']})")
+        try:
+            results["serve"] = {**served, "queries": demo_queries(served["url"], prep_spec["output"], progress=con, n=3)}
+        finally:
+            from ray import serve
 
-        serve.shutdown()
+            serve.shutdown()
 
     (base / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    _say(f"done in {time.time() - t0:.0f} s; where everything went:")
-    print(f"  object store       {os.environ.get('AWS_ENDPOINT_URL_S3')} (data dir {base / 'store'})")
-    print(f"  dataset            {prep_spec['output']} (manifest.json)")
-    print(f"  training run       {results['train']['run_uri']}")
-    print(f"  best checkpoint    {results['train']['best_checkpoint']}")
-    print(f"  evaluation report  {base / 'report' / 'report.md'} (+ metrics.json, PNG plots)")
-    if "online" in results:
-        print(f"  closed loop + OPE  {base / 'online' / 'online.md'}")
-    print(f"  sweep leaderboard  {results['tune']['sweep_uri']}/leaderboard.md")
-    print(f"  serve config       {base / 'serve_config.yaml'}")
-    print(f"  all results        {base / 'results.json'}")
-    print(f"  W&B (offline)      {base / 'wandb'}")
+    con(f"== done in {time.time() - t0:.0f} s; where everything went:")
+    for label, where in (
+        ("object store", f"{os.environ.get('AWS_ENDPOINT_URL_S3')} (data dir {base / 'store'})"),
+        ("dataset", f"{prep_spec['output']} (manifest.json)"),
+        ("training run", results["train"]["run_uri"]),
+        ("best checkpoint", results["train"]["best_checkpoint"]),
+        ("evaluation report", f"{base / 'report' / 'report.html'} (one page; also report.md, metrics.json, PNG plots)"),
+        *([("closed loop + OPE", str(base / "online" / "online.md"))] if "online" in results else []),
+        ("sweep leaderboard", f"{results['tune']['sweep_uri']}/leaderboard.md"),
+        ("serve config", str(base / "serve_config.yaml")),
+        ("all results", str(base / "results.json")),
+        ("W&B (offline)", f"{base / 'wandb'} (wandb sync to upload)"),
+        ("Ray logs", con.ray_logs or "-"),
+    ):
+        con(f"  {label:<18} {where}")
     return 0
+
+
+def _num(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 if __name__ == "__main__":

@@ -29,14 +29,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         return ray
     for k, v in LOCAL_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    from mtorl import console
+
     address = address or os.environ.get("RAY_ADDRESS")
     from mtorl.storage.credentials import forwardable_env
 
     # never a secret in a runtime_env (Ray logs it): the keys travel in a 0600 file whose path is passed
     env_vars = forwardable_env(("AWS_", "MTORL_", "WANDB_", "RAY_DATA_", "RAY_TRAIN_"), also_secret=secret_env)
-    kwargs: dict[str, Any] = {"logging_level": "WARNING"}
+    kwargs: dict[str, Any] = console.ray_init_kwargs()
     if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # inside a Ray job the job's runtime_env applies
         kwargs["runtime_env"] = {"env_vars": env_vars}
+    console.before_ray_init()  # quiet console: Ray's output into the session's log file from here on
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -49,6 +52,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
+    console.after_ray_init()
     return ray
 
 

@@ -23,6 +23,7 @@ from mtorl.data.windows import Journey, journeys_from_table
 from mtorl.evaluation.heuristics import HistoryPrior, heuristic_predictions
 from mtorl.evaluation.ope import fit_behaviour_model
 from mtorl.evaluation.predictions import Predictions, outcome
+from mtorl.evaluation.html import write_html
 from mtorl.evaluation.report import evaluate_predictions, to_jsonable, write_report
 from mtorl.serving.predictor import Predictor
 from mtorl.spec import DecisionSpec, EvaluateSpec
@@ -159,6 +160,7 @@ def run_evaluate(spec: EvaluateSpec, progress: Any = print) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) if spec.output.startswith("s3://") else Path(spec.output)
         paths = write_report(str(local), results, primary=primary_key, notes=notes, history=history)
+        paths.append(write_html(str(local)))  # report.html: the same report as one self-contained page
         out = _write_out(local, spec.output)
     top = results[primary_key]
     summary = {
@@ -169,7 +171,7 @@ def run_evaluate(spec: EvaluateSpec, progress: Any = print) -> dict[str, Any]:
                                     "mean_auc": r["channel"]["mean_auc"], "reward_auc": r["reward"].get("auc")})
                     for k, r in results.items()},
     }
-    progress(f"report: {storage.join(out, 'report.md')}")
+    progress(f"report: {storage.join(out, 'report.md')} (one page: {storage.join(out, 'report.html')})")
     for k, r in summary["compare"].items():
         progress(f"  {k:<12} acc {r['channel_accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}  "
                  f"mean AUC {_f(r['mean_auc'])}  reward AUC {_f(r['reward_auc'])}")

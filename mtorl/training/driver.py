@@ -75,7 +75,7 @@ def node_memory_bytes() -> float:
 
 def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: str | None = None,
                   storage_path_override: tuple[str, Any] | None = None,
-                  progress: Any = print) -> tuple[TorchTrainer, dict[str, Any]]:
+                  progress: Any = print, epoch_feed: Any = None) -> tuple[TorchTrainer, dict[str, Any]]:
     spec = job.spec
     manifest = load_manifest(spec.data)
     t = spec.trainer
@@ -113,7 +113,7 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: s
     trainer = TorchTrainer(
         _loop,
         train_loop_config={"job": job_to_dict(job), "manifest": manifest, "manifest_sha256": manifest_sha256(spec.data),
-                           "cached_parts": cached,
+                           "cached_parts": cached, "epoch_feed": epoch_feed,
                            "local_run_uri": to_uri(spec.output, f"{storage_path.rstrip('/')}/{run_name or job.metadata.name}")
                            if t.workers == 0 else None},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources),
@@ -206,8 +206,11 @@ def run_train(job: TrainJob, progress: Any = print) -> dict[str, Any]:
     if spec.trainer.workers > 0:
         for orphan in remove_unregistered_checkpoints(uri):  # uploaded but never registered (killed rank 0)
             progress(f"removed {orphan}: a checkpoint the run's snapshot does not list")
-    trainer, manifest = build_trainer(job, progress=progress)
-    result = trainer.fit()
+    from mtorl.console import epoch_progress
+
+    with epoch_progress(spec.trainer.epochs) as feed:  # the epochs display of a command's console
+        trainer, manifest = build_trainer(job, progress=progress, epoch_feed=feed)
+        result = trainer.fit()
     best_uri, metrics, latest, final = finish_run(job, result, uri)
     wall = time.time() - t0
     out = {

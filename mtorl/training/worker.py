@@ -17,6 +17,7 @@ import ray.train.torch
 from mtorl.models import build_model
 from mtorl.spec import validate_doc
 from mtorl.training import checkpoint as ckpt
+from mtorl.training import tracking
 from mtorl.training.step import (NonFiniteLossError, decision_val_metrics, maybe_compile, place_for_training, train_batches, unwrap,
                                  val_metrics, validate_batches)
 from mtorl.training.step import gather_all as _gather
@@ -92,19 +93,20 @@ def fetch_part(refs: list[Any]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
 
 
-def _wandb_run(job: Any, rank: int, resume_id: str) -> Any:
-    tr = job.spec.tracking
-    if rank != 0 or tr.wandb == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
-        return None
-    import wandb
 
-    wdir = os.environ.get("WANDB_DIR") or os.path.join(tempfile.gettempdir(), "mtorl-wandb")
-    os.makedirs(wdir, exist_ok=True)
-    return wandb.init(
-        project=tr.project, entity=tr.entity, group=tr.group, name=job.metadata.name, id=resume_id,
-        resume="allow", mode=os.environ.get("WANDB_MODE", tr.wandb), dir=wdir,
-        config=job.spec.model_dump(mode="json"),
-    )
+def _announce_epoch(config: dict[str, Any], epoch: int, epochs: int, eta: float, metrics: dict[str, Any]) -> None:
+    """Rank 0's epoch line: to the command's progress display when it passed a feed, else printed."""
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    feed = config.get("epoch_feed")
+    if feed is not None:
+        try:
+            feed.put_nowait({"epoch": epoch, "epochs": epochs, "eta_s": eta, "metrics": scalars})
+            return
+        except Exception:  # noqa: BLE001 - the display is gone (driver interrupted): print instead
+            pass
+    print(f"[mtorl] epoch {epoch + 1}/{epochs} loss {metrics.get('train/loss', float('nan')):.4f} "
+          f"val/loss {metrics.get('val/loss', float('nan')):.4f} val/reward_auc {metrics.get('val/reward_auc', float('nan')):.4f} "
+          f"{metrics.get('train/samples_per_s', 0.0):.0f} windows/s ETA {eta:.0f}s", flush=True)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -152,7 +154,7 @@ def train_loop(config: dict[str, Any]) -> None:
             parallel_strategy_kwargs={"find_unused_parameters": spec.model.name != "mtorl"},
         )
 
-    run = _wandb_run(job, rank, resume_id=f"{job.metadata.name}-{config.get('run_id', 'run')}")
+    run = tracking.open_run(job, rank)  # one W&B run per mtorl run (per trial); the id comes from the job name
     parts = config.get("cached_parts") or {}
     train_cache, val_cache = ShardCache(False), ShardCache(False)
     for split, cache in (("train", train_cache), ("val", val_cache)):
@@ -220,13 +222,8 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics["perf/node_ids"] = sorted(set(map(str, node_ids)))
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if rank == 0:
-            done = epoch + 1 - start_epoch
-            eta = (time.time() - t_run) / done * (epochs - epoch - 1)
-            print(f"[mtorl] epoch {epoch + 1}/{epochs} loss {metrics.get('train/loss', float('nan')):.4f} "
-                  f"val/loss {metrics.get('val/loss', float('nan')):.4f} val/reward_auc {metrics.get('val/reward_auc', float('nan')):.4f} "
-                  f"{samples_per_s:.0f} windows/s ETA {eta:.0f}s", flush=True)
-            if run is not None:
-                run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=global_step)
+            _announce_epoch(config, epoch, epochs, (time.time() - t_run) / (epoch + 1 - start_epoch) * (epochs - epoch - 1), metrics)
+            tracking.log_metrics(run, metrics, global_step)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:

@@ -15,9 +15,11 @@ from typing import Any
 
 import yaml
 
+from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
 from mtorl import storage
+from mtorl.console import as_console, current, tune_verbosity
 from mtorl.spec import TrainJob, TuneJob, job_to_dict, validate_doc
 from mtorl.spec.loader import apply_overrides
 from mtorl.spec.models import ParamSpace, TuneSpec
@@ -74,9 +76,15 @@ def trial_job(base: TrainJob, config: dict[str, Any], name: str, output: str) ->
 
 
 def _make_trial_fn(base_doc: dict[str, Any], trials_uri: str, sweep_name: str, group: str, kill_pid: int | None = None) -> Any:
+    # W&B settings of this sweep's driver (mode, dir), for the trial's workers: the trial process
+    # itself has the environment of the Ray job, which may predate them.
+    wandb_env = {k: v for k, v in os.environ.items() if k.startswith("WANDB_") and k != "WANDB_API_KEY"}
+
     def trial(config: dict[str, Any]) -> None:
         import ray.tune
         from ray.tune.integration.ray_train import TuneReportCallback
+
+        os.environ.update(wandb_env)
 
         base = validate_doc(base_doc, "<tune base>")
         trial_id = ray.tune.get_context().get_trial_id()
@@ -111,6 +119,57 @@ def previous_history(run_dir: str) -> list[dict[str, Any]]:
             if latest is None or int(meta.get("epoch", -1)) > int(latest.get("epoch", -1)):
                 latest = meta
     return list(latest.get("history", [])) if latest else []
+
+
+class TrialProgress(Callback):
+    """The sweep's progress display (in the driver): one step per finished trial, with the best so far;
+    off a terminal, one line per trial result (epoch) and per finished trial."""
+
+    def __init__(self, progress: Any, trials: int, metric: str, mode: str) -> None:
+        self.console = current() or as_console(progress)  # a command's display, whatever gets the detail lines
+        self.metric, self.mode, self.trials = metric, mode, trials
+        self.bar: Any = None
+        self.best: tuple[float, str] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles its run config: the display stays in this process
+        return {k: v for k, v in self.__dict__.items() if k not in ("console", "bar")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, console=current() or as_console(None), bar=None)
+
+    def _best(self) -> str:
+        return "no result yet" if self.best is None else f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})"
+
+    def setup(self, **info: Any) -> None:  # the sweep starts: the display's clock starts
+        if self.bar is None:
+            self.bar = self.console.progress(self.trials, "trials", unit="trial")
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
+        if self.bar is None:
+            self.bar = self.console.progress(self.trials, "trials", unit="trial")
+        v = result.get(self.metric)
+        if isinstance(v, (int, float)):
+            if self.best is None or (v > self.best[0] if self.mode == "max" else v < self.best[0]):
+                self.best = (float(v), str(trial.trial_id))
+            if not self.console.tty:
+                self.bar.note(f"  trial {trial.trial_id} epoch {result.get('training_iteration')}: {self.metric} {v:.4f}; {self._best()}")
+        if self.bar.bar is not None:
+            self.bar.bar.set_postfix_str(self._best())
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._finished(trial, "done")
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._finished(trial, "failed")
+
+    def _finished(self, trial: Any, how: str) -> None:
+        if self.bar is None:
+            self.bar = self.console.progress(self.trials, "trials", unit="trial")
+        self.bar.update(1, postfix=f"trial {trial.trial_id} {how}; {self._best()}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class GoalStopper(Stopper):
@@ -166,13 +225,10 @@ def run_tune(job: TuneJob, progress: Any = print) -> dict[str, Any]:
     else:
         search_alg = BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.parallel_trials)
 
-    callbacks = []
-    if spec.base.tracking.wandb != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
-        from ray.air.integrations.wandb import WandbLoggerCallback
-
-        os.environ.setdefault("WANDB_MODE", spec.base.tracking.wandb)
-        callbacks.append(WandbLoggerCallback(project=spec.base.tracking.project, group=group, entity=spec.base.tracking.entity,
-                                             mode=spec.base.tracking.wandb, log_config=True))
+    # W&B: each trial's rank-0 worker opens the trial's one run (id from the sweep name and the trial id,
+    # see mtorl.training.tracking), so no WandbLoggerCallback here: it would open a second run per trial.
+    trial_progress = TrialProgress(progress, spec.max_trials, metric, mode)
+    callbacks: list[Any] = [trial_progress]
     exp_path = f"{storage_path.rstrip('/')}/{job.metadata.name}/tune"
     restored = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
     if restored:
@@ -185,15 +241,19 @@ def run_tune(job: TuneJob, progress: Any = print) -> dict[str, Any]:
             param_space=search_space(spec),
             tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=search_alg, scheduler=scheduler,
                                         num_samples=1 if spec.algorithm == "grid" else spec.max_trials,
-                                        max_concurrent_trials=spec.parallel_trials),
+                                        # BasicVariantGenerator takes its own max_concurrent (Tune ignores this one with it)
+                                        max_concurrent_trials=spec.parallel_trials if spec.algorithm == "tpe" else None),
             run_config=tune.RunConfig(name="tune", storage_path=f"{storage_path.rstrip('/')}/{job.metadata.name}",
                                       storage_filesystem=fs, stop=GoalStopper(metric, mode, spec.objective.goal), callbacks=callbacks,
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=0), verbose=tune_verbosity()),
         )
     from mtorl.storage.credentials import secrets_out_of_environ
 
-    with secrets_out_of_environ():  # Tune copies AWS_* keys into every trial's (logged) runtime_env
-        results = tuner.fit()
+    try:
+        with secrets_out_of_environ():  # Tune copies AWS_* keys into every trial's (logged) runtime_env
+            results = tuner.fit()
+    finally:
+        trial_progress.close()
     return summarize(job, results, sweep_uri, trials_uri, time.time() - t0, restored, progress)
 
 

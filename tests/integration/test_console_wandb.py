@@ -1,0 +1,99 @@
+"""The console of `mtorl train` off a terminal, and W&B offline runs: one per train run / per trial, resumable."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mtorl.spec import job_to_dict, make_job
+from tests.fixtures.wandb_files import offline_runs
+
+pytestmark = pytest.mark.integration
+
+TINY = {"name": "mtorl", "hidden": 8, "tcn": {"levels": 1, "kernel_size": 2}, "attention": {"heads": 1}, "decoder_hidden": 8}
+CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # any control character but the newline
+NOISE = re.compile(r"WARNING|ERROR|Traceback|Fatal Python error|\(raylet\)|pid=\d+")
+
+
+def _train_job(name: str, data: str, out: str, epochs: int, workers: int = 0) -> Any:
+    return make_job("TrainJob", name, {
+        "data": data, "output": out, "window": {"length": 10}, "model": TINY,
+        "trainer": {"workers": workers, "epochs": epochs, "batch_size": 32, "max_steps_per_epoch": 4},
+        "tracking": {"wandb": "offline", "project": "mtorl-test"}})
+
+
+def _mtorl(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mtorl", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
+
+
+def test_cli_train_off_a_terminal_one_line_per_epoch_and_one_resumable_wandb_run(
+        ray_session: None, tiny_dataset: str, s3_bucket: str, tmp_path: Path) -> None:
+    import ray
+
+    spec = tmp_path / "train.yaml"
+    spec.write_text(yaml.safe_dump(job_to_dict(_train_job("cli-console", tiny_dataset, f"{s3_bucket}/runs", epochs=2))))
+    env = {"WANDB_DIR": str(tmp_path / "wb"), "WANDB_MODE": "offline", "MTORL_LOG_LEVEL": ""}
+    address = ray.get_runtime_context().gcs_address
+    r = _mtorl(["train", str(spec), "--address", address], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert not CONTROL.search(out), repr(out)
+    epochs = [ln for ln in out.splitlines() if ln.startswith("epochs: ")]
+    assert [ln.split(" [")[0] for ln in epochs] == ["epochs: 1/2", "epochs: 2/2"], out
+    assert all("loss " in ln and "val/loss " in ln for ln in epochs)
+    assert sum(ln.startswith("Ray logs: ") for ln in out.splitlines()) == 1
+    assert not [ln for ln in (out + r.stderr).splitlines() if NOISE.search(ln)], out + r.stderr
+    log = re.search(r"^Ray logs: (\S+) \(this process: (\S+?)\)", out, flags=re.M)
+    assert log and (Path(log.group(1)) / log.group(2)).is_file()  # Ray's output of this command went there
+
+    (run,) = offline_runs(tmp_path / "wb")
+    assert run.run_id == "cli-console" and run.name == "cli-console"
+    assert run.config["trainer"]["epochs"] == 2 and run.config["job"] == "cli-console"
+    rows = [h for h in run.history if "train/loss" in h]
+    assert [h["train/epoch"] for h in rows] == [0, 1]
+    assert all({"val/loss", "val/reward_auc", "train/samples_per_s"} <= set(h) for h in rows)
+    assert all("/" in k for h in rows for k in h if not k.startswith("_"))  # namespaced metrics only
+
+    # a third epoch re-runs the same job: it resumes the checkpoint and continues the same W&B run
+    r = _mtorl(["train", str(spec), "--address", address, "--set", "spec.trainer.epochs=3"], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [ln.split(" [")[0] for ln in r.stdout.splitlines() if ln.startswith("epochs: ")] == ["epochs: 3/3"], r.stdout
+    runs = offline_runs(tmp_path / "wb")
+    assert len(runs) == 2 and {x.run_id for x in runs} == {"cli-console"}
+    later = next(x for x in runs if x.file != run.file)
+    assert [h["train/epoch"] for h in later.history if "train/loss" in h] == [2]
+
+
+def test_two_trial_sweep_one_wandb_run_per_trial(ray_session: None, tiny_dataset: str, s3_bucket: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtorl.tuning.sweep import run_tune
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    base = job_to_dict(_train_job("unused", tiny_dataset, f"{s3_bucket}/sweeps", epochs=1, workers=1))["spec"]
+    job = make_job("TuneJob", "wb-sweep", {
+        "base": base, "output": f"{s3_bucket}/sweeps", "max_trials": 2, "algorithm": "random", "early_stopping": "none",
+        "parameters": {"objective.reward_weight": {"type": "double", "min": 0.1, "max": 10.0, "log": True}},
+        "objective": {"metric": "val/loss", "mode": "min"}})
+    lines: list[str] = []
+    res = run_tune(job, progress=lines.append)
+    assert res["trials"] == 2 and res["failed_trials"] == 0
+    runs = offline_runs(tmp_path / "wb")
+    trials = {f"wb-sweep-{r['trial']}".replace("_", "-"): r for r in res["leaderboard"]}
+    assert sorted(x.run_id for x in runs) == sorted(trials)  # exactly one run per trial, none from a callback
+    for x in runs:
+        assert x.group == "wb-sweep"
+        cfg = trials[x.run_id]["config"]
+        assert x.config["objective"]["reward_weight"] == pytest.approx(cfg["objective.reward_weight"])
+        (row,) = [h for h in x.history if "train/loss" in h]
+        assert {"val/loss", "train/epoch"} <= set(row)
+    done = [ln for ln in lines if ln.startswith("trials: ")]
+    assert [ln.split(" [")[0] for ln in done] == ["trials: 1/2", "trials: 2/2"] and "best val/loss" in done[-1]
