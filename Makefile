@@ -1,6 +1,7 @@
 # mtorl: the two commands of the README do all the set-up on a fresh clone.
 #   make demo   - virtualenv + install, embedded object store, local Ray, the main job end to end
-#   make test   - virtualenv + install, the whole test suite
+#   make test   - virtualenv + install, lint (ruff) and types (mypy), then the whole test suite
+#   make test-fast - the unit tests only (no Ray cluster, no object store): about a minute
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ DEMO_DIR ?= demo-output
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-integration bench clean store-up store-down
+.PHONY: install demo lint test test-fast test-unit test-integration bench clean store-up store-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,11 +28,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m mtorl.demo --dir $(DEMO_DIR) $(if $(DATA),--data $(DATA)) $(if $(SOURCE),--source $(SOURCE))
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m mypy
+
+test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=25 tests
 
-test-unit: $(STAMP)
-	$(BIN)/python -m pytest -q tests/unit
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=300 --durations=10 tests/unit
+
+test-unit: test-fast
 
 test-integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
@@ -40,4 +47,4 @@ bench: $(STAMP)
 	$(BIN)/python -m mtorl.bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

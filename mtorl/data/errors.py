@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mtorl.errors import MtorlError
 
-class DataError(Exception):
+
+class DataError(MtorlError):
     """Input data or a prepared dataset that can't be used: names the file/URI, row and field."""

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from mtorl.errors import MtorlError
 from mtorl.spec.models import KINDS, Job
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Job)
 
 
-class SpecError(Exception):
+class SpecError(MtorlError):
     """A spec that can't be used. ``str()`` is one line per problem: ``FILE: FIELD: REASON``."""
 
     def __init__(self, source: str, problems: list[tuple[str, str]]):
@@ -93,11 +94,11 @@ def load_job(path: str | Path, overrides: Iterable[str] = ()) -> Any:
 
 
 def job_to_dict(job: Any) -> dict[str, Any]:
-    return job.model_dump(mode="json", by_alias=True, exclude_none=False)
+    return cast(dict[str, Any], job.model_dump(mode="json", by_alias=True, exclude_none=False))
 
 
 def job_to_yaml(job: Any) -> str:
-    return yaml.safe_dump(job_to_dict(job), sort_keys=False)
+    return cast(str, yaml.safe_dump(job_to_dict(job), sort_keys=False))
 
 
 def make_job(kind: str, name: str, spec: dict[str, Any]) -> Any:

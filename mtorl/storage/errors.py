@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mtorl.errors import MtorlError
 
-class StorageError(RuntimeError):
+
+class StorageError(MtorlError, RuntimeError):
     """A storage operation failed: ``"<uri>: <reason>"`` on one line, never a secret."""

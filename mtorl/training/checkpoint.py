@@ -26,6 +26,7 @@ from safetensors.torch import save as st_save
 
 import mtorl
 from mtorl import storage
+from mtorl.errors import MtorlError
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.pt"
@@ -33,7 +34,7 @@ META_FILE = "meta.json"
 BEST_FILE = "best.json"
 
 
-class CheckpointError(Exception):
+class CheckpointError(MtorlError):
     """A checkpoint that can't be used: names the URI and the reason."""
 
 

@@ -13,12 +13,13 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from mtorl.errors import MtorlError
 from mtorl.models import Batch
 from mtorl.spec.models import ObjectiveSpec
 from mtorl.training.losses import compute_loss
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MtorlError, RuntimeError):
     """Raised when a loss becomes NaN/inf; the last good checkpoint is kept."""
 
 

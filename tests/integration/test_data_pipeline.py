@@ -23,8 +23,10 @@ def test_prepare_to_s3_then_windows(shared_data: Path, s3_bucket: Any, ray_sessi
 
     bucket = s3_bucket if isinstance(s3_bucket, str) and s3_bucket.startswith("s3://") else f"s3://{s3_bucket}"
     uri = f"{bucket}/data/{source}"
-    m = prepare(PrepareSpec(source=source, input=str(shared_data / name), output=uri, min_steps=1, shard_max_steps=20_000),
-                progress=lambda _m: None)
+    m = prepare(
+        PrepareSpec(source=source, input=str(shared_data / name), output=uri, min_steps=1, shard_max_steps=20_000),
+        progress=lambda _m: None,
+    )
     assert load_manifest(uri) == m and len(manifest_sha256(uri)) == 64
     assert m["users_read"] == users and m["rows_written"] == rows
     assert len(m["splits"]["train"]["shards"]) >= 2
