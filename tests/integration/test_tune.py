@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mtorl import storage
+from mtorl import faults, storage
 from mtorl.spec import job_to_dict, make_job
 
 pytestmark = pytest.mark.integration
@@ -74,7 +74,7 @@ def test_four_trial_kuairand_sweep_interrupted_then_resumed(ray_session: None, k
     and still reports the completed trial's epochs to Tune."""
     import ray
 
-    from mtorl.tuning.sweep import KILL_DRIVER_AFTER_TRIAL_ENV, run_tune
+    from mtorl.tuning.sweep import run_tune
 
     job = _sweep(
         "sweep4", kuairand_dataset, f"{s3_bucket}/sweeps", max_trials=4, algorithm="random", early_stopping="none"
@@ -84,7 +84,7 @@ def test_four_trial_kuairand_sweep_interrupted_then_resumed(ray_session: None, k
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     trials = storage.join(s3_bucket, "sweeps", "sweep4", "trials")
     # the driver dies right after the first trial writes its best.json, before Tune records it as done
-    env[KILL_DRIVER_AFTER_TRIAL_ENV] = "1"
+    env.update([faults.env({"tune.kill_driver_after_trial": True})])
     proc = subprocess.Popen([sys.executable, "-m", "mtorl", "tune", str(spec_file)], env=env, start_new_session=True)
     try:
         rc = proc.wait(timeout=300)
