@@ -67,17 +67,18 @@ def test_asha_stops_a_bad_trial_early(ray_session: None, tiny_dataset: str, s3_b
     assert states[1e-9] == "stopped early"
 
 
-def test_four_trial_kuairand_sweep_interrupted_then_resumed(ray_session: None, kuairand_dataset: str, s3_bucket: str,
-                                                             tmp_path: Path) -> None:
+def test_four_trial_sweep_interrupted_then_resumed(ray_session: None, tiny_dataset: str, s3_bucket: str,
+                                                   tmp_path: Path) -> None:
     """A 4-trial sweep whose driver is killed after its first trial wrote its result but before Tune
     recorded it; re-running resumes it via Tuner.restore, completes it, re-runs no completed trial,
-    and still reports the completed trial's epochs to Tune."""
+    and still reports the completed trial's epochs to Tune. On the generated tiny dataset: every trial
+    builds (materialises) its splits, which on the KuaiRand sample was most of this test's time."""
     import ray
 
     from mtorl.tuning.sweep import run_tune
 
     job = _sweep(
-        "sweep4", kuairand_dataset, f"{s3_bucket}/sweeps", max_trials=4, algorithm="random", early_stopping="none"
+        "sweep4", tiny_dataset, f"{s3_bucket}/sweeps", max_trials=4, algorithm="random", early_stopping="none"
     )
     spec_file = tmp_path / "tune.yaml"
     spec_file.write_text(yaml.safe_dump(job_to_dict(job)))
