@@ -18,14 +18,12 @@ import pytest
 import yaml
 
 from mtorl import storage
-from tests.fixtures.datasets import JOURNEYS_FORMAT, write_journeys_csv
+from tests.fixtures.datasets import JOURNEYS_FORMAT, SMALL_MODEL, write_journeys_csv
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET_ENV = "AWS_SECRET_ACCESS_KEY"
-SMALL_MODEL = {"name": "mtorl", "hidden": 16, "tcn": {"levels": 2, "kernel_size": 2}, "attention": {"heads": 2},
-               "decoder_hidden": 16}
 
 
 def _env(state_dir: Path) -> dict[str, str]:
