@@ -1,7 +1,6 @@
 # mtorl: the two commands of the README do all the set-up on a fresh clone.
 #   make demo   - virtualenv + install, embedded object store, local Ray, the main job end to end
-#   make test   - virtualenv + install, lint (ruff) and types (mypy), then the whole test suite
-#   make test-fast - the unit tests only (no Ray cluster, no object store): about a minute
+#   make test   - virtualenv + install, the whole test suite
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
@@ -13,7 +12,7 @@ DEMO_DIR ?= demo-output
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lint test test-fast test-unit test-integration bench clean store-up store-down
+.PHONY: install demo test test-unit test-integration bench clean store-up store-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +27,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m mtorl.demo --dir $(DEMO_DIR) $(if $(DATA),--data $(DATA)) $(if $(SOURCE),--source $(SOURCE))
 
+# lint: ruff, then mypy (strict on the pure cores); `make test` runs it before pytest.
+.PHONY: lint test-fast
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m mypy
@@ -35,6 +36,7 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=25 tests
 
+# test-fast: the unit tests only (no Ray cluster, no object store).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=300 --durations=10 tests/unit
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from mtorl import storage
+from mtorl.data import _io
 from mtorl.data.errors import DataError
 
 SCHEMA_VERSION = 1
@@ -36,16 +36,16 @@ def new_version() -> str:
 
 
 def manifest_uri(dataset_uri: str) -> str:
-    return storage.join(dataset_uri, MANIFEST_FILE)
+    return _io.join(dataset_uri, MANIFEST_FILE)
 
 
 def _read_manifest_bytes(dataset_uri: str) -> bytes:
     uri = manifest_uri(dataset_uri)
-    if not storage.exists(uri):
+    if not _io.exists(uri):
         raise DataError(f"no manifest.json at {dataset_uri}: not a prepared dataset, or prepare did not finish")
     try:
-        return storage.read_bytes(uri)
-    except storage.StorageError as e:
+        return _io.read_bytes(uri)
+    except _io.StorageError as e:
         raise DataError(f"can't read {uri}: {e}") from None
 
 
@@ -81,11 +81,11 @@ def check_manifest(m: Any, where: str) -> None:
 
 def resolve_manifest_from(uri: str) -> dict[str, Any]:
     """A manifest from a dataset URI (``manifest.json``) or a checkpoint directory (``meta.json['manifest']``)."""
-    if storage.exists(manifest_uri(uri)):
+    if _io.exists(manifest_uri(uri)):
         return load_manifest(uri)
-    meta_uri = storage.join(uri, "meta.json")
-    if storage.exists(meta_uri):
-        meta = storage.read_json(meta_uri)
+    meta_uri = _io.join(uri, "meta.json")
+    if _io.exists(meta_uri):
+        meta = _io.read_json(meta_uri)
         if not isinstance(meta, dict) or "manifest" not in meta:
             raise DataError(f"{meta_uri}: no 'manifest' key: not an mtorl checkpoint")
         check_manifest(meta["manifest"], meta_uri)
@@ -97,4 +97,4 @@ def shard_uris(dataset_uri: str, manifest: dict[str, Any], split: str) -> list[s
     """URIs of the shards of one split listed in the manifest (never a directory listing)."""
     if split not in manifest["splits"]:
         raise DataError(f"{dataset_uri}: no split {split!r} (have {', '.join(manifest['splits'])})")
-    return [storage.join(dataset_uri, s["path"]) for s in manifest["splits"][split]["shards"]]
+    return [_io.join(dataset_uri, s["path"]) for s in manifest["splits"][split]["shards"]]

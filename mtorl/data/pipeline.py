@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from mtorl import storage
+from mtorl.data import _io
 from mtorl.data.manifest import JOURNEY_SCHEMA, load_manifest, manifest_sha256, shard_uris
 from mtorl.data.windows import Journey, journeys_from_table, make_windows
 from mtorl.spec.models import WindowSpec
@@ -29,8 +29,8 @@ def read_split(dataset_uri: str, split: str, manifest: dict[str, Any] | None = N
     uris = shard_uris(dataset_uri, m, split)
     if not uris:
         return ray.data.from_arrow(JOURNEY_SCHEMA.empty_table())
-    fs, _ = storage.resolve(dataset_uri)
-    paths = [storage.resolve(u)[1] for u in uris]
+    fs, _ = _io.resolve(dataset_uri)
+    paths = [_io.resolve(u)[1] for u in uris]
     ctx = ray.data.DataContext.get_current()
     prev = ctx.use_datasource_v2
     if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import mtorl
-from mtorl import storage
+from mtorl.data import _io
 from mtorl.data.converters import Chunk, Converter, Plan, hash_partition, make_converter
 from mtorl.data.errors import DataError
 from mtorl.data.manifest import (
@@ -88,7 +88,7 @@ def _with_simulation_mapping(spec: PrepareSpec, progress: Progress) -> PrepareSp
         return spec
     from mtorl.sim.generate import SIDECAR, journeys_format
 
-    if not storage.exists(storage.join(spec.input, SIDECAR)):
+    if not _io.exists(_io.join(spec.input, SIDECAR)):
         return spec
     progress(f"{spec.input}: simulated logs; journeys mapping from its {SIDECAR}")
     return spec.model_copy(update={"journeys": JourneysFormat(**journeys_format(spec.input))})
@@ -173,7 +173,7 @@ class _Quarantine:
         name = f"quarantine/part-{len(self.files):05d}.parquet"
         buf = io.BytesIO()
         pq.write_table(t, buf)
-        storage.write_bytes(storage.join(self.base, name), buf.getvalue())
+        _io.write_bytes(_io.join(self.base, name), buf.getvalue())
         self.files.append(name)
         self.pending, self.pending_rows = [], 0
 
@@ -214,7 +214,7 @@ class _ShardWriter:
         buf = io.BytesIO()
         pq.write_table(t, buf, compression="zstd")
         data = buf.getvalue()
-        storage.write_bytes(storage.join(self.uri, rel), data)
+        _io.write_bytes(_io.join(self.uri, rel), data)
         users, steps = t.num_rows, int(pc.sum(t.column("length")).as_py() or 0)
         self.shards.append({"path": rel, "users": users, "steps": steps, "sha256": hashlib.sha256(data).hexdigest()})
         self.users += users
@@ -229,7 +229,7 @@ class _Run:
         self.spec, self.base, self.progress, self.write, self.keep = spec, base, progress, write, keep
         self.conv: Converter = make_converter(spec)
         self.version = new_version()
-        self.vuri = storage.join(spec.output, self.version) if write else None
+        self.vuri = _io.join(spec.output, self.version) if write else None
         self.rows_read = 0
         self.dropped: Counter[str] = Counter()
         self.users_read = 0
@@ -525,7 +525,7 @@ class _Run:
                                f"dropped {dict(self.dropped)} (sum {accounted})")
         m = self._manifest(plan)
         if self.write:
-            storage.write_json(storage.join(self.spec.output, MANIFEST_FILE), m)  # last: the commit
+            _io.write_json(_io.join(self.spec.output, MANIFEST_FILE), m)  # last: the commit
             sp = m["splits"]
             self._say(f"committed {self.spec.output} version {self.version}: {self.rows_written:,} steps, users "
                       f"train/val/test {sp['train']['users']}/{sp['val']['users']}/{sp['test']['users']}, dropped {m['rows_dropped']}")

@@ -6,7 +6,6 @@ Notation: B windows, L steps, D state features, C channels, H hidden size.
 from __future__ import annotations
 
 import math
-from typing import cast
 
 import torch
 import torch.nn as nn
@@ -113,7 +112,7 @@ class StepEmbedding(nn.Module):
         x = step_inputs(batch, self.n_channels)  # (B, L, C + 1 + D)
         if self.with_history:
             x = torch.cat([x, history_stats(batch, self.n_channels)], dim=-1)
-        return cast(torch.Tensor, self.proj(x))  # (B, L, H)
+        return self.proj(x)  # (B, L, H)
 
 
 def sinusoidal_positions(L: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -149,7 +148,7 @@ class CausalConv1d(nn.Module):
         self.conv = weight_norm(nn.Conv1d(channels, channels, kernel_size, dilation=dilation))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, L)
-        return cast(torch.Tensor, self.conv(F.pad(x, (self.left, 0))))  # (B, H, L)
+        return self.conv(F.pad(x, (self.left, 0)))  # (B, H, L)
 
 
 class TemporalBlock(nn.Module):
@@ -217,7 +216,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, L, self.heads, H // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, h, L, H/h)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, L, H)  # (B, L, H)
-        return cast(torch.Tensor, self.proj(y))
+        return self.proj(y)
 
 
 class AddNormBlock(nn.Module):
@@ -247,7 +246,7 @@ class MLPHead(nn.Module):
         self.net = nn.Sequential(nn.Linear(hidden, decoder_hidden), nn.ReLU(), nn.Linear(decoder_hidden, out))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # h: (B, L, H)
-        return cast(torch.Tensor, self.net(h))  # (B, L, out)
+        return self.net(h)  # (B, L, out)
 
 
 class GRUEncoder(nn.Module):
@@ -260,4 +259,4 @@ class GRUEncoder(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         h, _ = self.gru(F.relu(self.embed(batch)))  # (B, L, H)
-        return cast(torch.Tensor, h)
+        return h

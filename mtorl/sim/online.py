@@ -108,17 +108,8 @@ def run_online(sim: Simulator, policy_fn: PolicyFn, n_users: int, budget: float,
             hist["state"][idx, t] = state
             hist["prev_channel"][idx, t] = prev_ch[idx]
             hist["prev_reward"][idx, t] = st.last_reward[idx]
-        obs = Observation(
-            t=t,
-            user=idx,
-            state=state,
-            prev_channel=prev_ch[idx].copy(),
-            prev_reward=st.last_reward[idx].astype(np.float32),
-            sim=sim,
-            hidden=st,
-            idx=idx,
-            _history=hist,
-        )
+        obs = Observation(t=t, user=idx, state=state, prev_channel=prev_ch[idx].copy(),
+                          prev_reward=st.last_reward[idx].astype(np.float32), sim=sim, hidden=st, idx=idx, _history=hist)
         channel, value = policy_fn(obs)
         channel = np.asarray(channel, dtype=np.int64).reshape(-1)
         value = np.asarray(value, dtype=np.float64).reshape(-1)
@@ -222,11 +213,7 @@ def true_policy_value(sim: Simulator, policy_probs_fn: Callable[[dict[str, Any]]
     # 95% CI of the per-step mean, clustered by journey (ratio estimator); it reflects the finite
     # sample of logged contexts, not noise in the truth
     k = len(s)
-    half = (
-        1.96 * float(np.sqrt(((s - value * n) ** 2).sum() * k / max(k - 1, 1))) / float(n.sum())
-        if k > 1
-        else float("nan")
-    )
+    half = 1.96 * float(np.sqrt(((s - value * n) ** 2).sum() * k / max(k - 1, 1))) / float(n.sum()) if k > 1 else float("nan")
     return {"value": value, "ci95": [value - half, value + half], "steps": int(n.sum()), "journeys": k,
             "per_journey": float(s.mean())}
 

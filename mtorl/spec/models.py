@@ -7,11 +7,11 @@ Every model forbids unknown fields and is frozen; field descriptions are the doc
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-API_VERSION: Final = "mtorl/v1"
+API_VERSION: Literal["mtorl/v1"] = "mtorl/v1"
 
 Source = Literal["kuairand-sequence", "criteo-sequence", "criteo-attribution", "journeys"]
 ModelName = Literal["mtorl", "bc_mlp", "bc_seq", "cql", "iql", "bcq", "dt"]

@@ -118,9 +118,7 @@ def test_serve_import_paths_resolve() -> None:
         for app in cfg["applications"]:
             module, _, attr = app["import_path"].partition(":")
             assert importlib.util.find_spec(module) is not None, f"{name}: module {module} not found"
-            assert callable(getattr(importlib.import_module(module), attr, None)), (
-                f"{name}: {app['import_path']} missing"
-            )
+            assert callable(getattr(importlib.import_module(module), attr, None)), f"{name}: {app['import_path']} missing"
             if app.get("args", {}).get("host") not in (None, "127.0.0.1"):
                 assert app["args"].get("auth_token_env"), f"{name}: a non-loopback host needs auth_token_env"
 

@@ -119,7 +119,7 @@ def test_atomic_republish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     old_sha = manifest_sha256(str(out))
 
     # a re-prepare that dies just before the commit: the old manifest (and its shards) stay readable
-    real = prep_mod.storage.write_json
+    real = prep_mod._io.write_json
 
     def crash(uri: str, obj: Any) -> None:
         assert load_manifest(str(out))["version"] == old["version"]  # readers still see the old version
@@ -130,10 +130,10 @@ def test_atomic_republish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         assert new_dir.exists()
         raise OSError("killed before commit")
 
-    monkeypatch.setattr(prep_mod.storage, "write_json", crash)
+    monkeypatch.setattr(prep_mod._io, "write_json", crash)
     with pytest.raises(OSError):
         prepare(sp, progress=quiet)
-    monkeypatch.setattr(prep_mod.storage, "write_json", real)
+    monkeypatch.setattr(prep_mod._io, "write_json", real)
     assert manifest_sha256(str(out)) == old_sha
     for s in old["splits"].values():
         for sh in s["shards"]:

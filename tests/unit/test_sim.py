@@ -12,20 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mtorl.sim import (
-    Simulator,
-    calibrate,
-    dataset_stats,
-    journeys_format,
-    logging_policy,
-    ope_error,
-    oracle_policy,
-    random_policy,
-    read_journeys,
-    run_online,
-    simulate,
-    true_policy_value,
-)
+from mtorl.sim import (Simulator, calibrate, dataset_stats, journeys_format, logging_policy, ope_error, oracle_policy, random_policy,
+                       read_journeys, run_online, simulate, true_policy_value)
 from mtorl.spec.models import JourneysFormat, SimulateSpec
 
 
@@ -156,14 +144,8 @@ def test_memory_does_not_grow_with_users(tmp_path: Path) -> None:
 def test_oracle_beats_logging_within_budget() -> None:
     sim = Simulator(SimulateSpec(output="unused", mean_steps=10.0, seed=1))
     n, budget = 3000, 3000 * 10 * 0.3  # about 15% of the steps of the mean cost 2
-    res = {
-        name: run_online(sim, pol, n, budget, seed=5)
-        for name, pol in (
-            ("oracle", oracle_policy(sim)),
-            ("logging", logging_policy(sim)),
-            ("random", random_policy(sim)),
-        )
-    }
+    res = {name: run_online(sim, pol, n, budget, seed=5)
+           for name, pol in (("oracle", oracle_policy(sim)), ("logging", logging_policy(sim)), ("random", random_policy(sim)))}
     for r in res.values():
         assert r["spend"]["value"] <= budget + 1e-9
         assert r["spend"]["value"] > 0.9 * budget  # pacing spends (almost) all of it
@@ -194,29 +176,19 @@ def test_spend_never_exceeds_budget(budget: float) -> None:
     assert seen_hist == list(range(len(seen_hist)))
 
 
-def test_true_policy_value_of_logging_policy_matches_logged_rewards(
-    generated: tuple[SimulateSpec, dict[str, Any], pa.Table],
-) -> None:
+def test_true_policy_value_of_logging_policy_matches_logged_rewards(generated: tuple[SimulateSpec, dict[str, Any], pa.Table]) -> None:
     spec, meta, _ = generated
     sim = Simulator(spec)
     journeys = list(read_journeys(spec.output))
     assert len(journeys) == spec.users and journeys[0]["true_p"].shape[1] == len(spec.channels)
-    v = true_policy_value(
-        sim,
-        lambda j: sim.logging_probs(
-            np.broadcast_to(j["user_features"], (len(j["channel"]), spec.n_features)).astype(np.float64)
-        ),
-        journeys,
-    )
+    v = true_policy_value(sim, lambda j: sim.logging_probs(np.broadcast_to(j["user_features"], (len(j["channel"]), spec.n_features)).astype(np.float64)), journeys)
     mean_gain = float(np.concatenate([j["gain"] for j in journeys]).mean())
     assert v["ci95"][0] - 0.005 <= mean_gain <= v["ci95"][1] + 0.005
     best = true_policy_value(sim, lambda j: np.eye(len(spec.channels))[np.argmax(j["true_p"], axis=1)], journeys)
     assert best["value"] > v["value"]
 
 
-def test_ope_estimates_recover_the_simulators_true_value(
-    generated: tuple[SimulateSpec, dict[str, Any], pa.Table],
-) -> None:
+def test_ope_estimates_recover_the_simulators_true_value(generated: tuple[SimulateSpec, dict[str, Any], pa.Table]) -> None:
     """IPS/SNIPS/DR of a target policy unlike the logger, from the logged propensities, against the
     response model's truth: unbiased estimators' 95% intervals hold it; a wrong reward model (DM
     with zero predictions) does not."""
@@ -232,33 +204,16 @@ def test_ope_estimates_recover_the_simulators_true_value(
     tp = np.concatenate([j["true_p"] for j in journeys]).astype(np.float64)
     # target: 70% on the channel with the largest cost-free feature score, 30% uniform (full support)
     pi = np.full((n, C), 0.3 / C)
-    pi[
-        np.arange(n),
-        np.concatenate([np.full(len(j["channel"]), int(np.argmax(j["user_features"][:C]))) for j in journeys]),
-    ] += 0.7
+    pi[np.arange(n), np.concatenate([np.full(len(j["channel"]), int(np.argmax(j["user_features"][:C]))) for j in journeys])] += 0.7
     truth = true_policy_value(sim, lambda j: j["pi"], ({"true_p": tp[a:b], "pi": pi[a:b]} for a, b in
                                                           zip(np.cumsum([0] + lens[:-1]), np.cumsum(lens))))
     cat = lambda k: np.concatenate([j[k] for j in journeys])  # noqa: E731
-    p = Predictions(
-        user=np.repeat(np.arange(len(journeys)), lens),
-        t=np.concatenate([np.arange(m) for m in lens]),
-        channel=cat("channel"),
-        gain=cat("gain"),
-        cost=cat("cost"),
-        reward=cat("gain"),
-        propensity=cat("propensity"),
-        action_probs=pi,
-        reward_pred=np.zeros((n, C)),
-        channels=list(spec.channels),
-    )
+    p = Predictions(user=np.repeat(np.arange(len(journeys)), lens), t=np.concatenate([np.arange(m) for m in lens]),
+                    channel=cat("channel"), gain=cat("gain"), cost=cat("cost"), reward=cat("gain"), propensity=cat("propensity"),
+                    action_probs=pi, reward_pred=np.zeros((n, C)), channels=list(spec.channels))
     est = off_policy_estimates(p, pi, p.propensity, n_boot=200, seed=0)
-    err = ope_error(
-        {
-            k: {"value": est[k]["value"], "ci95": [est[k]["ci_low"], est[k]["ci_high"]]}
-            for k in ("ips", "snips", "dr", "dm")
-        },
-        truth["value"],
-    )
+    err = ope_error({k: {"value": est[k]["value"], "ci95": [est[k]["ci_low"], est[k]["ci_high"]]} for k in ("ips", "snips", "dr", "dm")},
+                    truth["value"])
     assert abs(truth["value"] - float(p.gain.mean())) > 0.005  # the target really differs from the logger
     for k in ("ips", "snips", "dr"):
         assert err[k]["covered"] == 1.0 and err[k]["rel_error"] < 0.1, (k, err[k], truth["value"])
@@ -324,18 +279,14 @@ def test_spec_lists_must_match_channels() -> None:
         Simulator(SimulateSpec(output="x", channel_rates=[0.1, 0.2]))
 
 
-def test_prepare_takes_the_mapping_of_simulated_logs(
-    generated: tuple[SimulateSpec, dict[str, Any], pa.Table], tmp_path: Path
-) -> None:
+def test_prepare_takes_the_mapping_of_simulated_logs(generated: tuple[SimulateSpec, dict[str, Any], pa.Table], tmp_path: Path) -> None:
     """`source: journeys` on a simulation output needs no `journeys:` block: the sidecar's mapping is used."""
     from mtorl.data.prepare import prepare
     from mtorl.spec import make_job
 
     spec, meta, _ = generated
-    man = prepare(
-        make_job("PrepareJob", "p", {"source": "journeys", "input": spec.output, "output": str(tmp_path / "ds")}).spec,
-        progress=lambda *_: None,
-    )
+    man = prepare(make_job("PrepareJob", "p", {"source": "journeys", "input": spec.output, "output": str(tmp_path / "ds")}).spec,
+                  progress=lambda *_: None)
     assert man["step_features"] == list(meta["journeys"]["numeric_features"])
     assert man["user_features"] == list(meta["journeys"]["user_features"])
     assert man["journeys_format"]["propensity_col"] == "propensity"
