@@ -17,7 +17,8 @@ import yaml
 
 from ray.tune.stopper import Stopper
 
-from mtorl import faults, storage
+from mtorl import faults
+from mtorl import storage
 from mtorl.spec import TrainJob, TuneJob, job_to_dict, validate_doc
 from mtorl.spec.loader import apply_overrides
 from mtorl.spec.models import ParamSpace, TuneSpec
