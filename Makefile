@@ -31,6 +31,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m mtorl.demo --dir $(DEMO_DIR) $(if $(DATA),--data $(DATA)) $(if $(SOURCE),--source $(SOURCE)) $(DEMO_ARGS)
 
+# lint: ruff, then mypy (strict on the pure cores); `make test` runs it before pytest.
+.PHONY: lint test-fast
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m mypy
+
+
 # The HTML report test renders the page in Debian's headless chromium: installed here when absent (as root).
 test-deps:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
@@ -39,11 +46,14 @@ test-deps:
 	      || echo "warning: could not install chromium; the HTML report's browser test will be skipped"; \
 	  else echo "note: chromium not found and not root: the HTML report's browser test will be skipped"; fi
 
-test: $(STAMP) test-deps
+test: $(STAMP) lint test-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=25 tests
 
-test-unit: $(STAMP)
-	$(BIN)/python -m pytest -q tests/unit
+# test-fast: the unit tests only (no Ray cluster, no object store).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=300 --durations=10 tests/unit
+
+test-unit: test-fast
 
 test-integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
@@ -55,4 +65,4 @@ manifests: $(STAMP)
 	$(BIN)/python -m mtorl.manifests --out $(MANIFESTS_DIR) $(foreach f,$(VALUES),--values $(f))
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

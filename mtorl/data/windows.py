@@ -20,7 +20,7 @@ Padding is on the right: -1 for channels, 0 for floats (propensity included), Fa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -87,7 +87,7 @@ def _flat(col: Any) -> tuple[np.ndarray, np.ndarray]:
 def journeys_from_table(batch: Any, manifest: Mapping[str, Any]) -> list[Journey]:
     """Journey rows (a pyarrow Table/RecordBatch or a dict of columns, schema of the prepared dataset)
     -> Journeys with rewards and normalised states (vectorised over the whole batch)."""
-    get = (lambda k: batch.column(k)) if hasattr(batch, "column_names") else (lambda k: batch[k])
+    get: Callable[[str], Any] = (lambda k: batch.column(k)) if hasattr(batch, "column_names") else (lambda k: batch[k])
     users = get("user_id")
     users = users.to_pylist() if hasattr(users, "to_pylist") else [str(u) for u in users]
     ch, off = _flat(get("channel"))

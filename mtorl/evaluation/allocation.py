@@ -67,7 +67,7 @@ def channel_scores(action_probs: np.ndarray, reward_pred: np.ndarray,
 
 def recommended_channel(weights: np.ndarray, action_probs: np.ndarray) -> np.ndarray:
     """(N,) argmax of the weights; argmax of the policy where every weight of the row is 0."""
-    best = np.argmax(weights, axis=1)
+    best: np.ndarray = np.argmax(weights, axis=1)
     dead = weights.max(axis=1) <= 0
     if np.any(dead):
         best = np.where(dead, np.argmax(action_probs, axis=1), best)

@@ -23,7 +23,7 @@ computed on the same resamples. ESS = (sum w)^2 / sum w^2 over the steps with a 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -149,7 +149,7 @@ def off_policy_estimates(p: Predictions, target: np.ndarray, behaviour: np.ndarr
     ws, oks = w[order], ok[order]
     is_zero = (oks & (ws <= 0)).astype(np.int64)                                     # (N,) sorted
     lw = np.log(np.where(oks & (ws > 0), ws, 1.0))                                    # 0 for zero/missing
-    inclusive = lambda x: np.cumsum(x) - (np.cumsum(x) - x)[start]                  # noqa: E731
+    inclusive: Callable[[np.ndarray], np.ndarray] = lambda x: np.cumsum(x) - (np.cumsum(x) - x)[start]  # noqa: E731
     log_rho = inclusive(lw)                                                           # log prod_{k<=t} w_k
     zero_in = inclusive(is_zero)                                                      # a zero weight so far
     capped = log_rho > np.log(pdis_cap)

@@ -198,6 +198,7 @@ class DecisionTransformer(SequencePolicy):
     """
 
     name = "dt"
+    max_return: torch.Tensor  # a buffer (register_buffer below)
 
     def __init__(self, spec: ModelSpec, state_dim: int, n_channels: int, binary: bool) -> None:
         super().__init__(spec, state_dim, n_channels, binary)

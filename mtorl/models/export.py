@@ -43,6 +43,6 @@ def export_torchscript(model: SequencePolicy, example_batch: Batch) -> torch.jit
     inputs = (example_batch.state, example_batch.prev_channel, example_batch.prev_reward, example_batch.mask)
     with torch.no_grad(), warnings.catch_warnings():
         # the GRU's input-size checks trace as constants; they hold for every input of this model
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(wrapper, inputs, check_trace=False)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
+        traced: torch.jit.ScriptModule = torch.jit.trace(wrapper, inputs, check_trace=False)  # type: ignore[no-untyped-call]
     return traced

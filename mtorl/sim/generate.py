@@ -126,14 +126,18 @@ def _prepare_output(fs: pafs.FileSystem, root: str) -> None:
     parts = [f.path for f in files if f.base_name.startswith("part-") and f.base_name.endswith(".parquet")]
     has_sidecar = any(f.base_name == SIDECAR for f in files)
     if parts and not has_sidecar:
-        raise FileExistsError(f"{root} holds part-*.parquet files that are not from a simulation; choose an empty output")
+        raise FileExistsError(
+            f"{root} holds part-*.parquet files that are not from a simulation; choose an empty output"
+        )
     if has_sidecar:
         fs.delete_file(f"{root}/{SIDECAR}")  # the old output is no longer committed
     for p in parts:
         fs.delete_file(p)
 
 
-def simulate(spec: SimulateSpec, progress: Callable[[str], Any] | None = print, block_users: int = BLOCK_USERS) -> dict[str, Any]:
+def simulate(
+    spec: SimulateSpec, progress: Callable[[str], Any] | None = print, block_users: int = BLOCK_USERS
+) -> dict[str, Any]:
     """Generate ``spec.users`` journeys into ``spec.output``; returns the ``simulation.json`` content."""
     from mtorl import storage
 
@@ -239,7 +243,11 @@ def read_journeys(uri: str) -> Iterator[dict[str, Any]]:
         cols = {k: tab.column(k).to_numpy() for k in ("timestamp", "gain", "cost", "propensity")}
         q = np.stack([tab.column(k).to_numpy() for k in m["numeric_features"]], axis=1)
         f = np.stack([tab.column(k).to_numpy() for k in m["user_features"]], axis=1)
-        tp = np.stack([tab.column(k).to_numpy() for k in meta["truth_columns"]], axis=1) if meta["truth_columns"] else None
+        tp = (
+            np.stack([tab.column(k).to_numpy() for k in meta["truth_columns"]], axis=1)
+            if meta["truth_columns"]
+            else None
+        )
         for a, b in zip(bounds[:-1], bounds[1:]):
             d = {"user_id": str(uid[a]), "channel": ch[a:b], "features": q[a:b], "user_features": f[a]}
             d.update({k: v[a:b] for k, v in cols.items()})
@@ -305,7 +313,10 @@ def calibrate(manifest: dict[str, Any], stats: dict[str, Any] | None = None) -> 
     channels = [str(c) for c in manifest["channels"]]
     C = len(channels)
     train = manifest["splits"]["train"]
-    out: dict[str, Any] = {"channels": channels, "mean_steps": max(float(train["steps"]) / max(float(train["users"]), 1.0), 2.0)}
+    out: dict[str, Any] = {
+        "channels": channels,
+        "mean_steps": max(float(train["steps"]) / max(float(train["users"]), 1.0), 2.0),
+    }
     if stats is None:
         return out
     share = np.asarray(stats["channel_share"], dtype=np.float64)

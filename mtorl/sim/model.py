@@ -88,7 +88,11 @@ class Simulator:
         self.channels = list(spec.channels)
         costs = spec.channel_costs if spec.channel_costs is not None else [float(i + 1) for i in range(C)]
         self.costs = np.asarray(costs, dtype=np.float64)
-        for name, v in (("channel_costs", costs), ("channel_shares", spec.channel_shares), ("channel_rates", spec.channel_rates)):
+        for name, v in (
+            ("channel_costs", costs),
+            ("channel_shares", spec.channel_shares),
+            ("channel_rates", spec.channel_rates),
+        ):
             if v is not None and len(v) != C:
                 raise ValueError(f"{name} has {len(v)} entries for {C} channels")
         if np.any(self.costs <= 0):
@@ -271,9 +275,20 @@ class Simulator:
 
     def parameters(self) -> dict:
         """The ground-truth parameters, JSON-ready."""
-        return {"beta": self.beta.tolist(), "offset": self.offset.tolist(), "log_weight": self.log_weight.tolist(),
-                "log_bias": self.log_bias.tolist(), "temperature": self.temperature, "tod_peak": self.tod_peak.tolist(),
-                "tod_amplitude": self.tod_amplitude, "fatigue": self.fatigue.tolist(), "fatigue_halflife_h": FATIGUE_HALFLIFE_H,
-                "carry": self.carry, "drift": self.drift, "sigma_x": SIGMA_X, "mean_gap_h": MEAN_GAP_H,
-                "length": {"min": 2, "extra_mean": self.length_extra_mean, "k": self.length_k, "max": self.max_length},
-                "target_rates": self.target_rates.tolist()}
+        return {
+            "beta": self.beta.tolist(),
+            "offset": self.offset.tolist(),
+            "log_weight": self.log_weight.tolist(),
+            "log_bias": self.log_bias.tolist(),
+            "temperature": self.temperature,
+            "tod_peak": self.tod_peak.tolist(),
+            "tod_amplitude": self.tod_amplitude,
+            "fatigue": self.fatigue.tolist(),
+            "fatigue_halflife_h": FATIGUE_HALFLIFE_H,
+            "carry": self.carry,
+            "drift": self.drift,
+            "sigma_x": SIGMA_X,
+            "mean_gap_h": MEAN_GAP_H,
+            "length": {"min": 2, "extra_mean": self.length_extra_mean, "k": self.length_k, "max": self.max_length},
+            "target_rates": self.target_rates.tolist(),
+        }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 import yaml
 from pydantic import TypeAdapter, ValidationError
@@ -180,11 +180,11 @@ def load_job(path: str | Path, overrides: Iterable[str] = ()) -> Any:
 
 
 def job_to_dict(job: Any) -> dict[str, Any]:
-    return job.model_dump(mode="json", by_alias=True, exclude_none=False)
+    return cast(dict[str, Any], job.model_dump(mode="json", by_alias=True, exclude_none=False))
 
 
 def job_to_yaml(job: Any) -> str:
-    return yaml.safe_dump(job_to_dict(job), sort_keys=False)
+    return cast(str, yaml.safe_dump(job_to_dict(job), sort_keys=False))
 
 
 def make_job(kind: str, name: str, spec: dict[str, Any]) -> Any:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-API_VERSION = "mtorl/v1"
+API_VERSION: Literal["mtorl/v1"] = "mtorl/v1"
 
 # The metrics a training run reports on the validation split (mtorl.training.step: the losses of
 # compute_loss, then val_metrics). The one list trainer.metric and a sweep's objective are checked

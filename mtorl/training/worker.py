@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 import ray.train
 import ray.train.torch
 
+from mtorl import faults
 from mtorl.models import build_model
 from mtorl.spec import validate_doc
 from mtorl.training import checkpoint as ckpt
@@ -23,23 +23,6 @@ from mtorl.training.step import (NonFiniteLossError, decision_val_metrics, maybe
 from mtorl.training.step import gather_all as _gather
 from mtorl.training.step import sum_all as _sum
 
-# Test-only fault injection: the worker of this rank exits hard at this global step, once (marker file).
-CRASH_AT_STEP_ENV = "MTORL_TEST_CRASH_AT_STEP"
-CRASH_MARKER_ENV = "MTORL_TEST_CRASH_MARKER"
-# Test-only: the batch of this global step gets NaN states (to show a NaN loss stops the run cleanly).
-NAN_AT_STEP_ENV = "MTORL_TEST_NAN_AT_STEP"
-
-
-def _maybe_crash(global_step: int, rank: int) -> None:
-    at = os.environ.get(CRASH_AT_STEP_ENV)
-    marker = os.environ.get(CRASH_MARKER_ENV)
-    if at is None or marker is None or int(at) != global_step or rank != max(0, ray.train.get_context().get_world_size() - 1):
-        return
-    if Path(marker).exists():
-        return
-    Path(marker).write_text(str(global_step))
-    print(f"[test] injected crash of rank {rank} at step {global_step}", flush=True)
-    os._exit(1)
 
 
 class ShardCache:
@@ -172,9 +155,9 @@ def train_loop(config: dict[str, Any]) -> None:
         def on_step(i: int, losses: dict[str, float]) -> None:
             nonlocal global_step
             global_step += 1
-            _maybe_crash(global_step, rank)
+            faults.maybe_crash_worker(global_step, rank, world)  # off unless a test enables it (mtorl.faults)
 
-        nan_at = int(os.environ.get(NAN_AT_STEP_ENV, "-1"))
+        nan_at = faults.int_value("train.nan_at_step")  # -1: off (mtorl.faults)
 
         def timed(it: Any) -> Any:
             k = global_step

@@ -18,6 +18,7 @@ import yaml
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
+from mtorl import faults
 from mtorl import storage
 from mtorl.console import as_console, current, tune_verbosity
 from mtorl.spec import TrainJob, TuneJob, job_to_dict, validate_doc
@@ -26,9 +27,6 @@ from mtorl.spec.models import ParamSpace, TuneSpec
 from mtorl.training.checkpoint import BEST_FILE, META_FILE
 from mtorl.training.driver import build_trainer, finish_run, storage_args, to_uri
 
-# Test-only: the trial function kills the sweep's driver right after a trial writes its best.json,
-# before Tune can record the trial as finished (the window a restored sweep must handle).
-KILL_DRIVER_AFTER_TRIAL_ENV = "MTORL_TEST_KILL_DRIVER_AFTER_TRIAL"
 SEP = "__"  # Tune config keys can't hold dots reliably: objective.reward_weight -> objective__reward_weight
 
 
@@ -210,7 +208,7 @@ def run_tune(job: TuneJob, progress: Any = print) -> dict[str, Any]:
     from mtorl.data.pipeline import load_manifest
 
     load_manifest(spec.base.data)  # a missing dataset is one line here, not a traceback from every trial
-    kill_pid = os.getpid() if os.environ.get(KILL_DRIVER_AFTER_TRIAL_ENV) == "1" else None
+    kill_pid = os.getpid() if faults.enabled("tune.kill_driver_after_trial") else None  # off unless a test enables it
     trainable = tune.with_resources(_make_trial_fn(job_to_dict(base), trials_uri, job.metadata.name, group, kill_pid), {"CPU": 0.01})
     if spec.early_stopping == "asha":
         scheduler: Any = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=spec.grace_period, reduction_factor=2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -15,16 +14,19 @@ pytestmark = [pytest.mark.integration, pytest.mark.shared_data]
     ("kuairand-sequence", "kuairand_sequence.csv.gz", 4839, 100979),
     ("criteo-sequence", "criteo_sequence.csv.gz", 6039, 88998),
 ])
-def test_prepare_to_s3_then_windows(shared_data: Path, s3_bucket: Any, ray_session: None, source: str, name: str,
-                                    users: int, rows: int) -> None:
+def test_prepare_to_s3_then_windows(shared_data: Path, s3_bucket: str, ray_session: None,
+                                    request: pytest.FixtureRequest, source: str, name: str, users: int,
+                                    rows: int) -> None:
     from mtorl.data.pipeline import iter_journeys, load_manifest, manifest_sha256, window_dataset
     from mtorl.data.prepare import prepare
     from mtorl.spec.models import PrepareSpec, WindowSpec
 
-    bucket = s3_bucket if isinstance(s3_bucket, str) and s3_bucket.startswith("s3://") else f"s3://{s3_bucket}"
-    uri = f"{bucket}/data/{source}"
-    m = prepare(PrepareSpec(source=source, input=str(shared_data / name), output=uri, min_steps=1, shard_max_steps=20_000),
-                progress=lambda _m: None)
+    if source == "kuairand-sequence":  # the session's shared preparation (the same settings as below)
+        uri, m = request.getfixturevalue("kuairand_prepared")
+    else:
+        uri = f"{s3_bucket}/data/{source}"
+        m = prepare(PrepareSpec(source=source, input=str(shared_data / name), output=uri, min_steps=1,
+                                shard_max_steps=20_000), progress=lambda _m: None)
     assert load_manifest(uri) == m and len(manifest_sha256(uri)) == 64
     assert m["users_read"] == users and m["rows_written"] == rows
     assert len(m["splits"]["train"]["shards"]) >= 2

@@ -10,7 +10,6 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any
 
 import pytest
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from mtorl import storage
+from mtorl import faults, storage
 from mtorl.spec import make_job
 from mtorl.training.checkpoint import load_checkpoint
 
@@ -67,8 +67,8 @@ def test_worker_crash_is_restarted_and_history_stays_continuous(ray_session: Non
     from mtorl.training.driver import run_train
 
     marker = tmp_path / "crashed"
-    monkeypatch.setenv("MTORL_TEST_CRASH_AT_STEP", "4")  # during epoch 2: epoch 1 has about 2-3 steps per worker
-    monkeypatch.setenv("MTORL_TEST_CRASH_MARKER", str(marker))
+    # during epoch 2: epoch 1 has about 2-3 steps per worker
+    monkeypatch.setenv(*faults.env({"train.crash_at_step": 4, "train.crash_marker": str(marker)}))
     res = run_train(_job("crash", tiny_dataset, f"{s3_bucket}/runs", workers=2, epochs=3, batch_size=8, max_failures=2), progress=print)
     assert marker.exists(), "the injected crash did not happen"
     hist = _history(res["latest_checkpoint"])
@@ -83,7 +83,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(ray_sess
 
     from mtorl.training.driver import run_train
 
-    monkeypatch.setenv("MTORL_TEST_NAN_AT_STEP", "5")
+    monkeypatch.setenv(*faults.env({"train.nan_at_step": 5}))
     with pytest.raises(TrainingFailedError) as e:
         run_train(_job("nan", tiny_dataset, f"{s3_bucket}/runs", workers=1, epochs=3, batch_size=16, max_steps_per_epoch=3, max_failures=0), progress=print)
     assert "non-finite loss" in str(e.value)

@@ -6,25 +6,40 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from mtorl import storage
+from mtorl import faults, storage
 from mtorl.spec import job_to_dict, make_job
 
 pytestmark = pytest.mark.integration
 
-TINY = {"name": "mtorl", "hidden": 8, "tcn": {"levels": 1, "kernel_size": 2}, "attention": {"heads": 1}, "decoder_hidden": 8}
+TINY = {
+    "name": "mtorl",
+    "hidden": 8,
+    "tcn": {"levels": 1, "kernel_size": 2},
+    "attention": {"heads": 1},
+    "decoder_hidden": 8,
+}
 
 
 def _sweep(name: str, data: str, out: str, **kw: Any) -> Any:
-    base = {"data": data, "output": out, "window": {"length": 10}, "model": TINY,
-            "trainer": {"workers": 1, "epochs": kw.pop("epochs", 2), "batch_size": 32, "max_steps_per_epoch": kw.pop("steps", 8)},
-            "tracking": {"wandb": "disabled"}}
+    base = {
+        "data": data,
+        "output": out,
+        "window": {"length": 10},
+        "model": TINY,
+        "trainer": {
+            "workers": 1,
+            "epochs": kw.pop("epochs", 2),
+            "batch_size": 32,
+            "max_steps_per_epoch": kw.pop("steps", 8),
+        },
+        "tracking": {"wandb": "disabled"},
+    }
     spec = {"base": base, "parameters": kw.pop("parameters", {
         "objective.reward_weight": {"type": "double", "min": 0.1, "max": 10.0, "log": True},
         "objective.pref_weight": {"type": "double", "min": 0.0, "max": 1.0}}),
@@ -36,30 +51,41 @@ def test_asha_stops_a_bad_trial_early(ray_session: None, tiny_dataset: str, s3_b
     from mtorl.tuning.sweep import run_tune
 
     # grid order: a good learning rate first, then one too small to learn -> cut at the first rung
-    job = _sweep("asha", tiny_dataset, f"{s3_bucket}/sweeps", epochs=4, steps=6, algorithm="grid", early_stopping="asha",
-                 parameters={"trainer.lr": {"type": "categorical", "values": [0.03, 1e-9]}})
+    job = _sweep(
+        "asha",
+        tiny_dataset,
+        f"{s3_bucket}/sweeps",
+        epochs=4,
+        steps=6,
+        algorithm="grid",
+        early_stopping="asha",
+        parameters={"trainer.lr": {"type": "categorical", "values": [0.03, 1e-9]}},
+    )
     res = run_tune(job, progress=print)
     states = {r["config"]["trainer.lr"]: r["state"] for r in res["leaderboard"]}
     assert states[0.03] == "completed"
     assert states[1e-9] == "stopped early"
 
 
-def test_four_trial_kuairand_sweep_interrupted_then_resumed(ray_session: None, kuairand_dataset: str, s3_bucket: str,
-                                                             tmp_path: Path) -> None:
+def test_four_trial_sweep_interrupted_then_resumed(ray_session: None, tiny_dataset: str, s3_bucket: str,
+                                                   tmp_path: Path) -> None:
     """A 4-trial sweep whose driver is killed after its first trial wrote its result but before Tune
     recorded it; re-running resumes it via Tuner.restore, completes it, re-runs no completed trial,
-    and still reports the completed trial's epochs to Tune."""
+    and still reports the completed trial's epochs to Tune. On the generated tiny dataset: every trial
+    builds (materialises) its splits, which on the KuaiRand sample was most of this test's time."""
     import ray
 
-    from mtorl.tuning.sweep import KILL_DRIVER_AFTER_TRIAL_ENV, run_tune
+    from mtorl.tuning.sweep import run_tune
 
-    job = _sweep("sweep4", kuairand_dataset, f"{s3_bucket}/sweeps", max_trials=4, algorithm="random", early_stopping="none")
+    job = _sweep(
+        "sweep4", tiny_dataset, f"{s3_bucket}/sweeps", max_trials=4, algorithm="random", early_stopping="none"
+    )
     spec_file = tmp_path / "tune.yaml"
     spec_file.write_text(yaml.safe_dump(job_to_dict(job)))
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     trials = storage.join(s3_bucket, "sweeps", "sweep4", "trials")
     # the driver dies right after the first trial writes its best.json, before Tune records it as done
-    env[KILL_DRIVER_AFTER_TRIAL_ENV] = "1"
+    env.update([faults.env({"tune.kill_driver_after_trial": True})])
     proc = subprocess.Popen([sys.executable, "-m", "mtorl", "tune", str(spec_file)], env=env, start_new_session=True)
     try:
         rc = proc.wait(timeout=300)

@@ -22,8 +22,22 @@ KUAI_COLS = ["", "user_id", "hourmin", "time_ms", "is_click", "long_view", "play
 CRITEO_TYPES = ["Type_11", "Type_22", "Type_33"]
 CRITEO_COLS = ["", "uid", "campaign", "conversion", "attribution", "click", "click_nb", "cost", "cpo",
                *[f"cat{i}" for i in range(1, 10)], *CRITEO_TYPES]
-ATTR_COLS = ["timestamp", "uid", "campaign", "conversion", "conversion_timestamp", "conversion_id", "attribution", "click",
-             "click_pos", "click_nb", "cost", "cpo", "time_since_last_click", *[f"cat{i}" for i in range(1, 10)]]
+ATTR_COLS = [
+    "timestamp",
+    "uid",
+    "campaign",
+    "conversion",
+    "conversion_timestamp",
+    "conversion_id",
+    "attribution",
+    "click",
+    "click_pos",
+    "click_nb",
+    "cost",
+    "cpo",
+    "time_since_last_click",
+    *[f"cat{i}" for i in range(1, 10)],
+]
 
 
 def write_table(path: Path, cols: list[str], rows: list[list[Any]], sep: str = ",") -> Path:
@@ -44,8 +58,21 @@ def kuai_rows(n_users: int = 30, seed: int = 0) -> list[list[Any]]:
         for t in range(T):
             ch = [0, 0, 0]
             ch[rng.randrange(3)] = 1
-            rows.append([i, f"{u}.0", rng.random(), (t + 1) / 10, rng.randint(0, 1), rng.randint(0, 1), rng.random(), *ch,
-                         *[u % 2] * len(KUAI_USER), u / n_users, 0.5])
+            rows.append(
+                [
+                    i,
+                    f"{u}.0",
+                    rng.random(),
+                    (t + 1) / 10,
+                    rng.randint(0, 1),
+                    rng.randint(0, 1),
+                    rng.random(),
+                    *ch,
+                    *[u % 2] * len(KUAI_USER),
+                    u / n_users,
+                    0.5,
+                ]
+            )
             i += 1
     return rows
 
@@ -83,9 +110,18 @@ def journeys_rows(n_users: int = 20, seed: int = 0) -> list[dict[str, Any]]:
     out = []
     for u in range(n_users):
         for t in range(3 + u % 3):
-            out.append({"user_id": f"u{u}", "timestamp": 100 - t, "channel": rng.choice(["email", "search", "social"]),
-                        "gain": float(rng.randint(0, 1)), "cost": rng.random(), "device": rng.choice(["ios", "android"]),
-                        "price": rng.random() * 10, "age": 20.0 + u})
+            out.append(
+                {
+                    "user_id": f"u{u}",
+                    "timestamp": 100 - t,
+                    "channel": rng.choice(["email", "search", "social"]),
+                    "gain": float(rng.randint(0, 1)),
+                    "cost": rng.random(),
+                    "device": rng.choice(["ios", "android"]),
+                    "price": rng.random() * 10,
+                    "age": 20.0 + u,
+                }
+            )
     rng.shuffle(out)
     return out
 
@@ -123,7 +159,11 @@ def test_kuairand_fixture(tmp_path: Path) -> None:
     t = pq.read_table(tmp_path / "ds" / m["splits"]["train"]["shards"][0]["path"])
     row = t.slice(0, 1).to_pylist()[0]
     T = row["length"]
-    assert len(row["channel"]) == T and len(row["features"]) == 2 * T and len(row["user_features"]) == len(m["user_features"])
+    assert (
+        len(row["channel"]) == T
+        and len(row["features"]) == 2 * T
+        and len(row["user_features"]) == len(m["user_features"])
+    )
     assert row["cost"] == [1.0] * T
     assert np.isnan(row["propensity"]).all()
     # file order kept: time_ms (t + 1) / 10 increases within a user
@@ -179,7 +219,8 @@ def test_criteo_sequence_non_contiguous(tmp_path: Path) -> None:
     m = prepare(spec(tmp_path, "criteo-sequence", inp, spill_partitions=3), progress=quiet)
     _invariant(m)
     assert m["channels"] == ["11", "22", "33"] and m["users_read"] == 20 and m["rows_written"] == len(rows)
-    assert m["step_features"] == ["campaign", *[f"cat{i}" for i in (1, 2, 3, 4, 5, 6, 7, 9)]]  # cat8 is the channel: excluded
+    # cat8 is the channel: excluded
+    assert m["step_features"] == ["campaign", *[f"cat{i}" for i in (1, 2, 3, 4, 5, 6, 7, 9)]]
     got = {}
     for split in m["splits"].values():
         for s in split["shards"]:
@@ -219,8 +260,10 @@ def test_criteo_bad_bool(tmp_path: Path) -> None:
 def test_criteo_attribution_top_k_and_time_order(tmp_path: Path) -> None:
     rows = attribution_rows()
     inp = write_table(tmp_path / "a.tsv.gz", ATTR_COLS, rows, sep="\t")
-    m = prepare(spec(tmp_path, "criteo-attribution", inp, top_k_channels=2, min_steps=1, chunk_rows=1000, spill_partitions=4),
-                progress=quiet)
+    m = prepare(
+        spec(tmp_path, "criteo-attribution", inp, top_k_channels=2, min_steps=1, chunk_rows=1000, spill_partitions=4),
+        progress=quiet,
+    )
     _invariant(m)
     assert m["channels"] == ["7", "8"]
     assert m["rows_dropped"].get("channel_not_in_top_k") == sum(1 for r in rows if r[2] == 9)

@@ -31,8 +31,10 @@ def _read_split(root: Path, m: dict[str, Any], split: str) -> list[dict[str, Any
 def test_split_is_stable_and_disjoint(tmp_path: Path) -> None:
     inp = _kuai(tmp_path)
     a = prepare(PrepareSpec(source="kuairand-sequence", input=str(inp), output=str(tmp_path / "a")), progress=quiet)
-    b = prepare(PrepareSpec(source="kuairand-sequence", input=str(inp), output=str(tmp_path / "b"), shard_max_steps=100),
-                progress=quiet)
+    b = prepare(
+        PrepareSpec(source="kuairand-sequence", input=str(inp), output=str(tmp_path / "b"), shard_max_steps=100),
+        progress=quiet,
+    )
     users = {}
     for s in ("train", "val", "test"):
         ua = {r["user_id"] for r in _read_split(tmp_path / "a", a, s)}
@@ -40,7 +42,11 @@ def test_split_is_stable_and_disjoint(tmp_path: Path) -> None:
         assert ua == ub and len(ua) == a["splits"][s]["users"]
         users[s] = ua
         assert all(split_of(u, "mtorl", 0.8, 0.1) == s for u in ua)
-    assert not (users["train"] & users["val"]) and not (users["train"] & users["test"]) and not (users["val"] & users["test"])
+    assert (
+        not (users["train"] & users["val"])
+        and not (users["train"] & users["test"])
+        and not (users["val"] & users["test"])
+    )
     assert a["normalization"] == b["normalization"]
     other = prepare(PrepareSpec(source="kuairand-sequence", input=str(inp), output=str(tmp_path / "c"),
                                 splits=SplitSpec(salt="other")), progress=quiet)
@@ -70,8 +76,10 @@ def test_shards_bounded_and_hashed(tmp_path: Path) -> None:
     import hashlib
 
     inp = _kuai(tmp_path, n_users=200)
-    m = prepare(PrepareSpec(source="kuairand-sequence", input=str(inp), output=str(tmp_path / "ds"), shard_max_steps=100),
-                progress=quiet)
+    m = prepare(
+        PrepareSpec(source="kuairand-sequence", input=str(inp), output=str(tmp_path / "ds"), shard_max_steps=100),
+        progress=quiet,
+    )
     shards = m["splits"]["train"]["shards"]
     assert len(shards) > 2
     for s in shards:
@@ -84,8 +92,10 @@ def test_shards_bounded_and_hashed(tmp_path: Path) -> None:
 
 def test_max_journey_length_cuts_in_the_same_split(tmp_path: Path) -> None:
     inp = _kuai(tmp_path)
-    m = prepare(PrepareSpec(source="kuairand-sequence", input=str(inp), output=str(tmp_path / "ds"), max_journey_length=2),
-                progress=quiet)
+    m = prepare(
+        PrepareSpec(source="kuairand-sequence", input=str(inp), output=str(tmp_path / "ds"), max_journey_length=2),
+        progress=quiet,
+    )
     for s in ("train", "val", "test"):
         for r in _read_split(tmp_path / "ds", m, s):
             assert r["length"] <= 2
@@ -95,7 +105,9 @@ def test_max_journey_length_cuts_in_the_same_split(tmp_path: Path) -> None:
 
 def test_no_manifest_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "half").mkdir()
-    with pytest.raises(DataError, match="no manifest.json at .*half: not a prepared dataset, or prepare did not finish"):
+    with pytest.raises(
+        DataError, match="no manifest.json at .*half: not a prepared dataset, or prepare did not finish"
+    ):
         load_manifest(str(tmp_path / "half"))
 
 
@@ -136,8 +148,10 @@ def test_atomic_republish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 def test_manifest_from_unknown_channel(tmp_path: Path) -> None:
     rows = journeys_rows()
     inp = write_table(tmp_path / "j.csv", list(rows[0]), [list(r.values()) for r in rows])
-    base = prepare(PrepareSpec(source="journeys", input=str(inp), output=str(tmp_path / "ds"), journeys=JFMT, penalty=0.2),
-                   progress=quiet)
+    base = prepare(
+        PrepareSpec(source="journeys", input=str(inp), output=str(tmp_path / "ds"), journeys=JFMT, penalty=0.2),
+        progress=quiet,
+    )
     new_rows = journeys_rows(n_users=10, seed=3)
     new_rows[4]["channel"] = "tv"
     new_rows[1]["device"] = "windows"  # an unseen category: all-zero one-hot, not an error

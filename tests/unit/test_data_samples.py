@@ -17,7 +17,9 @@ pytestmark = pytest.mark.shared_data
     ("kuairand-sequence", "kuairand_sequence.csv.gz", 4839, 100979, 3),
     ("criteo-sequence", "criteo_sequence.csv.gz", 6039, 88998, 11),
 ])
-def test_sample(shared_data: Path, tmp_path: Path, source: str, name: str, users: int, rows: int, channels: int) -> None:
+def test_sample(
+    shared_data: Path, tmp_path: Path, source: str, name: str, users: int, rows: int, channels: int
+) -> None:
     m = prepare(PrepareSpec(source=source, input=str(shared_data / name), output=str(tmp_path / "ds"), min_steps=1),
                 progress=lambda _m: None)
     assert load_manifest(str(tmp_path / "ds")) == m

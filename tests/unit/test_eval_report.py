@@ -27,7 +27,9 @@ def test_write_report(tmp_path):
     results = {"mtorl": evaluate_predictions(p, fr, n_boot=20, seed=0)}
     for name, h in heuristic_predictions(p, prior).items():
         results[name] = evaluate_predictions(h, fr, n_boot=20, seed=0)
-    history = [{"epoch": e, "train/loss": 1.0 / (e + 1), "val/loss": 1.2 / (e + 1), "val/reward_auc": 0.6} for e in range(3)]
+    history = [
+        {"epoch": e, "train/loss": 1.0 / (e + 1), "val/loss": 1.2 / (e + 1), "val/reward_auc": 0.6} for e in range(3)
+    ]
     paths = write_report(str(tmp_path / "out"), results, primary="mtorl", notes=["a note"], history=history)
     names = {os.path.basename(x) for x in paths}
     assert names == {"metrics.json", "report.md", "budget_curve.png", "channel_auc.png", "reliability.png",
@@ -36,7 +38,14 @@ def test_write_report(tmp_path):
         assert os.path.getsize(x) > 0
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["n_users"] == 50 and m["n_steps"] == 400
-    assert set(m["channel"]) >= {"accuracy", "macro_f1", "macro_precision", "macro_recall", "auc_per_channel", "mean_auc"}
+    assert set(m["channel"]) >= {
+        "accuracy",
+        "macro_f1",
+        "macro_precision",
+        "macro_recall",
+        "auc_per_channel",
+        "mean_auc",
+    }
     assert set(m["reward"]) >= {"auc", "logloss", "ece"}
     assert m["base_rate"] == p.gain.mean()
     assert [b["fraction"] for b in m["budget"]] == fr

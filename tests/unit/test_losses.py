@@ -112,7 +112,7 @@ def test_preference_loss_top_k_vs_bottom_k() -> None:
     returns = torch.tensor([5.0, 1.0, 7.0, 0.0, 3.0, 2.0, 4.0, -1.0])
     ell = sequence_log_likelihood(logits, channel, mask)
     pairs = [(2, 7), (0, 3)]
-    expected = sum(-torch.nn.functional.logsigmoid(0.5 * (ell[w] - ell[l])) for w, l in pairs) / 2
+    expected = sum(-torch.nn.functional.logsigmoid(0.5 * (ell[win] - ell[lose])) for win, lose in pairs) / 2
     assert preference_loss(logits, None, channel, mask, returns, beta=0.5) == pytest.approx(float(expected), abs=1e-6)
 
 
@@ -185,5 +185,9 @@ def test_compute_loss_keys_every_model(name: str) -> None:
     losses = compute_loss(m, m(b), b, ObjectiveSpec(), binary=False)
     assert {"loss", "action_loss", "reward_loss", "pref_loss"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
-    extra = {"cql": {"q_loss", "td_loss", "cql_loss"}, "iql": {"q_loss", "v_loss", "awr_loss"}, "bcq": {"q_loss", "imitation_loss"}}
+    extra = {
+        "cql": {"q_loss", "td_loss", "cql_loss"},
+        "iql": {"q_loss", "v_loss", "awr_loss"},
+        "bcq": {"q_loss", "imitation_loss"},
+    }
     assert extra.get(name, set()) <= set(losses)
