@@ -42,7 +42,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import numpy as np
 

@@ -97,9 +97,20 @@ class Progress:
             return
         from tqdm import tqdm
 
-        fmt = LINE_FORMAT if eta_s is None else LINE_FORMAT.replace("{remaining}", tqdm.format_interval(max(0.0, eta_s)))
-        self.console(tqdm.format_meter(self.n, self.total, time.time() - self.t0, prefix=self.desc, unit=self.unit,
-                                       postfix=postfix or None, bar_format=fmt))
+        fmt = (
+            LINE_FORMAT if eta_s is None else LINE_FORMAT.replace("{remaining}", tqdm.format_interval(max(0.0, eta_s)))
+        )
+        self.console(
+            tqdm.format_meter(
+                self.n,
+                self.total,
+                time.time() - self.t0,
+                prefix=self.desc,
+                unit=self.unit,
+                postfix=postfix or None,
+                bar_format=fmt,
+            )
+        )
 
     def note(self, msg: str) -> None:
         """A line that doesn't advance the count (printed above the bar on a terminal)."""
@@ -216,8 +227,12 @@ def ray_init_kwargs() -> dict[str, Any]:
 def before_ray_init() -> None:
     """Quiet console: from here on this process's output goes to a log file (moved into the Ray
     session's logs folder by :func:`after_ray_init`)."""
-    if (_CURRENT is None or not _CURRENT.redirect or ray_log_level(_CURRENT.verbose) is not None
-            or _REDIRECT.saved is not None):
+    if (
+        _CURRENT is None
+        or not _CURRENT.redirect
+        or ray_log_level(_CURRENT.verbose) is not None
+        or _REDIRECT.saved is not None
+    ):
         return
     fd, path = tempfile.mkstemp(prefix="mtorl-driver-", suffix=".log")
     os.close(fd)

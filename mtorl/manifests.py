@@ -20,17 +20,21 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Sequence
+from typing import Annotated, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 # Kubernetes resource.Quantity (the pattern KubeRay's CRDs carry for int-or-string quantities).
-QUANTITY_PATTERN = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?"
-                    r"(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?"
+    r"(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 # registry[:port]/path[:tag][@sha256:digest], lower-case path components (the distribution reference grammar).
-IMAGE_PATTERN = (r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]{1,2}[a-z0-9]+)*)+"
-                 r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?$")
+IMAGE_PATTERN = (
+    r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]{1,2}[a-z0-9]+)*)+"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?$"
+)
 Quantity = Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN)]
 Image = Annotated[str, StringConstraints(pattern=IMAGE_PATTERN)]
 PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
@@ -93,8 +97,9 @@ class ManifestValues(BaseModel):
             args = rayservice_args(job.spec, checkpoint=self.checkpoint)
         except (ValueError, ValidationError) as e:
             msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
-            raise ManifestError(f"SERVE_SPEC={self.serve_spec} with CHECKPOINT={self.checkpoint}: "
-                                f"{msg.removeprefix('Value error, ')}") from None
+            raise ManifestError(
+                f"SERVE_SPEC={self.serve_spec} with CHECKPOINT={self.checkpoint}: {msg.removeprefix('Value error, ')}"
+            ) from None
         out["SERVE_TOKEN_ENV"] = str(args.auth_token_env)
         out["SERVE_CONFIG_V2"] = rayservice_config_yaml(job.spec, checkpoint=self.checkpoint).rstrip("\n")
         return out
@@ -191,8 +196,10 @@ def render(templates: Path, values: ManifestValues, sources: Sequence[str] = ())
         body = p.read_text().splitlines()
         while body and body[0].startswith(("# TEMPLATE", "#   make manifests")):
             body.pop(0)  # the template's "render me first" lines
-        head = (f"# Rendered by `make manifests` from {p.as_posix()} (values: {', '.join(sources) or 'given'}).\n"
-                f"# Apply: kubectl apply -f {p.name}\n")
+        head = (
+            f"# Rendered by `make manifests` from {p.as_posix()} (values: {', '.join(sources) or 'given'}).\n"
+            f"# Apply: kubectl apply -f {p.name}\n"
+        )
         text = head + render_text("\n".join(body), variables, str(p))
         try:
             docs = [d for d in yaml.safe_load_all(text) if d is not None]
@@ -219,8 +226,14 @@ def write(rendered: Mapping[str, str], out: Path) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mtorl.manifests", description=__doc__.splitlines()[0])
-    ap.add_argument("--values", action="append", default=[], type=Path, metavar="FILE",
-                    help="KEY=VALUE file over the defaults (repeatable; later files win; the environment wins over all)")
+    ap.add_argument(
+        "--values",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="KEY=VALUE file over the defaults (repeatable; later files win; the environment wins over all)",
+    )
     ap.add_argument("--defaults", type=Path, default=DEFAULT_VALUES, help=f"default values (default {DEFAULT_VALUES})")
     ap.add_argument("--templates", type=Path, default=DEFAULT_TEMPLATES, help=f"default {DEFAULT_TEMPLATES}")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")

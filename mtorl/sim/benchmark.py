@@ -33,9 +33,16 @@ def _mean_ci(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {"value": m, "ci95": [m - h, m + h], "per_seed": v.tolist()}
 
 
-def run_benchmark(checkpoint: str, budgets: Sequence[float], seeds: Sequence[int], users: int,
-                  decision: Any = None, ope_split: str = "test", imitation_at: Sequence[float] = (0.3,),
-                  progress: Any = print) -> dict[str, Any]:
+def run_benchmark(
+    checkpoint: str,
+    budgets: Sequence[float],
+    seeds: Sequence[int],
+    users: int,
+    decision: Any = None,
+    ope_split: str = "test",
+    imitation_at: Sequence[float] = (0.3,),
+    progress: Any = print,
+) -> dict[str, Any]:
     from mtorl.evaluation.decision import DecisionParams
     from mtorl.evaluation.run import decision_label, decision_of
     from mtorl.serving.predictor import Predictor
@@ -46,7 +53,11 @@ def run_benchmark(checkpoint: str, budgets: Sequence[float], seeds: Sequence[int
     predictor = Predictor.from_checkpoint(checkpoint)
     sim = simulator_for(predictor.manifest)
     dec = decision_of(decision, predictor.meta)
-    extra = {} if dec.policy == "imitation" else {f"{predictor.name} (imitation policy)": DecisionParams(policy="imitation")}
+    extra = (
+        {}
+        if dec.policy == "imitation"
+        else {f"{predictor.name} (imitation policy)": DecisionParams(policy="imitation")}
+    )
     table: dict[str, Any] = {}
     for f in budgets:
         per: dict[str, list[dict[str, Any]]] = {}
@@ -58,33 +69,59 @@ def run_benchmark(checkpoint: str, budgets: Sequence[float], seeds: Sequence[int
                 per.setdefault(name, []).append(r["expected_reward"])
                 if r.get("penalty"):
                     pens.setdefault(name, []).append(r["penalty"]["mean"])
-            progress(f"budget {f:.0%} seed {seed}: " + "  ".join(f"{n} {r['expected_reward']['value']:.1f}" for n, r in rows.items()))
+            progress(
+                f"budget {f:.0%} seed {seed}: "
+                + "  ".join(f"{n} {r['expected_reward']['value']:.1f}" for n, r in rows.items())
+            )
         agg = {n: _mean_ci(v) for n, v in per.items()}
         lo, hi = agg["logging"]["value"], agg["oracle"]["value"]
         for n, a in agg.items():
             a["gap_closed"] = (a["value"] - lo) / (hi - lo) if hi > lo else None
             a["mean_penalty"] = float(np.mean(pens[n])) if n in pens else None
         table[f"{f:g}"] = agg
-    spec = make_job("EvaluateJob", "bench-online", {"checkpoint": checkpoint, "output": "unused", "split": ope_split,
-                                                    "bootstrap": 100}).spec
+    spec = make_job(
+        "EvaluateJob",
+        "bench-online",
+        {"checkpoint": checkpoint, "output": "unused", "split": ope_split, "bootstrap": 100},
+    ).spec
     ope = ope_vs_truth(predictor, sim, spec, decision=dec, progress=progress)
-    return {"checkpoint": predictor.uri, "users": users, "seeds": list(seeds), "budgets": list(budgets),
-            "decision": dec.model_dump(mode="json"), "decision_label": decision_label(dec), "table": table,
-            "ope": {"split": ope["split"], "users": ope["users"], "steps": ope["steps"], "logged": ope["logged"],
-                    "greedy_truth": ope["policies"]["greedy"]["truth"], "softmax_truth": ope["policies"]["softmax"]["truth"]},
-            "wall_s": round(time.time() - t0, 1)}
+    return {
+        "checkpoint": predictor.uri,
+        "users": users,
+        "seeds": list(seeds),
+        "budgets": list(budgets),
+        "decision": dec.model_dump(mode="json"),
+        "decision_label": decision_label(dec),
+        "table": table,
+        "ope": {
+            "split": ope["split"],
+            "users": ope["users"],
+            "steps": ope["steps"],
+            "logged": ope["logged"],
+            "greedy_truth": ope["policies"]["greedy"]["truth"],
+            "softmax_truth": ope["policies"]["softmax"]["truth"],
+        },
+        "wall_s": round(time.time() - t0, 1),
+    }
 
 
 def markdown(res: dict[str, Any], command: str) -> str:
-    md = ["# Closed loop in the simulator: budgets x seeds", "", f"Command: `{command}`", "",
-          f"Checkpoint {res['checkpoint']}; {res['users']} fresh simulated users per seed, seeds {res['seeds']} (the same users "
-          "for every policy of a seed). Budget = fraction of the logging policy's unconstrained spend on those users. "
-          "True reward = sum of the response model's probabilities of the served steps; mean over seeds with a 95% CI. "
-          f"Decision layer: {res['decision_label']}; s solved per step for that step's share of the budget.", "",
-          "Rows: `logging` = the logging policy (random users within the budget); `oracle` = knows the hidden interest z "
-          "(the ceiling); `observable oracle` = knows the response model but sees only what a learner sees (particle "
-          "posterior of z given features and outcomes): the ceiling of what is learnable; the gap between the two oracles "
-          "is hidden from every learner.", ""]
+    md = [
+        "# Closed loop in the simulator: budgets x seeds",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Checkpoint {res['checkpoint']}; {res['users']} fresh simulated users per seed, seeds {res['seeds']} (the same users "
+        "for every policy of a seed). Budget = fraction of the logging policy's unconstrained spend on those users. "
+        "True reward = sum of the response model's probabilities of the served steps; mean over seeds with a 95% CI. "
+        f"Decision layer: {res['decision_label']}; s solved per step for that step's share of the budget.",
+        "",
+        "Rows: `logging` = the logging policy (random users within the budget); `oracle` = knows the hidden interest z "
+        "(the ceiling); `observable oracle` = knows the response model but sees only what a learner sees (particle "
+        "posterior of z given features and outcomes): the ceiling of what is learnable; the gap between the two oracles "
+        "is hidden from every learner.",
+        "",
+    ]
     names = list(dict.fromkeys(n for agg in res["table"].values() for n in agg))
     md += ["| budget | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for f, agg in res["table"].items():
@@ -94,35 +131,61 @@ def markdown(res: dict[str, Any], command: str) -> str:
             if a is None:
                 cells.append("–")
                 continue
-            g = f"; {a['gap_closed']:.0%} of gap" if a.get("gap_closed") is not None and n not in ("logging", "oracle") else ""
+            g = (
+                f"; {a['gap_closed']:.0%} of gap"
+                if a.get("gap_closed") is not None and n not in ("logging", "oracle")
+                else ""
+            )
             cells.append(f"{a['value']:.1f} [{a['ci95'][0]:.1f}, {a['ci95'][1]:.1f}]{g}")
         md.append(f"| {float(f):.0%} | " + " | ".join(cells) + " |")
-    md += ["", "Mean penalty s over steps (score policies): " + "; ".join(
-        f"{float(f):.0%}: " + ", ".join(f"{n} {a['mean_penalty']:.4f}" for n, a in agg.items() if a.get("mean_penalty") is not None)
-        for f, agg in res["table"].items()) + ".", ""]
+    md += [
+        "",
+        "Mean penalty s over steps (score policies): "
+        + "; ".join(
+            f"{float(f):.0%}: "
+            + ", ".join(f"{n} {a['mean_penalty']:.4f}" for n, a in agg.items() if a.get("mean_penalty") is not None)
+            for f, agg in res["table"].items()
+        )
+        + ".",
+        "",
+    ]
     o = res["ope"]
     g, lg = o["greedy_truth"], o["logged"]
-    md += ["## Channel policy on the logged test users (true value)", "",
-           f"{o['users']} logged {o['split']} users never seen in training, {o['steps']} steps. True per-step value "
-           "(the response model's probability, contexts fixed to the logged ones), 95% CI over journeys:", "",
-           "| policy | true per-step value | 95% CI |", "|---|---|---|",
-           f"| logged channels | {lg['true']:.4f} | {lg['true_ci95'][0]:.4f}–{lg['true_ci95'][1]:.4f} |",
-           f"| decision layer (epsilon-greedy, eps 0.05, s = 0) | {g['value']:.4f} | {g['ci95'][0]:.4f}–{g['ci95'][1]:.4f} |",
-           f"| action decoder (softmax) | {o['softmax_truth']['value']:.4f} | {o['softmax_truth']['ci95'][0]:.4f}–"
-           f"{o['softmax_truth']['ci95'][1]:.4f} |", "", f"Wall time {res['wall_s']:.0f} s (shared machine).", ""]
+    md += [
+        "## Channel policy on the logged test users (true value)",
+        "",
+        f"{o['users']} logged {o['split']} users never seen in training, {o['steps']} steps. True per-step value "
+        "(the response model's probability, contexts fixed to the logged ones), 95% CI over journeys:",
+        "",
+        "| policy | true per-step value | 95% CI |",
+        "|---|---|---|",
+        f"| logged channels | {lg['true']:.4f} | {lg['true_ci95'][0]:.4f}–{lg['true_ci95'][1]:.4f} |",
+        f"| decision layer (epsilon-greedy, eps 0.05, s = 0) | {g['value']:.4f} | {g['ci95'][0]:.4f}–{g['ci95'][1]:.4f} |",
+        f"| action decoder (softmax) | {o['softmax_truth']['value']:.4f} | {o['softmax_truth']['ci95'][0]:.4f}–"
+        f"{o['softmax_truth']['ci95'][1]:.4f} |",
+        "",
+        f"Wall time {res['wall_s']:.0f} s (shared machine).",
+        "",
+    ]
     return "\n".join(md)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mtorl.sim.benchmark", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m mtorl.sim.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--out", required=True, help="output path without extension (OUT.md, OUT.json)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--users", type=int, default=2000)
-    ap.add_argument("--imitation-at", type=float, nargs="*", default=[0.3],
-                    help="budgets at which the same checkpoint's imitation policy gets a row too")
+    ap.add_argument(
+        "--imitation-at",
+        type=float,
+        nargs="*",
+        default=[0.3],
+        help="budgets at which the same checkpoint's imitation policy gets a row too",
+    )
     a = ap.parse_args(argv)
     cmd = "python -m mtorl.sim.benchmark " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     res = run_benchmark(a.checkpoint, a.budgets, a.seeds, a.users, imitation_at=a.imitation_at)

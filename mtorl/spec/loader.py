@@ -40,7 +40,7 @@ def _path(loc: Iterable[Any]) -> str:
 _MAX_INT_DIGITS = 30
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type information
     """PyYAML's safe loader, stricter: duplicate keys are an error, ``1e-3`` is a float (YAML 1.2) rather
     than a string, and an integer of more than 30 digits is refused before Python converts it."""
 
@@ -58,7 +58,7 @@ def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dic
                 None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})", key_node.start_mark)
         if not isinstance(key, (list, dict)):
             seen[key] = key_node
-    return loader.construct_mapping(node, deep=deep)
+    return dict(loader.construct_mapping(node, deep=deep))
 
 
 def _int(loader: _Loader, node: yaml.ScalarNode) -> int:

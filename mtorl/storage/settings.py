@@ -47,8 +47,10 @@ class S3Settings:
 
     def __repr__(self) -> str:
         secret = "***" if self.secret_key else None
-        return (f"S3Settings(endpoint={self.endpoint!r}, access_key={self.access_key!r}, "
-                f"secret_key={secret!r}, region={self.region!r}, source={self.source!r})")
+        return (
+            f"S3Settings(endpoint={self.endpoint!r}, access_key={self.access_key!r}, "
+            f"secret_key={secret!r}, region={self.region!r}, source={self.source!r})"
+        )
 
     __str__ = __repr__
 
@@ -91,16 +93,34 @@ def s3_settings() -> S3Settings:
     if env.get(credentials.FILE_ENV):
         keys = credentials.read_file()
         if keys.get("AWS_ACCESS_KEY_ID") and keys.get("AWS_SECRET_ACCESS_KEY"):
-            return S3Settings(endpoint, keys["AWS_ACCESS_KEY_ID"], keys["AWS_SECRET_ACCESS_KEY"], region or DEFAULT_REGION,
-                              keys.get("AWS_SESSION_TOKEN") or None, f"file:{env[credentials.FILE_ENV]}")
+            return S3Settings(
+                endpoint,
+                keys["AWS_ACCESS_KEY_ID"],
+                keys["AWS_SECRET_ACCESS_KEY"],
+                region or DEFAULT_REGION,
+                keys.get("AWS_SESSION_TOKEN") or None,
+                f"file:{env[credentials.FILE_ENV]}",
+            )
     if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
-        return S3Settings(endpoint, env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
-                          region or DEFAULT_REGION, env.get("AWS_SESSION_TOKEN") or None, "env")
+        return S3Settings(
+            endpoint,
+            env["AWS_ACCESS_KEY_ID"],
+            env["AWS_SECRET_ACCESS_KEY"],
+            region or DEFAULT_REGION,
+            env.get("AWS_SESSION_TOKEN") or None,
+            "env",
+        )
     state_path = store_dir() / "state.json"
     state = _read_state(state_path)
     if state and state.get("access_key") and state.get("secret_key"):
-        return S3Settings(endpoint or state.get("endpoint"), state["access_key"], state["secret_key"],
-                          region or state.get("region") or DEFAULT_REGION, None, f"state:{state_path}")
+        return S3Settings(
+            endpoint or state.get("endpoint"),
+            state["access_key"],
+            state["secret_key"],
+            region or state.get("region") or DEFAULT_REGION,
+            None,
+            f"state:{state_path}",
+        )
     return S3Settings(endpoint, None, None, region or DEFAULT_REGION, None, "default")
 
 

@@ -17,25 +17,41 @@ from tests.fixtures.wandb_files import offline_runs
 
 pytestmark = pytest.mark.integration
 
-TINY = {"name": "mtorl", "hidden": 8, "tcn": {"levels": 1, "kernel_size": 2}, "attention": {"heads": 1}, "decoder_hidden": 8}
+TINY = {
+    "name": "mtorl",
+    "hidden": 8,
+    "tcn": {"levels": 1, "kernel_size": 2},
+    "attention": {"heads": 1},
+    "decoder_hidden": 8,
+}
 CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # any control character but the newline
 NOISE = re.compile(r"WARNING|ERROR|Traceback|Fatal Python error|\(raylet\)|pid=\d+")
 
 
 def _train_job(name: str, data: str, out: str, epochs: int, workers: int = 0) -> Any:
-    return make_job("TrainJob", name, {
-        "data": data, "output": out, "window": {"length": 10}, "model": TINY,
-        "trainer": {"workers": workers, "epochs": epochs, "batch_size": 32, "max_steps_per_epoch": 4},
-        "tracking": {"wandb": "offline", "project": "mtorl-test"}})
+    return make_job(
+        "TrainJob",
+        name,
+        {
+            "data": data,
+            "output": out,
+            "window": {"length": 10},
+            "model": TINY,
+            "trainer": {"workers": workers, "epochs": epochs, "batch_size": 32, "max_steps_per_epoch": 4},
+            "tracking": {"wandb": "offline", "project": "mtorl-test"},
+        },
+    )
 
 
 def _mtorl(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mtorl", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-m", "mtorl", *args], capture_output=True, text=True, timeout=600, env={**os.environ, **env}
+    )
 
 
 def test_cli_train_off_a_terminal_one_line_per_epoch_and_one_resumable_wandb_run(
-        ray_session: None, tiny_dataset: str, s3_bucket: str, tmp_path: Path) -> None:
+    ray_session: None, tiny_dataset: str, s3_bucket: str, tmp_path: Path
+) -> None:
     import ray
 
     spec = tmp_path / "train.yaml"
@@ -72,17 +88,27 @@ def test_cli_train_off_a_terminal_one_line_per_epoch_and_one_resumable_wandb_run
     assert [h["train/epoch"] for h in later.history if "train/loss" in h] == [2]
 
 
-def test_two_trial_sweep_one_wandb_run_per_trial(ray_session: None, tiny_dataset: str, s3_bucket: str, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_trial_sweep_one_wandb_run_per_trial(
+    ray_session: None, tiny_dataset: str, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mtorl.tuning.sweep import run_tune
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     base = job_to_dict(_train_job("unused", tiny_dataset, f"{s3_bucket}/sweeps", epochs=1, workers=1))["spec"]
-    job = make_job("TuneJob", "wb-sweep", {
-        "base": base, "output": f"{s3_bucket}/sweeps", "max_trials": 2, "algorithm": "random", "early_stopping": "none",
-        "parameters": {"objective.reward_weight": {"type": "double", "min": 0.1, "max": 10.0, "log": True}},
-        "objective": {"metric": "val/loss", "mode": "min"}})
+    job = make_job(
+        "TuneJob",
+        "wb-sweep",
+        {
+            "base": base,
+            "output": f"{s3_bucket}/sweeps",
+            "max_trials": 2,
+            "algorithm": "random",
+            "early_stopping": "none",
+            "parameters": {"objective.reward_weight": {"type": "double", "min": 0.1, "max": 10.0, "log": True}},
+            "objective": {"metric": "val/loss", "mode": "min"},
+        },
+    )
     lines: list[str] = []
     res = run_tune(job, progress=lines.append)
     assert res["trials"] == 2 and res["failed_trials"] == 0

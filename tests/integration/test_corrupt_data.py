@@ -3,7 +3,6 @@ checked as each shard is read), through the CLI's top-level handler."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,13 @@ from tests.fixtures.datasets import JOURNEYS_FORMAT, write_journeys_csv
 
 pytestmark = pytest.mark.integration
 
-TINY = {"name": "mtorl", "hidden": 8, "tcn": {"levels": 1, "kernel_size": 2}, "attention": {"heads": 1}, "decoder_hidden": 8}
+TINY = {
+    "name": "mtorl",
+    "hidden": 8,
+    "tcn": {"levels": 1, "kernel_size": 2},
+    "attention": {"heads": 1},
+    "decoder_hidden": 8,
+}
 
 
 @pytest.fixture
@@ -24,17 +29,41 @@ def small_dataset(s3_store: Any, s3_bucket: str, tmp_path: Path) -> tuple[str, d
     from mtorl.spec import make_job
 
     uri = f"{s3_bucket}/data/small"
-    m = prepare(make_job("PrepareJob", "small", {"source": "journeys", "input": str(write_journeys_csv(tmp_path / "j.csv", users=40)),
-                                                 "output": uri, "journeys": JOURNEYS_FORMAT}).spec, progress=lambda *_: None)
+    m = prepare(
+        make_job(
+            "PrepareJob",
+            "small",
+            {
+                "source": "journeys",
+                "input": str(write_journeys_csv(tmp_path / "j.csv", users=40)),
+                "output": uri,
+                "journeys": JOURNEYS_FORMAT,
+            },
+        ).spec,
+        progress=lambda *_: None,
+    )
     return uri, m
 
 
 def _train_spec(tmp: Path, data: str, out: str) -> Path:
     p = tmp / "train.yaml"
-    p.write_text(yaml.safe_dump({"apiVersion": "mtorl/v1", "kind": "TrainJob", "metadata": {"name": "corrupt"},
-                                 "spec": {"data": data, "output": out, "window": {"length": 8}, "model": TINY,
-                                          "trainer": {"workers": 0, "epochs": 1, "batch_size": 16, "max_failures": 0},
-                                          "tracking": {"wandb": "disabled"}}}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "mtorl/v1",
+                "kind": "TrainJob",
+                "metadata": {"name": "corrupt"},
+                "spec": {
+                    "data": data,
+                    "output": out,
+                    "window": {"length": 8},
+                    "model": TINY,
+                    "trainer": {"workers": 0, "epochs": 1, "batch_size": 16, "max_failures": 0},
+                    "tracking": {"wandb": "disabled"},
+                },
+            }
+        )
+    )
     return p
 
 
@@ -42,9 +71,13 @@ def _error_lines(err: str) -> list[str]:
     return [ln for ln in err.splitlines() if ln.startswith("error:")]
 
 
-def test_a_flipped_byte_in_a_shard_is_refused_naming_it(ray_session: None, small_dataset: tuple[str, dict[str, Any]],
-                                                        s3_bucket: str, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_flipped_byte_in_a_shard_is_refused_naming_it(
+    ray_session: None,
+    small_dataset: tuple[str, dict[str, Any]],
+    s3_bucket: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from mtorl.cli import main
     from mtorl.data.pipeline import read_split
 
@@ -68,7 +101,7 @@ def test_a_missing_shard_is_one_line_naming_it(ray_session: None, small_dataset:
 
     uri, m = small_dataset
     shard = storage.join(uri, m["splits"]["val"]["shards"][0]["path"])
-    bucket, key = shard[len("s3://"):].split("/", 1)
+    bucket, key = shard[len("s3://") :].split("/", 1)
     storage.boto3_client().delete_object(Bucket=bucket, Key=key)
     assert not storage.exists(shard)
     with pytest.raises(Exception) as e:

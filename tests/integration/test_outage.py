@@ -16,11 +16,18 @@ from tests.fixtures.datasets import JOURNEYS_FORMAT, write_journeys_csv
 
 pytestmark = pytest.mark.integration
 
-TINY = {"name": "mtorl", "hidden": 8, "tcn": {"levels": 1, "kernel_size": 2}, "attention": {"heads": 1}, "decoder_hidden": 8}
+TINY = {
+    "name": "mtorl",
+    "hidden": 8,
+    "tcn": {"levels": 1, "kernel_size": 2},
+    "attention": {"heads": 1},
+    "decoder_hidden": 8,
+}
 
 
-def test_a_20s_store_outage_mid_training_is_waited_out(ray_session: None, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_20s_store_outage_mid_training_is_waited_out(
+    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mtorl.data.prepare import prepare
     from mtorl.storage import seaweed
     from mtorl.training.driver import run_train
@@ -35,11 +42,31 @@ def test_a_20s_store_outage_mid_training_is_waited_out(ray_session: None, tmp_pa
         monkeypatch.setenv("MTORL_STORE_DIR", str(d))
         monkeypatch.setenv("MTORL_STORAGE_RETRY_S", "90")
         data = "s3://outage/data"
-        prepare(make_job("PrepareJob", "p", {"source": "journeys", "input": str(write_journeys_csv(tmp_path / "j.csv", users=60)),
-                                             "output": data, "journeys": JOURNEYS_FORMAT}).spec, progress=lambda *_: None)
-        job = make_job("TrainJob", "outage", {"data": data, "output": "s3://outage/runs", "window": {"length": 8}, "model": TINY,
-                                              "trainer": {"workers": 0, "epochs": 6, "batch_size": 16, "keep_top_k": 1},
-                                              "tracking": {"wandb": "disabled"}})
+        prepare(
+            make_job(
+                "PrepareJob",
+                "p",
+                {
+                    "source": "journeys",
+                    "input": str(write_journeys_csv(tmp_path / "j.csv", users=60)),
+                    "output": data,
+                    "journeys": JOURNEYS_FORMAT,
+                },
+            ).spec,
+            progress=lambda *_: None,
+        )
+        job = make_job(
+            "TrainJob",
+            "outage",
+            {
+                "data": data,
+                "output": "s3://outage/runs",
+                "window": {"length": 8},
+                "model": TINY,
+                "trainer": {"workers": 0, "epochs": 6, "batch_size": 16, "keep_top_k": 1},
+                "tracking": {"wandb": "disabled"},
+            },
+        )
         outage: dict[str, Any] = {}
 
         def stop_then_restart() -> None:

@@ -4,7 +4,6 @@ are written to runtime_env_agent.log)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,13 @@ pytestmark = pytest.mark.integration
 
 TOKEN_ENV = "MTORL_SECRETS_TEST_TOKEN"  # MTORL_ prefix: the kind of name that used to be forwarded
 TOKEN = "tok-5e1c7d92b04a4f3e"
-TINY = {"name": "mtorl", "hidden": 8, "tcn": {"levels": 1, "kernel_size": 2}, "attention": {"heads": 1}, "decoder_hidden": 8}
+TINY = {
+    "name": "mtorl",
+    "hidden": 8,
+    "tcn": {"levels": 1, "kernel_size": 2},
+    "attention": {"heads": 1},
+    "decoder_hidden": 8,
+}
 
 
 def _hits(root: Path, needles: dict[str, bytes]) -> list[str]:
@@ -31,9 +36,9 @@ def _hits(root: Path, needles: dict[str, bytes]) -> list[str]:
     return found
 
 
-def test_no_secret_or_token_under_the_ray_session_or_wandb_dirs(ray_session: None, s3_store: Any, tiny_dataset: str,
-                                                                 s3_bucket: str, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_secret_or_token_under_the_ray_session_or_wandb_dirs(
+    ray_session: None, s3_store: Any, tiny_dataset: str, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import ray
     from ray import serve
 
@@ -44,24 +49,48 @@ def test_no_secret_or_token_under_the_ray_session_or_wandb_dirs(ray_session: Non
     wandb_dir = tmp_path / "wandb"
     monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
-    base = {"data": tiny_dataset, "output": f"{s3_bucket}/runs", "window": {"length": 10}, "model": TINY,
-            "trainer": {"workers": 1, "epochs": 1, "batch_size": 32, "max_steps_per_epoch": 4},
-            "tracking": {"wandb": "offline"}}
+    base = {
+        "data": tiny_dataset,
+        "output": f"{s3_bucket}/runs",
+        "window": {"length": 10},
+        "model": TINY,
+        "trainer": {"workers": 1, "epochs": 1, "batch_size": 32, "max_steps_per_epoch": 4},
+        "tracking": {"wandb": "offline"},
+    }
     ckpt = run_train(make_job("TrainJob", "secrets-train", base), progress=print)["best_checkpoint"]
-    run_tune(make_job("TuneJob", "secrets-tune", {
-        "base": {**base, "tracking": {"wandb": "disabled"}}, "output": f"{s3_bucket}/sweeps", "max_trials": 2,
-        "algorithm": "random", "early_stopping": "none", "objective": {"metric": "val/loss", "mode": "min"},
-        "parameters": {"objective.pref_weight": {"type": "double", "min": 0.0, "max": 1.0}}}), progress=print)
+    run_tune(
+        make_job(
+            "TuneJob",
+            "secrets-tune",
+            {
+                "base": {**base, "tracking": {"wandb": "disabled"}},
+                "output": f"{s3_bucket}/sweeps",
+                "max_trials": 2,
+                "algorithm": "random",
+                "early_stopping": "none",
+                "objective": {"metric": "val/loss", "mode": "min"},
+                "parameters": {"objective.pref_weight": {"type": "double", "min": 0.0, "max": 1.0}},
+            },
+        ),
+        progress=print,
+    )
     with __import__("socket").socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     try:
-        run_serve(make_job("ServeJob", "secrets-serve", {"checkpoint": ckpt, "port": port, "auth_token_env": TOKEN_ENV}),
-                  blocking=False, progress=print)
+        run_serve(
+            make_job("ServeJob", "secrets-serve", {"checkpoint": ckpt, "port": port, "auth_token_env": TOKEN_ENV}),
+            blocking=False,
+            progress=print,
+        )
         import httpx
 
-        assert httpx.get(f"http://127.0.0.1:{port}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"},
-                         timeout=60).status_code == 200
+        assert (
+            httpx.get(
+                f"http://127.0.0.1:{port}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
+            ).status_code
+            == 200
+        )
     finally:
         serve.shutdown()
 

@@ -13,13 +13,37 @@ from tests.fixtures.datasets import JOURNEYS_FORMAT, write_journeys_csv
 
 pytestmark = pytest.mark.integration
 
-SMALL_MODEL = {"name": "mtorl", "hidden": 16, "tcn": {"levels": 2, "kernel_size": 2}, "attention": {"heads": 2}, "decoder_hidden": 16}
+SMALL_MODEL = {
+    "name": "mtorl",
+    "hidden": 16,
+    "tcn": {"levels": 2, "kernel_size": 2},
+    "attention": {"heads": 2},
+    "decoder_hidden": 16,
+}
 
 
 def _job(name: str, data: str, out: str, **trainer: Any) -> Any:
-    t = {"workers": 1, "cpus_per_worker": 1, "epochs": 2, "batch_size": 16, "seed": 0, "max_steps_per_epoch": 4, **trainer}
-    return make_job("TrainJob", name, {"data": data, "output": out, "window": {"length": 10}, "model": SMALL_MODEL,
-                                       "trainer": t, "tracking": {"wandb": "disabled"}})
+    t = {
+        "workers": 1,
+        "cpus_per_worker": 1,
+        "epochs": 2,
+        "batch_size": 16,
+        "seed": 0,
+        "max_steps_per_epoch": 4,
+        **trainer,
+    }
+    return make_job(
+        "TrainJob",
+        name,
+        {
+            "data": data,
+            "output": out,
+            "window": {"length": 10},
+            "model": SMALL_MODEL,
+            "trainer": t,
+            "tracking": {"wandb": "disabled"},
+        },
+    )
 
 
 def _sharded(bucket: str, tmp_path: Path, name: str) -> str:
@@ -27,9 +51,20 @@ def _sharded(bucket: str, tmp_path: Path, name: str) -> str:
     from mtorl.data.prepare import prepare
 
     uri = f"{bucket}/datasets/{name}"
-    prepare(make_job("PrepareJob", name, {"source": "journeys", "input": str(write_journeys_csv(tmp_path / "j.csv")),
-                                           "output": uri, "journeys": JOURNEYS_FORMAT, "shard_max_steps": 100}).spec,
-            progress=lambda *_: None)
+    prepare(
+        make_job(
+            "PrepareJob",
+            name,
+            {
+                "source": "journeys",
+                "input": str(write_journeys_csv(tmp_path / "j.csv")),
+                "output": uri,
+                "journeys": JOURNEYS_FORMAT,
+                "shard_max_steps": 100,
+            },
+        ).spec,
+        progress=lambda *_: None,
+    )
     return uri
 
 
@@ -51,8 +86,9 @@ def test_split_above_the_threshold_streams_and_says_so(ray_session: None, tiny_d
     from mtorl.training.driver import run_train
 
     said: list[str] = []
-    res = run_train(_job("stream", tiny_dataset, f"{s3_bucket}/runs", workers=0, cache_windows_max_steps=0),
-                    progress=said.append)
+    res = run_train(
+        _job("stream", tiny_dataset, f"{s3_bucket}/runs", workers=0, cache_windows_max_steps=0), progress=said.append
+    )
     modes = [s for s in said if s.startswith("data: ")]
     assert len(modes) == 2 and all("streaming from object storage every epoch" in s for s in modes), said
     hist = load_checkpoint(res["latest_checkpoint"]).meta["history"]

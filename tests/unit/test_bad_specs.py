@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from mtorl.cli import main
 from mtorl.spec.models import DECISION_NAMES, LOSS_NAMES, QUALITY_NAMES, VAL_METRICS
@@ -24,37 +23,70 @@ SIM = ROOT / "ray_jobs/specs/simulate.yaml"
 # (spec file, --set override, the field the error must name)
 OVERRIDES: list[tuple[Path, str, str]] = [
     # non-finite numbers
-    *[(TRAIN, f"spec.{f}={v}", f"spec.{f}") for f in ("trainer.lr", "trainer.grad_clip", "objective.reward_weight",
-                                                        "objective.pref_weight", "trainer.weight_decay",
-                                                        "model.cql_alpha") for v in (".inf", "-.inf", ".nan")],
-    (PREP, "spec.penalty=.inf", "spec.penalty"), (SIM, "spec.mean_steps=.nan", "spec.mean_steps"),
+    *[
+        (TRAIN, f"spec.{f}={v}", f"spec.{f}")
+        for f in (
+            "trainer.lr",
+            "trainer.grad_clip",
+            "objective.reward_weight",
+            "objective.pref_weight",
+            "trainer.weight_decay",
+            "model.cql_alpha",
+        )
+        for v in (".inf", "-.inf", ".nan")
+    ],
+    (PREP, "spec.penalty=.inf", "spec.penalty"),
+    (SIM, "spec.mean_steps=.nan", "spec.mean_steps"),
     (SERVE, "spec.request_timeout_s=.inf", "spec.request_timeout_s"),
     # strict integers and bounds
-    *[(TRAIN, f"spec.trainer.{f}={v}", f"spec.trainer.{f}") for f in ("epochs", "workers", "batch_size", "keep_top_k")
-      for v in ("true", "1e30", "2.5", "'3'", "-1", "1e9")],
-    (TRAIN, "spec.trainer.epochs=100001", "spec.trainer.epochs"), (TRAIN, "spec.trainer.workers=1025", "spec.trainer.workers"),
-    (TRAIN, "spec.trainer.seed=-1", "spec.trainer.seed"), (TRAIN, "spec.trainer.seed=" + "9" * 20, "spec.trainer.seed"),
+    *[
+        (TRAIN, f"spec.trainer.{f}={v}", f"spec.trainer.{f}")
+        for f in ("epochs", "workers", "batch_size", "keep_top_k")
+        for v in ("true", "1e30", "2.5", "'3'", "-1", "1e9")
+    ],
+    (TRAIN, "spec.trainer.epochs=100001", "spec.trainer.epochs"),
+    (TRAIN, "spec.trainer.workers=1025", "spec.trainer.workers"),
+    (TRAIN, "spec.trainer.seed=-1", "spec.trainer.seed"),
+    (TRAIN, "spec.trainer.seed=" + "9" * 20, "spec.trainer.seed"),
     (TRAIN, "spec.trainer.cpus_per_worker=0", "spec.trainer.cpus_per_worker"),
-    (TRAIN, "spec.window.length=1", "spec.window.length"), (TRAIN, "spec.model.hidden=false", "spec.model.hidden"),
-    (TUNE, "spec.max_trials=1e6", "spec.max_trials"), (SIM, "spec.users=1e12", "spec.users"),
-    (SERVE, "spec.port=70000", "spec.port"), (SERVE, "spec.max_batch_size=0", "spec.max_batch_size"),
+    (TRAIN, "spec.window.length=1", "spec.window.length"),
+    (TRAIN, "spec.model.hidden=false", "spec.model.hidden"),
+    (TUNE, "spec.max_trials=1e6", "spec.max_trials"),
+    (SIM, "spec.users=1e12", "spec.users"),
+    (SERVE, "spec.port=70000", "spec.port"),
+    (SERVE, "spec.max_batch_size=0", "spec.max_batch_size"),
     # metric names that exist
-    (TRAIN, "spec.trainer.metric=val/bogus", "spec.trainer.metric"), (TRAIN, "spec.trainer.metric=loss", "spec.trainer.metric"),
-    (TRAIN, "spec.trainer.metric=test/loss", "spec.trainer.metric"), (TUNE, "spec.objective.metric=val/nope", "spec.objective.metric"),
+    (TRAIN, "spec.trainer.metric=val/bogus", "spec.trainer.metric"),
+    (TRAIN, "spec.trainer.metric=loss", "spec.trainer.metric"),
+    (TRAIN, "spec.trainer.metric=test/loss", "spec.trainer.metric"),
+    (TUNE, "spec.objective.metric=val/nope", "spec.objective.metric"),
     (TUNE, "spec.parameters={'objective.nope': {'min': 0, 'max': 1}}", "spec.parameters"),
     # URIs
-    *[(TRAIN, f"spec.{f}={v}", f"spec.{f}") for f in ("data", "output")
-      for v in ("''", "gs://b/ds", "http://x/y", "s3://", "' s3://b/x'", "hdfs://nn/x")],
-    (PREP, "spec.output=gs://b/ds", "spec.output"), (PREP, "spec.input=''", "spec.input"),
-    (EVAL, "spec.checkpoint=az://c/x", "spec.checkpoint"), (EVAL, "spec.compare=['s3://b/a', 'gs://c/d']", "spec.compare"),
-    (SERVE, "spec.checkpoint=''", "spec.checkpoint"), (SIM, "spec.output=ftp://h/x", "spec.output"),
-    (TUNE, "spec.output=''", "spec.output"), (TUNE, "spec.base.data=gs://x", "spec.base.data"),
+    *[
+        (TRAIN, f"spec.{f}={v}", f"spec.{f}")
+        for f in ("data", "output")
+        for v in ("''", "gs://b/ds", "http://x/y", "s3://", "' s3://b/x'", "hdfs://nn/x")
+    ],
+    (PREP, "spec.output=gs://b/ds", "spec.output"),
+    (PREP, "spec.input=''", "spec.input"),
+    (EVAL, "spec.checkpoint=az://c/x", "spec.checkpoint"),
+    (EVAL, "spec.compare=['s3://b/a', 'gs://c/d']", "spec.compare"),
+    (SERVE, "spec.checkpoint=''", "spec.checkpoint"),
+    (SIM, "spec.output=ftp://h/x", "spec.output"),
+    (TUNE, "spec.output=''", "spec.output"),
+    (TUNE, "spec.base.data=gs://x", "spec.base.data"),
     # enums and shapes
-    (TRAIN, "spec.trainer.mode=maximize", "spec.trainer.mode"), (TRAIN, "spec.model.name=gpt", "spec.model.name"),
-    (TRAIN, "spec.trainer=[]", "spec.trainer"), (TRAIN, "spec.tracking.wandb=1", "spec.tracking.wandb"),
+    (TRAIN, "spec.trainer.mode=maximize", "spec.trainer.mode"),
+    (TRAIN, "spec.model.name=gpt", "spec.model.name"),
+    (TRAIN, "spec.trainer=[]", "spec.trainer"),
+    (TRAIN, "spec.tracking.wandb=1", "spec.tracking.wandb"),
     # invalid YAML or paths in --set
-    (TRAIN, "spec.trainer.lr=[1,", "--set"), (TRAIN, "spec.trainer.lr={a", "--set"), (TRAIN, "spec.trainer.lr='x", "--set"),
-    (TRAIN, "spec.trainer.epochs=" + "9" * 5000, "--set"), (TRAIN, "novalue", "--set"), (TRAIN, "=3", "--set"),
+    (TRAIN, "spec.trainer.lr=[1,", "--set"),
+    (TRAIN, "spec.trainer.lr={a", "--set"),
+    (TRAIN, "spec.trainer.lr='x", "--set"),
+    (TRAIN, "spec.trainer.epochs=" + "9" * 5000, "--set"),
+    (TRAIN, "novalue", "--set"),
+    (TRAIN, "=3", "--set"),
 ]
 
 
@@ -66,8 +98,9 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("spec,override,field", OVERRIDES, ids=[f"{p.stem}:{o[:40]}" for p, o, _ in OVERRIDES])
-def test_bad_override_is_one_line_naming_file_and_field(capsys: pytest.CaptureFixture[str], spec: Path, override: str,
-                                                        field: str) -> None:
+def test_bad_override_is_one_line_naming_file_and_field(
+    capsys: pytest.CaptureFixture[str], spec: Path, override: str, field: str
+) -> None:
     code, err = _run(capsys, "validate", str(spec), "--set", override)
     lines = err.strip().splitlines()
     assert code == 2 and lines, err
@@ -81,7 +114,11 @@ def _text() -> str:
 
 FILES: list[tuple[str, bytes, str]] = [
     ("duplicate-top", (_text() + "\nkind: TrainJob\n").encode(), "duplicate key 'kind'"),
-    ("duplicate-nested", _text().replace("    epochs: 8\n", "    epochs: 8\n    epochs: 9\n").encode(), "duplicate key 'epochs'"),
+    (
+        "duplicate-nested",
+        _text().replace("    epochs: 8\n", "    epochs: 8\n    epochs: 9\n").encode(),
+        "duplicate key 'epochs'",
+    ),
     ("utf16", _text().encode("utf-16"), "UTF-16"),
     ("utf16-be", b"\xfe\xff" + _text().encode("utf-16-be"), "UTF-16"),
     ("binary", bytes(range(256)) * 4, "binary"),
@@ -106,8 +143,9 @@ FILES: list[tuple[str, bytes, str]] = [
 
 
 @pytest.mark.parametrize("name,data,needle", FILES, ids=[f[0] for f in FILES])
-def test_bad_spec_file_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str, data: bytes,
-                                   needle: str) -> None:
+def test_bad_spec_file_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str, data: bytes, needle: str
+) -> None:
     f = tmp_path / f"{name}.yaml"
     f.write_bytes(data)
     code, err = _run(capsys, "validate", str(f))
@@ -143,7 +181,8 @@ def test_val_metric_names_come_from_the_training_code() -> None:
     src = (ROOT / "mtorl/training/losses.py").read_text()
     reported = set(re.findall(r'"(\w*loss)"', src)) | set(re.findall(r"(\w+_loss)=", src))
     assert reported == set(LOSS_NAMES), reported ^ set(LOSS_NAMES)
-    ch = np.array([0, 1, 2, 1]); probs = np.eye(3)[[0, 1, 1, 2]] * 0.8 + 0.05
+    ch = np.array([0, 1, 2, 1])
+    probs = np.eye(3)[[0, 1, 1, 2]] * 0.8 + 0.05
     keys = set(val_metrics(ch, probs, np.array([0.0, 1.0, 1.0, 0.0]), np.array([0.2, 0.7, 0.6, 0.1]), True))
     keys |= set(val_metrics(ch, probs, np.array([0.1, 0.5, 0.9, 0.3]), np.array([0.2, 0.4, 0.8, 0.1]), False))
     assert keys == set(QUALITY_NAMES)
@@ -151,14 +190,25 @@ def test_val_metric_names_come_from_the_training_code() -> None:
     from mtorl.training.step import decision_val_metrics
 
     r = np.array([0.0, 1.0, 1.0, 0.0])
-    dkeys = set(decision_val_metrics(ch, probs, r, np.tile([[0.2], [0.7], [0.6], [0.1]], (1, 3)), np.ones(4),
-                                     np.full(4, 1 / 3), True, DecisionSpec()))
+    dkeys = set(
+        decision_val_metrics(
+            ch,
+            probs,
+            r,
+            np.tile([[0.2], [0.7], [0.6], [0.1]], (1, 3)),
+            np.ones(4),
+            np.full(4, 1 / 3),
+            True,
+            DecisionSpec(),
+        )
+    )
     assert dkeys == set(DECISION_NAMES), dkeys ^ set(DECISION_NAMES)
     assert len(VAL_METRICS) == len(set(VAL_METRICS))
 
 
-def test_unexpected_error_is_one_line_with_a_debug_hint(capsys: pytest.CaptureFixture[str],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unexpected_error_is_one_line_with_a_debug_hint(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mtorl.cli as cli
 
     def boom(args: Any) -> int:
@@ -169,7 +219,9 @@ def test_unexpected_error_is_one_line_with_a_debug_hint(capsys: pytest.CaptureFi
     monkeypatch.setattr(cli, "build_parser", lambda: _patched(parser(), boom))
     code = cli.main(["explain", "TrainJob"])
     err = capsys.readouterr().err
-    assert code == 1 and err.strip() == "error: ZeroDivisionError: boom (unexpected; rerun with --debug for the traceback)"
+    assert (
+        code == 1 and err.strip() == "error: ZeroDivisionError: boom (unexpected; rerun with --debug for the traceback)"
+    )
     with pytest.raises(ZeroDivisionError):
         cli.main(["explain", "TrainJob", "--debug"])
 
@@ -182,7 +234,9 @@ def _patched(p: Any, fn: Any) -> Any:
     return p
 
 
-def test_a_known_error_wrapped_by_ray_is_one_line(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_known_error_wrapped_by_ray_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mtorl.cli as cli
     from mtorl.data.errors import DataError
 
@@ -207,9 +261,11 @@ def test_validate_and_the_error_base_import_neither_torch_nor_ray() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from mtorl.cli import main; import mtorl.errors, mtorl.data.errors, mtorl.storage.errors; "
-            f"rc = main(['validate', {str(TRAIN)!r}, '--set', 'spec.trainer.epochs=true']); "
-            "print(rc, 'torch' in sys.modules, 'ray' in sys.modules)")
+    code = (
+        "import sys; from mtorl.cli import main; import mtorl.errors, mtorl.data.errors, mtorl.storage.errors; "
+        f"rc = main(['validate', {str(TRAIN)!r}, '--set', 'spec.trainer.epochs=true']); "
+        "print(rc, 'torch' in sys.modules, 'ray' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["2", "False", "False"], out.stdout + out.stderr
 
@@ -219,8 +275,13 @@ def test_a_known_error_inside_a_ray_data_task_survives_as_text() -> None:
     from mtorl.data.errors import DataError
     from mtorl.errors import find_known
 
-    text = ("ray::MapBatches(load)() (pid=1, ip=x)\n  File \"pipeline.py\", line 9, in load\n"
-            "mtorl.data.errors.DataError: s3://b/ds/v1/train/part-00000.parquet: sha256 mismatch (shard altered)\n")
+    text = (
+        'ray::MapBatches(load)() (pid=1, ip=x)\n  File "pipeline.py", line 9, in load\n'
+        "mtorl.data.errors.DataError: s3://b/ds/v1/train/part-00000.parquet: sha256 mismatch (shard altered)\n"
+    )
     known = find_known(RuntimeError(text))
-    assert isinstance(known, DataError) and str(known) == "s3://b/ds/v1/train/part-00000.parquet: sha256 mismatch (shard altered)"
+    assert (
+        isinstance(known, DataError)
+        and str(known) == "s3://b/ds/v1/train/part-00000.parquet: sha256 mismatch (shard altered)"
+    )
     assert find_known(RuntimeError("os.error: nope")) is None

@@ -13,7 +13,9 @@ from mtorl import bench
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_bench_fails_with_one_line_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench"
-    rc = bench.main(["--device", "cuda", "--stages", "train", "--no-markdown", "--out", str(out), "--work", str(tmp_path / "w")])
+    rc = bench.main(
+        ["--device", "cuda", "--stages", "train", "--no-markdown", "--out", str(out), "--work", str(tmp_path / "w")]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and "--device cuda: no CUDA device" in err, err

@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtorl.training.checkpoint import (CHECKSUM_FILE, META_FILE, MODEL_FILE, OPTIM_FILE, CheckpointError,
-                                       load_checkpoint, write_checkpoint_dir)
+from mtorl.training.checkpoint import (
+    CHECKSUM_FILE,
+    META_FILE,
+    MODEL_FILE,
+    OPTIM_FILE,
+    CheckpointError,
+    load_checkpoint,
+    write_checkpoint_dir,
+)
 
 
 def _ckpt(d: Path, nan: bool = False) -> Path:
@@ -23,8 +30,9 @@ def _ckpt(d: Path, nan: bool = False) -> Path:
     opt = torch.optim.Adam(model.parameters())
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
-    return write_checkpoint_dir(d, model, opt, {"spec": {"kind": "TrainJob"}, "manifest": {"channels": ["search", "video"]},
-                                                "epoch": 1})
+    return write_checkpoint_dir(
+        d, model, opt, {"spec": {"kind": "TrainJob"}, "manifest": {"channels": ["search", "video"]}, "epoch": 1}
+    )
 
 
 def _edit_meta(d: Path, fn) -> None:  # type: ignore[no-untyped-def]
@@ -105,7 +113,9 @@ def test_a_pickle_as_optimizer_state_is_refused_in_one_line(tmp_path: Path, caps
     evil = pickle.dumps({"state": _Evil()}, protocol=2)
     (d / OPTIM_FILE).write_bytes(evil)
     _edit_meta(d, lambda m: m["sha256"].update({OPTIM_FILE: __import__("hashlib").sha256(evil).hexdigest()}))
-    write_checksums(d, {n: (d / n).read_bytes() for n in (META_FILE, MODEL_FILE, OPTIM_FILE)})  # a forger's full rewrite
+    write_checksums(
+        d, {n: (d / n).read_bytes() for n in (META_FILE, MODEL_FILE, OPTIM_FILE)}
+    )  # a forger's full rewrite
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(str(d), with_optimizer=True)
     assert str(e.value) == f"{d}/{OPTIM_FILE}: refused: not plain tensor data (UnpicklingError)"
@@ -124,15 +134,27 @@ def test_an_uploaded_but_unregistered_checkpoint_is_removed_on_resume(tmp_path: 
     from mtorl.training.checkpoint import RAY_SNAPSHOT_FILE, remove_unregistered_checkpoints, unregistered_checkpoints
 
     run = tmp_path / "run"
-    for name in ("checkpoint_2026-12-01_10-00-00.1", "checkpoint_2026-12-01_10-01-00.2", "checkpoint_2026-12-01_10-02-00.3"):
+    for name in (
+        "checkpoint_2026-12-01_10-00-00.1",
+        "checkpoint_2026-12-01_10-01-00.2",
+        "checkpoint_2026-12-01_10-02-00.3",
+    ):
         _ckpt(run / name)
-    (run / RAY_SNAPSHOT_FILE).write_text(json.dumps({
-        "checkpoint_results": [{"checkpoint_dir_name": "checkpoint_2026-12-01_10-00-00.1", "metrics": {}}],
-        "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-12-01_10-01-00.2", "metrics": {}},
-        "pending_training_results": []}))
+    (run / RAY_SNAPSHOT_FILE).write_text(
+        json.dumps(
+            {
+                "checkpoint_results": [{"checkpoint_dir_name": "checkpoint_2026-12-01_10-00-00.1", "metrics": {}}],
+                "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-12-01_10-01-00.2", "metrics": {}},
+                "pending_training_results": [],
+            }
+        )
+    )
     orphan = f"{run}/checkpoint_2026-12-01_10-02-00.3"
     assert unregistered_checkpoints(str(run)) == [orphan]
     assert remove_unregistered_checkpoints(str(run)) == [orphan]
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_2026-12-01_10-00-00.1", "checkpoint_2026-12-01_10-01-00.2",
-                                                     RAY_SNAPSHOT_FILE]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint_2026-12-01_10-00-00.1",
+        "checkpoint_2026-12-01_10-01-00.2",
+        RAY_SNAPSHOT_FILE,
+    ]
     assert unregistered_checkpoints(str(tmp_path / "no-run")) == []

@@ -13,9 +13,18 @@ import pytest
 from mtorl.storage import credentials
 from mtorl.storage.settings import s3_settings
 
-ENV = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE1", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value-xyz", "AWS_REGION": "eu-west-1",
-       "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "MTORL_STORE_DIR": "/x", "MTORL_SERVE_TOKEN": "tok-abcdef",
-       "MTORL_OTHER": "tok-abcdef", "WANDB_API_KEY": "wandb-key-123", "WANDB_MODE": "offline", "HOME": "/h"}
+ENV = {
+    "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE1",
+    "AWS_SECRET_ACCESS_KEY": "s3cr3t-value-xyz",
+    "AWS_REGION": "eu-west-1",
+    "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9",
+    "MTORL_STORE_DIR": "/x",
+    "MTORL_SERVE_TOKEN": "tok-abcdef",
+    "MTORL_OTHER": "tok-abcdef",
+    "WANDB_API_KEY": "wandb-key-123",
+    "WANDB_MODE": "offline",
+    "HOME": "/h",
+}
 
 
 @pytest.fixture
@@ -27,7 +36,14 @@ def cred_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_forwardable_env_has_no_secret_and_points_at_a_0600_file(cred_dir: Path) -> None:
     out = credentials.forwardable_env(("AWS_", "MTORL_", "WANDB_"), ENV, also_secret=("MTORL_OTHER",))
     assert out["AWS_REGION"] == "eu-west-1" and out["WANDB_MODE"] == "offline" and out["MTORL_STORE_DIR"] == "/x"
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "WANDB_API_KEY", "MTORL_SERVE_TOKEN", "MTORL_OTHER", "HOME"):
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "WANDB_API_KEY",
+        "MTORL_SERVE_TOKEN",
+        "MTORL_OTHER",
+        "HOME",
+    ):
         assert name not in out
     blob = json.dumps(out)
     for secret in ("AKIDEXAMPLE1", "s3cr3t-value-xyz", "wandb-key-123", "tok-abcdef"):
@@ -35,16 +51,20 @@ def test_forwardable_env_has_no_secret_and_points_at_a_0600_file(cred_dir: Path)
     path = Path(out[credentials.FILE_ENV])
     assert path.parent == cred_dir
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(cred_dir.stat().st_mode) == 0o700
-    assert json.loads(path.read_text()) == {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE1", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value-xyz",
-                                            "WANDB_API_KEY": "wandb-key-123"}
+    assert json.loads(path.read_text()) == {
+        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE1",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t-value-xyz",
+        "WANDB_API_KEY": "wandb-key-123",
+    }
     # the same secrets reuse the same file; no secret -> no file
     assert credentials.forwardable_env(("AWS_",), ENV)[credentials.FILE_ENV] == str(path)
     assert credentials.FILE_ENV not in credentials.forwardable_env(("AWS_",), {"AWS_REGION": "x"})
 
 
 def test_a_worker_reads_its_keys_from_the_file(cred_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = credentials.write_file({"AWS_ACCESS_KEY_ID": "AKIDFILE", "AWS_SECRET_ACCESS_KEY": "file-secret",
-                                   "WANDB_API_KEY": "wk"})
+    path = credentials.write_file(
+        {"AWS_ACCESS_KEY_ID": "AKIDFILE", "AWS_SECRET_ACCESS_KEY": "file-secret", "WANDB_API_KEY": "wk"}
+    )
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "WANDB_API_KEY", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
@@ -84,8 +104,9 @@ def test_init_ray_passes_no_secret_in_its_runtime_env(cred_dir: Path, monkeypatc
     assert env["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:9" and Path(env[credentials.FILE_ENV]).is_file()
 
 
-def test_submit_stages_the_secrets_in_a_0600_file_not_the_env(cred_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                                              tmp_path: Path) -> None:
+def test_submit_stages_the_secrets_in_a_0600_file_not_the_env(
+    cred_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from mtorl.jobs import CREDENTIALS_PATH, prepare_submission
     from mtorl.spec import make_job
 
@@ -99,9 +120,15 @@ def test_submit_stages_the_secrets_in_a_0600_file_not_the_env(cred_dir: Path, mo
         assert secret not in blob
     assert env[credentials.FILE_ENV] == CREDENTIALS_PATH and env["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:9"
     f = tmp_path / "stage" / CREDENTIALS_PATH
-    assert stat.S_IMODE(f.stat().st_mode) == 0o600 and json.loads(f.read_text())["AWS_SECRET_ACCESS_KEY"] == "s3cr3t-value-xyz"
+    assert (
+        stat.S_IMODE(f.stat().st_mode) == 0o600
+        and json.loads(f.read_text())["AWS_SECRET_ACCESS_KEY"] == "s3cr3t-value-xyz"
+    )
     none = prepare_submission(job, tmp_path / "stage2", credentials=False)
-    assert credentials.FILE_ENV not in none.runtime_env["env_vars"] and not (tmp_path / "stage2" / CREDENTIALS_PATH).exists()
+    assert (
+        credentials.FILE_ENV not in none.runtime_env["env_vars"]
+        and not (tmp_path / "stage2" / CREDENTIALS_PATH).exists()
+    )
 
 
 def test_secrets_out_of_environ_for_tune(cred_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
