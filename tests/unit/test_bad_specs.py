@@ -112,18 +112,25 @@ def _text() -> str:
     return TRAIN.read_text()
 
 
+def _sub(old: str, new: str) -> str:
+    """The shipped spec with one edit; an edit that no longer applies (the spec changed) fails loudly."""
+    text = _text()
+    assert old in text, f"{TRAIN.name} no longer contains {old!r}: update the bad-spec case"
+    return text.replace(old, new)
+
+
 FILES: list[tuple[str, bytes, str]] = [
     ("duplicate-top", (_text() + "\nkind: TrainJob\n").encode(), "duplicate key 'kind'"),
     (
         "duplicate-nested",
-        _text().replace("    epochs: 8\n", "    epochs: 8\n    epochs: 9\n").encode(),
+        _sub("    epochs: 8\n", "    epochs: 8\n    epochs: 9\n").encode(),
         "duplicate key 'epochs'",
     ),
     ("utf16", _text().encode("utf-16"), "UTF-16"),
     ("utf16-be", b"\xfe\xff" + _text().encode("utf-16-be"), "UTF-16"),
     ("binary", bytes(range(256)) * 4, "binary"),
     ("latin1", (_text() + "# caf\xe9\n").encode("latin-1"), "not UTF-8"),
-    ("huge-int", _text().replace("epochs: 8", "epochs: " + "7" * 5000).encode(), "5000 digits"),
+    ("huge-int", _sub("epochs: 8", "epochs: " + "7" * 5000).encode(), "5000 digits"),
     ("tabs", b"spec:\n\t- x\n", "not valid YAML"),
     ("unclosed", b"spec: {a: [1, 2\n", "not valid YAML"),
     ("list-doc", b"- 1\n- 2\n", "YAML mapping"),
@@ -132,13 +139,13 @@ FILES: list[tuple[str, bytes, str]] = [
     ("two-docs", _text().encode() + b"\n---\n" + _text().encode(), "not valid YAML"),
     ("python-tag", b"!!python/object/apply:os.system ['true']\n", "not valid YAML"),
     ("deep", b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "YAML"),
-    ("inf-lr", _text().replace("lr: 0.003", "lr: .inf").encode(), "spec.trainer.lr"),
-    ("epochs-true", _text().replace("epochs: 8", "epochs: true").encode(), "spec.trainer.epochs"),
-    ("epochs-1e30", _text().replace("epochs: 8", "epochs: 1e30").encode(), "spec.trainer.epochs"),
-    ("data-empty", _text().replace("data: s3://mtorl/datasets/kuairand", "data: ''").encode(), "spec.data"),
-    ("metric-bogus", _text().replace("metric: val/loss", "metric: val/bogus").encode(), "spec.trainer.metric"),
-    ("unknown-kind", _text().replace("kind: TrainJob", "kind: FooJob").encode(), "unknown kind"),
-    ("unknown-field", _text().replace("    epochs: 8\n", "    epochz: 8\n").encode(), "spec.trainer.epochz"),
+    ("inf-lr", _sub("lr: 0.003", "lr: .inf").encode(), "spec.trainer.lr"),
+    ("epochs-true", _sub("epochs: 8", "epochs: true").encode(), "spec.trainer.epochs"),
+    ("epochs-1e30", _sub("epochs: 8", "epochs: 1e30").encode(), "spec.trainer.epochs"),
+    ("data-empty", _sub("data: s3://mtorl/datasets/kuairand", "data: ''").encode(), "spec.data"),
+    ("metric-bogus", _sub("metric: val/select_rate@budget", "metric: val/bogus").encode(), "spec.trainer.metric"),
+    ("unknown-kind", _sub("kind: TrainJob", "kind: FooJob").encode(), "unknown kind"),
+    ("unknown-field", _sub("    epochs: 8\n", "    epochz: 8\n").encode(), "spec.trainer.epochz"),
 ]
 
 
@@ -167,7 +174,7 @@ def test_good_spec_still_parses_yaml12_floats(tmp_path: Path) -> None:
     from mtorl.spec import load_job
 
     f = tmp_path / "ok.yaml"
-    f.write_text(_text().replace("lr: 0.003", "lr: 3e-3"))
+    f.write_text(_sub("lr: 0.003", "lr: 3e-3"))
     assert load_job(f).spec.trainer.lr == pytest.approx(3e-3)
     assert load_job(TRAIN, ["spec.trainer.lr=1e-4"]).spec.trainer.lr == pytest.approx(1e-4)
 

@@ -182,11 +182,14 @@ def test_gpu_tagged_optimizer_state_loads_on_cpu(tmp_path: Path, cuda_tagged_sav
             torch.load(io.BytesIO(data), weights_only=True)
     d = tmp_path / "ck"
     model = _model()
-    ckpt.write_checkpoint_dir(d, model, None, {"epoch": 0, "step": 1})
+    ckpt.write_checkpoint_dir(d, model, None, {"epoch": 0, "step": 1, "manifest": {}, "spec": {}})
     (d / ckpt.OPTIM_FILE).write_bytes(data)
     meta = json.loads((d / ckpt.META_FILE).read_text())
     meta["sha256"][ckpt.OPTIM_FILE] = ckpt._sha256(data)
-    (d / ckpt.META_FILE).write_text(json.dumps(meta))
+    meta_bytes = json.dumps(meta).encode()
+    (d / ckpt.META_FILE).write_bytes(meta_bytes)
+    blobs = {n: (d / n).read_bytes() for n in meta["sha256"]}  # re-sign the planted state (checksums.json)
+    ckpt.write_checksums(d, {**blobs, ckpt.META_FILE: meta_bytes})
     loaded = ckpt.load_checkpoint(str(d), with_optimizer=True)  # map_location cpu
     assert loaded.optimizer_state is not None
     moments = [v for s in loaded.optimizer_state["state"].values() for k, v in s.items() if k != "step"]
