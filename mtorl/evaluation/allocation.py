@@ -1,28 +1,24 @@
-"""Budget allocation: the channel-level and user-level modules (pure numpy).
+"""Budget allocation (pure numpy): the decision layer applied to a batch, offline and online.
 
-The same functions serve offline evaluation (`budget_curve`) and the online `/v1/allocate`
-endpoint (`allocate_requests`).
+Every decision goes through `mtorl.evaluation.decision.decide`: the channel comes from the
+per-channel reward head (pessimistic where the logs give little support), users are served in
+order of the expected reward of the served channel per cost, and the penalty s is the budget's
+Lagrange multiplier, solved by bisection. The same function serves offline evaluation
+(`budget_curve`), the online `/v1/allocate` endpoint (`allocate_requests`), `/v1/recommend`
+(`score_steps` at s = 0) and the simulator's closed loop.
 
-Channel level (per step / user, C candidate channels, policy pi, predicted reward rhat, cost kappa,
-penalty s >= 0):
+The pi-reweighted channel module of earlier versions is kept as the decision layer's "imitation"
+policy (per step / user, C channels, policy pi, predicted reward rhat, cost kappa, penalty s >= 0):
 
     net_c = max(rhat_c - s * kappa_c, 0)
     w_c   = pi_c * net_c / kappa_c     if kappa_c > 0
     w_c   = pi_c * max(rhat_c, 0)      if kappa_c == 0   (no division: with all costs zero, w = pi * rhat)
 
-    recommended channel c* = argmax_c w_c; a row whose weights are all zero falls back to argmax pi
-    (ties: lowest index). Negative costs are an error. A free channel (kappa = 0) is scored by raw
-    return while the others are scored by return per cost; give free channels a nominal cost when
-    they compete with paid ones.
+    c* = argmax_c w_c; a row whose weights are all zero falls back to argmax pi (ties: lowest index).
 
-User level (items = users or user-steps with value v_i >= 0 expected and cost c_i >= 0, budget B):
-
-    value of an item v_i = pi_{c*} * net_{c*}  (the policy-reweighted predicted return of the
-    recommended channel, i.e. w_{c*} * kappa_{c*}); items are ranked by v_i / c_i (free items with
-    v_i > 0 first), ties stable by index, and the longest prefix with cumulative cost <= B is taken
-    (spend is never above B). This prefix is the Lagrangian solution {i: v_i - lam * c_i > 0}; the
-    multiplier lam >= 0 is found by bisection (the smallest lam whose set fits the budget) and
-    returned. With equal costs c the ranking is by value and the prefix is the top floor(B / c).
+`allocate_users` is the plain greedy knapsack over fixed item values v_i and costs c_i (ranked by
+v_i / c_i, free items with v_i > 0 first, the longest prefix with cumulative cost <= B; its
+multiplier lam is the smallest with {v_i - lam c_i > 0} inside the budget).
 """
 
 from __future__ import annotations
@@ -79,19 +75,20 @@ def recommended_channel(weights: np.ndarray, action_probs: np.ndarray) -> np.nda
 
 
 def score_steps(action_probs: np.ndarray, reward_pred: np.ndarray, cost: Any,
-                penalty: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Both modules' inputs for N items: (weights (N,C), channel (N,), value (N,), channel_cost (N,)).
+                penalty: float = 0.0, decision: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The decision layer at a fixed penalty s, for N items: (scores q (N,C), channel (N,), value (N,), cost (N,)).
 
-    value = pi_{c*} * max(rhat_{c*} - s * kappa_{c*}, 0) (pi_{c*} * max(rhat_{c*}, 0) for a free channel).
+    channel c* = argmax_c q_c - s kappa_c, value = q_{c*} - s kappa_{c*} (`decision.decide` with
+    `decision` = DecisionParams / DecisionSpec, None = defaults; q = -inf on channels the policy
+    does not allow). The pi-reweighted rule is `decision` policy "imitation".
     """
-    pi = np.asarray(action_probs, dtype=np.float64)
-    w = channel_scores(pi, reward_pred, cost, penalty)
-    k = _broadcast_cost(cost, pi.shape)
-    best = recommended_channel(w, pi)
-    rows = np.arange(pi.shape[0])
-    kb = k[rows, best]
-    value = np.where(kb > 0, w[rows, best] * kb, w[rows, best])
-    return w, best, value, kb
+    from mtorl.evaluation.decision import broadcast_cost, channel_values, decide, params_of
+
+    prm = params_of(decision)
+    r = np.asarray(reward_pred, dtype=np.float64)
+    k = broadcast_cost(cost, r.shape)
+    d = decide(r, action_probs, k, prm, penalty=penalty)
+    return channel_values(r, action_probs, prm, k, penalty), d.channel, d.value, d.cost
 
 
 class Allocation(NamedTuple):
@@ -154,19 +151,24 @@ def allocate_users(values: np.ndarray, costs: np.ndarray, budget: float,
 
 def allocate_requests(users: Sequence[tuple[Any, Sequence[float], Sequence[float], Sequence[float] | float]],
                       budget: float, penalty: float | None = None,
-                      channels: Sequence[str] | None = None) -> dict[str, Any]:
-    """Online allocation for a batch of users (the `/v1/allocate` body).
+                      channels: Sequence[str] | None = None, decision: Any = None) -> dict[str, Any]:
+    """Online allocation for a batch of users (the `/v1/allocate` body), through the decision layer.
 
     users: [(user_id, reward_pred (C,), action_probs (C,), cost (C,) or scalar)], budget >= 0,
-    penalty s (None = 0). Each user gets its recommended channel (channel level); users are then
-    chosen by value per cost within the budget (user level, only positive values).
-    Returns {selected: [{user_id, channel, channel_index, expected_reward, value, cost}] in ranking
-    order, total_expected_reward, spend, multiplier}; `channel` is the name when `channels` is given,
-    else the index. expected_reward is rhat of the recommended channel.
+    penalty: a floor on s (None = 0), decision: DecisionParams / DecisionSpec (None = defaults).
+    `decision.decide` solves the smallest penalty s whose rule (channel c* = argmax_c q_c - s kappa_c,
+    serve when q_{c*} - s kappa_{c*} > 0) spends <= budget; s = max(that, penalty).
+    Returns {selected: [{user_id, channel, channel_index, expected_reward, value, cost}] ranked by
+    expected reward per cost of the served channel, total_expected_reward, spend, multiplier, penalty};
+    `penalty` and `multiplier` are both the s used (s is the budget's Lagrange multiplier); `channel`
+    is the name when `channels` is given, else the index; expected_reward is rhat of the served
+    channel and value = q_{c*} - s kappa_{c*}.
     """
-    s = 0.0 if penalty is None else float(penalty)
+    from mtorl.evaluation.decision import decide, ranking
+
+    floor = 0.0 if penalty is None else float(penalty)
     if not users:
-        return {"selected": [], "total_expected_reward": 0.0, "spend": 0.0, "multiplier": 0.0}
+        return {"selected": [], "total_expected_reward": 0.0, "spend": 0.0, "multiplier": floor, "penalty": floor}
     ids = [u[0] for u in users]
     r = np.stack([np.asarray(u[1], dtype=np.float64) for u in users])           # (U, C)
     pi = np.stack([np.asarray(u[2], dtype=np.float64) for u in users])          # (U, C)
@@ -175,23 +177,20 @@ def allocate_requests(users: Sequence[tuple[Any, Sequence[float], Sequence[float
         raise ValueError(f"reward_pred {r.shape[1:]} and action_probs {pi.shape[1:]} differ in channels")
     if channels is not None and len(channels) != r.shape[1]:
         raise ValueError(f"{len(channels)} channel names for {r.shape[1]} channels")
-    _, best, value, kb = score_steps(pi, r, k, s)
-    alloc = allocate_users(value, kb, budget, require_positive=True)
-    idx = np.flatnonzero(alloc.selected)
-    ratio = np.divide(value[idx], kb[idx], out=np.full(idx.size, np.inf), where=kb[idx] > 0)
-    idx = idx[np.argsort(-ratio, kind="stable")]
-    rows = np.arange(r.shape[0])
-    expected = r[rows, best]
+    d = decide(r, pi, k, decision, budget=budget)
+    if d.penalty < floor:
+        d = decide(r, pi, k, decision, penalty=floor)      # spend(floor) <= spend(s) <= budget
+    idx = [i for i in ranking(d) if d.served[i]]
     out = [{"user_id": ids[i],
-            "channel": channels[best[i]] if channels is not None else int(best[i]),
-            "channel_index": int(best[i]),
-            "expected_reward": float(expected[i]),
-            "value": float(value[i]),
-            "cost": float(kb[i])} for i in idx]
+            "channel": channels[d.channel[i]] if channels is not None else int(d.channel[i]),
+            "channel_index": int(d.channel[i]),
+            "expected_reward": float(d.expected_reward[i]),
+            "value": float(d.value[i]),
+            "cost": float(d.cost[i])} for i in idx]
     return {"selected": out,
-            "total_expected_reward": float(expected[idx].sum()),
-            "spend": float(kb[idx].sum()),
-            "multiplier": alloc.multiplier}
+            "total_expected_reward": float(d.expected_reward[idx].sum()),
+            "spend": float(d.cost[idx].sum()),
+            "multiplier": d.penalty, "penalty": d.penalty}
 
 
 def channel_costs(p: Predictions) -> np.ndarray:
@@ -205,49 +204,61 @@ def channel_costs(p: Predictions) -> np.ndarray:
 
 def budget_curve(p: Predictions, fractions: Sequence[float], policy: str = "model",
                  penalty: float = 0.0, cost_per_channel: np.ndarray | None = None,
-                 seed: int = 0) -> dict[str, Any]:
-    """Offline budget curve over user-steps of a split.
+                 seed: int = 0, decision: Any = None) -> dict[str, Any]:
+    """Offline budget curve over user-steps of a split, through the decision layer.
 
     For each fraction f: budget B = f * (total logged cost) (unit costs when the logged costs sum to
-    0); each step's value is `score_steps` with the per-channel costs (`cost_per_channel`, default
-    `channel_costs(p)`), its cost is the LOGGED cost (the spend the log can vouch for), and steps are
-    chosen with `allocate_users` (top-k semantics).
+    0). Each step costs its LOGGED cost whatever the channel (the spend the log can vouch for, and
+    the same for every model), and `decision.decide` picks the channel (argmax of the pessimistic
+    reward q) and solves the smallest penalty s whose served set {q_{c*} - s w_t > 0} fits B (s is
+    floored at `penalty`), filling the leftover at the breakpoint. So steps are served in order of
+    q_{c*} / w_t, the expected reward of the served channel per cost.
         select_rate = mean outcome of the selected steps
-        replay_rate = sum of outcomes over selected steps whose recommended channel == logged channel,
+        replay_rate = sum of outcomes over selected steps whose chosen channel == logged channel,
                       divided by the number selected (as the reference notebooks do)
         roi         = sum of logged gain of the selected steps / spend (None when spend is 0)
-    policy: "model" (pi-reweighted, as above), "reward" (ignore pi: uniform pi), "random" (random
-    values, seeded; the channel is still the model's).
+    policy: "model" (the decision layer as configured), "reward" (no support constraint: uniform pi),
+    "random" (random values, seeded; the channel is still the model's). `cost_per_channel` is
+    accepted for compatibility; the curve prices steps at their logged cost.
     Returns {base_rate, total_cost, policy, points: [{fraction, budget, spend, selected, select_rate,
-    replay_rate, roi, multiplier}]}; base_rate = mean outcome of every step.
+    replay_rate, roi, multiplier, penalty}]}; base_rate = mean outcome of every step; multiplier =
+    penalty = s.
     """
+    from mtorl.evaluation.decision import decide
+
     y = outcome(p)
-    kc = channel_costs(p) if cost_per_channel is None else np.asarray(cost_per_channel, dtype=np.float64)
-    pi = p.action_probs
+    pi: np.ndarray | None = p.action_probs
     if policy == "reward":
-        pi = np.ones_like(pi)
+        pi = None
     elif policy not in ("model", "random"):
         raise ValueError(f"unknown policy {policy!r}: model, reward or random")
-    _, best, value, _ = score_steps(pi, p.reward_pred, kc, penalty)
-    if policy == "random":
-        value = np.random.default_rng(seed).random(p.n_steps)
     step_cost = p.cost if p.cost.sum() > 0 else np.ones(p.n_steps)
     total = float(step_cost.sum())
-    match = best == p.channel
+    reward_pred = p.reward_pred
+    if policy == "random":
+        best = decide(p.reward_pred, pi, step_cost, decision).channel
+        reward_pred = np.broadcast_to(np.random.default_rng(seed).random(p.n_steps)[:, None], p.reward_pred.shape)
+        pi = None
     points = []
     for f in fractions:
         budget = float(np.round(float(f) * total, 9))
-        a = allocate_users(value, step_cost, budget)
-        n_sel = int(a.selected.sum())
+        d = decide(reward_pred, pi, step_cost, decision, budget=budget)
+        if d.penalty < penalty:
+            d = decide(reward_pred, pi, step_cost, decision, penalty=penalty)
+        sel = d.served
+        match = (d.channel if policy != "random" else best) == p.channel
+        n_sel = int(sel.sum())
+        spend = float(step_cost[sel].sum())
         points.append({
             "fraction": float(f),
             "budget": budget,
-            "spend": a.spend,
+            "spend": spend,
             "selected": n_sel,
-            "select_rate": float(y[a.selected].mean()) if n_sel else None,
-            "replay_rate": float(y[a.selected & match].sum() / n_sel) if n_sel else None,
-            "roi": float(p.gain[a.selected].sum() / a.spend) if a.spend > 0 else None,
-            "multiplier": a.multiplier,
+            "select_rate": float(y[sel].mean()) if n_sel else None,
+            "replay_rate": float(y[sel & match].sum() / n_sel) if n_sel else None,
+            "roi": float(p.gain[sel].sum() / spend) if spend > 0 else None,
+            "multiplier": d.penalty,
+            "penalty": d.penalty,
         })
     return {"base_rate": float(y.mean()) if p.n_steps else None, "total_cost": total,
             "policy": policy, "points": points}

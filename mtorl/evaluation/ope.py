@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from mtorl.evaluation.allocation import score_steps
 from mtorl.evaluation.predictions import Predictions, journey_order, outcome
 
 __all__ = ["BehaviourModel", "fit_behaviour_model", "behaviour_propensities", "greedy_policy",
@@ -197,13 +196,15 @@ def off_policy_estimates(p: Predictions, target: np.ndarray, behaviour: np.ndarr
 
 
 def target_policies(p: Predictions, epsilon: float = 0.05, penalty: float = 0.0,
-                    cost_per_channel: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The model's two target policies (N, C): epsilon-greedy on the channel-level module's pick, and
-    the action decoder's renormalised probabilities (see `evaluate_policies`)."""
+                    cost_per_channel: np.ndarray | None = None, decision: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """The model's two target policies (N, C): epsilon-greedy on the decision layer's channel at the
+    fixed penalty s = `penalty` (`decision.decide`, no budget: the channel choice alone), and the
+    action decoder's renormalised probabilities (see `evaluate_policies`)."""
     from mtorl.evaluation.allocation import channel_costs
+    from mtorl.evaluation.decision import decide
 
     kc = channel_costs(p) if cost_per_channel is None else cost_per_channel
-    _, best, _, _ = score_steps(p.action_probs, p.reward_pred, kc, penalty)
+    best = decide(p.reward_pred, p.action_probs, kc, decision, penalty=penalty).channel
     greedy = greedy_policy(p.action_probs, epsilon, best=best)
     soft = p.action_probs / np.maximum(p.action_probs.sum(axis=1, keepdims=True), 1e-12)
     return greedy, soft
@@ -211,19 +212,20 @@ def target_policies(p: Predictions, epsilon: float = 0.05, penalty: float = 0.0,
 
 def evaluate_policies(p: Predictions, behaviour_probs: np.ndarray | None = None, n_boot: int = 200,
                       seed: int = 0, gamma: float = 1.0, epsilon: float = 0.05, penalty: float = 0.0,
-                      cost_per_channel: np.ndarray | None = None, **kw: Any) -> dict[str, Any]:
+                      cost_per_channel: np.ndarray | None = None, decision: Any = None, **kw: Any) -> dict[str, Any]:
     """OPE of the model's two policies.
 
-    greedy:  epsilon-greedy (epsilon=0.05) on the recommended channel of the channel-level module
-             (argmax of pi * predicted return per cost, `allocation.score_steps`); with equal costs
-             and zero penalty this is argmax pi_c * rhat_c.
+    greedy:  epsilon-greedy (epsilon=0.05) on the decision layer's channel (`decision.decide` with
+             `decision` at the fixed penalty s = `penalty`: argmax_c q_c - s kappa_c, q the
+             pessimistic per-channel reward; with the default policy and s = 0, argmax rhat_c
+             among the supported channels).
     softmax: the action decoder's own probabilities (action_probs, renormalised).
     Returns {greedy: {...}, softmax: {...}, logged_value, behaviour_source} where {...} is
     `off_policy_estimates`; the greedy estimates are also copied to the top level (ips, ..., pdis,
     ess, warnings) as the headline numbers.
     """
     b, source = behaviour_propensities(p, behaviour_probs)
-    greedy, soft = target_policies(p, epsilon, penalty, cost_per_channel)
+    greedy, soft = target_policies(p, epsilon, penalty, cost_per_channel, decision)
     res_g = off_policy_estimates(p, greedy, b, n_boot=n_boot, seed=seed, gamma=gamma, **kw)
     res_s = off_policy_estimates(p, soft, b, n_boot=n_boot, seed=seed, gamma=gamma, **kw)
     if source == "none":

@@ -22,20 +22,23 @@ from mtorl.evaluation.predictions import Predictions
 
 __all__ = ["evaluate_predictions", "write_report", "plot_training_curves", "to_jsonable"]
 
-BUDGET_KEYS = ("fraction", "budget", "spend", "selected", "select_rate", "replay_rate", "roi")
+BUDGET_KEYS = ("fraction", "budget", "spend", "selected", "select_rate", "replay_rate", "roi", "penalty")
 
 
 def evaluate_predictions(p: Predictions, fractions: Sequence[float], n_boot: int = 200, seed: int = 0,
                          behaviour_probs: np.ndarray | None = None, penalty: float = 0.0,
                          cost_per_channel: np.ndarray | None = None, gamma: float = 1.0,
-                         kind: str | None = None) -> dict[str, Any]:
-    """Channel + reward metrics, budget curve and OPE of one model (or heuristic).
+                         kind: str | None = None, decision: Any = None) -> dict[str, Any]:
+    """Channel + reward metrics, budget curve and OPE of one model (or heuristic), all through the
+    decision layer `decision` (DecisionParams / DecisionSpec; None = defaults). The OPE channel
+    policy uses the fixed penalty `penalty` (or decision.penalty when that is set).
 
     Returns {name, kind ("heuristic" | "model"), n_users, n_steps, channels, binary, channel{...},
     reward{...}, base_rate, budget: [{fraction, budget, spend, selected, select_rate, replay_rate,
     roi, multiplier}], ope{...}}.
     """
-    curve = budget_curve(p, fractions, penalty=penalty, cost_per_channel=cost_per_channel, seed=seed)
+    s_fixed = float(getattr(decision, "penalty", None) or penalty)
+    curve = budget_curve(p, fractions, cost_per_channel=cost_per_channel, seed=seed, decision=decision)
     return {
         "name": p.name,
         "kind": kind or ("heuristic" if p.name in HEURISTICS else "model"),
@@ -48,7 +51,7 @@ def evaluate_predictions(p: Predictions, fractions: Sequence[float], n_boot: int
         "base_rate": curve["base_rate"],
         "budget": curve["points"],
         "ope": evaluate_policies(p, behaviour_probs, n_boot=n_boot, seed=seed, gamma=gamma,
-                                 penalty=penalty, cost_per_channel=cost_per_channel),
+                                 penalty=s_fixed, cost_per_channel=cost_per_channel, decision=decision),
     }
 
 

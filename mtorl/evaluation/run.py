@@ -25,7 +25,7 @@ from mtorl.evaluation.ope import fit_behaviour_model
 from mtorl.evaluation.predictions import Predictions, outcome
 from mtorl.evaluation.report import evaluate_predictions, to_jsonable, write_report
 from mtorl.serving.predictor import Predictor
-from mtorl.spec import EvaluateSpec
+from mtorl.spec import DecisionSpec, EvaluateSpec
 
 BEHAVIOUR_MAX_STEPS = 200_000  # train steps used to fit the behaviour model (a uniform subsample)
 
@@ -72,6 +72,21 @@ def model_predictions(predictor: Predictor, journeys: Sequence[Journey], name: s
     preds = predictor.predict_journeys(journeys)
     return to_predictions(journeys, predictor.channels, predictor.binary, name,
                           (p.action_probs for p in preds), (p.reward for p in preds))
+
+
+def decision_of(explicit: Any, checkpoint_meta: dict[str, Any]) -> DecisionSpec:
+    """The decision layer to use: the explicit spec, else the checkpoint's training spec's, else the defaults."""
+    if explicit is not None:
+        return explicit
+    doc = ((checkpoint_meta.get("spec") or {}).get("spec") or {}).get("decision")
+    return DecisionSpec.model_validate(doc) if doc else DecisionSpec()
+
+
+def decision_label(d: Any) -> str:
+    """One line naming the decision policy and its strength (for reports)."""
+    if d.policy == "imitation":
+        return "imitation (the action decoder's pi-reweighted channel)"
+    return f"reward (argmax of the reward head; support threshold tau = {d.support_threshold:g}, pessimism beta = {d.pessimism:g})"
 
 
 def _write_out(local_dir: Path, output: str) -> str:
@@ -132,10 +147,14 @@ def run_evaluate(spec: EvaluateSpec, progress: Any = print) -> dict[str, Any]:
         all_preds[key] = model_predictions(pr, journeys, key)
     primary_key = primary.name
 
+    decision = decision_of(spec.decision, primary.meta)
+    notes.append(f"Decision layer (every row, heuristics included): {decision_label(decision)}; budget curves solve the "
+                 "penalty s for each budget (the budget's Lagrange multiplier); the OPE greedy policy is the channel choice "
+                 f"at s = {decision.penalty or 0.0:g}.")
     results: dict[str, Any] = {}
     for key, p in all_preds.items():
         results[key] = evaluate_predictions(p, spec.budget_fractions, n_boot=spec.bootstrap, seed=spec.seed,
-                                            behaviour_probs=behaviour_probs, penalty=float(manifest.get("penalty", 0.0)))
+                                            behaviour_probs=behaviour_probs, decision=decision)
     history = primary.meta.get("history") or None
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) if spec.output.startswith("s3://") else Path(spec.output)

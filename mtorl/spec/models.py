@@ -81,6 +81,19 @@ class PrepareSpec(_Strict):
     spill_dir: str | None = Field(None, description="Local directory for the spill partitions (default: the system temp directory).")
 
 
+# ----------------------------------------------------------------------------- decisions
+
+class DecisionSpec(_Strict):
+    """The decision layer (mtorl/evaluation/decision.py): which channel, and whom to serve within a budget."""
+
+    policy: Literal["reward", "imitation"] = Field("reward", description="reward: argmax of the per-channel reward head minus s*cost, where the logs support the channel; imitation: the action decoder's pi-reweighted choice (imitates the logger).")
+    support_threshold: float = Field(0.0, ge=0, le=1, description="tau (BCQ-style): a channel is allowed only when pi(c|s) >= tau * max_c pi(c|s); 0 = every channel.")
+    pessimism: float = Field(0.0, ge=0, description="beta: score r_hat - beta * sqrt(r_hat (1 - r_hat) / pi(c|s)), a lower bound that is low where the logs rarely chose c.")
+    budget: float | None = Field(0.3, gt=0, le=1, description="Offline budget as a fraction of the split's logged cost: the validation metric val/select_rate@budget and the report's s.")
+    penalty: float | None = Field(None, ge=0, description="Fixed penalty s (reward units per unit cost) where no budget is given (the OPE channel policy; /v1/allocate without a budget). None = 0.")
+    fill: bool = Field(True, description="Spend the budget left at the Lagrangian breakpoint on the marginal users (spend stays <= budget).")
+
+
 # ----------------------------------------------------------------------------- model
 
 class TCNSpec(_Strict):
@@ -171,6 +184,7 @@ class TrainSpec(_Strict):
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
+    decision: DecisionSpec = Field(default_factory=DecisionSpec, description="Decision layer of the validation metric val/select_rate@budget (and the checkpoint's default for evaluation and serving).")
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -187,6 +201,7 @@ class EvaluateSpec(_Strict):
     compare: list[str] = Field(default_factory=list, description="Further checkpoints put side by side (heuristics always are).")
     seed: int = 0
     run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
+    decision: DecisionSpec | None = Field(None, description="Decision layer for every row of the report; None = the checkpoint's training spec's.")
 
     @field_validator("budget_fractions")
     @classmethod
@@ -266,6 +281,7 @@ class ServeSpec(_Strict):
         "updates). direct: the single replica serves HTTP on `port` itself (Ray Serve direct ingress), skipping the "
         "proxy hop: several times the requests/s on a small CPU budget (BENCHMARKS.md); one replica, no rolling update.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
+    decision: DecisionSpec | None = Field(None, description="Decision layer of /v1/allocate; None = the checkpoint's training spec's.")
 
     @model_validator(mode="after")
     def _direct_is_one_replica(self) -> "ServeSpec":

@@ -97,6 +97,9 @@ class ValOutputs:
     action_probs: np.ndarray  # (N, C)
     reward: np.ndarray  # (N,) target reward
     reward_hat: np.ndarray  # (N,) predicted reward of the logged channel
+    reward_pred: np.ndarray | None = None  # (N, C) predicted reward of every channel (decision metrics)
+    cost: np.ndarray | None = None  # (N,) logged cost
+    propensity: np.ndarray | None = None  # (N,) logged propensity, NaN when unknown
 
 
 @torch.no_grad()
@@ -110,7 +113,7 @@ def validate_batches(
     """Losses plus the valid-step predictions needed for cross-worker metrics."""
     model.eval()
     stats = StepStats()
-    ch, probs, rew, rhat = [], [], [], []
+    ch, probs, rew, rhat, rall, cost, prop = [], [], [], [], [], [], []
     core = unwrap(model)
     for nb in batches:
         batch = Batch.from_numpy(nb, device=device)
@@ -125,8 +128,12 @@ def validate_batches(
         probs.append(p[m].float().cpu().numpy())
         rew.append(batch.reward[m].float().cpu().numpy())
         rhat.append(r.gather(-1, idx.unsqueeze(-1)).squeeze(-1)[m].float().cpu().numpy())
+        rall.append(r[m].float().cpu().numpy())
+        cost.append(batch.cost[m].float().cpu().numpy())
+        prop.append(batch.propensity[m].float().cpu().numpy())
     cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape, np.float32)  # noqa: E731
-    return ValOutputs(stats, cat(ch, (0,)).astype(np.int64), cat(probs, (0, 0)), cat(rew, (0,)), cat(rhat, (0,)))
+    return ValOutputs(stats, cat(ch, (0,)).astype(np.int64), cat(probs, (0, 0)), cat(rew, (0,)), cat(rhat, (0,)),
+                      cat(rall, (0, 0)), cat(cost, (0,)), cat(prop, (0,)))
 
 
 def val_metrics(channel: np.ndarray, action_probs: np.ndarray, reward: np.ndarray, reward_hat: np.ndarray, binary: bool) -> dict[str, float]:
@@ -151,3 +158,15 @@ def val_metrics(channel: np.ndarray, action_probs: np.ndarray, reward: np.ndarra
     elif not binary:
         out["reward_mse"] = float(np.mean((reward_hat - reward) ** 2))
     return out
+
+
+def decision_val_metrics(channel: np.ndarray, action_probs: np.ndarray, reward: np.ndarray, reward_pred: np.ndarray,
+                         cost: np.ndarray, propensity: np.ndarray, binary: bool, decision: Any) -> dict[str, float]:
+    """Decision metrics over the valid steps of ALL workers (`evaluation.decision.decision_metrics`):
+    select_rate@budget at ``decision.budget`` (the checkpoint/tuning objective ``val/select_rate@budget``),
+    decision_penalty and, with logged propensities, decision_dr."""
+    from mtorl.evaluation.decision import decision_metrics
+
+    y = (reward > 0.5).astype(np.float64) if binary else reward
+    return decision_metrics(channel, action_probs, y, reward_pred, cost, propensity, decision,
+                            budget_fraction=decision.budget, penalty=decision.penalty)

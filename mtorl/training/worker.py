@@ -18,7 +18,7 @@ import ray.train.torch
 from mtorl.models import build_model
 from mtorl.spec import validate_doc
 from mtorl.training import checkpoint as ckpt
-from mtorl.training.step import NonFiniteLossError, train_batches, unwrap, val_metrics, validate_batches
+from mtorl.training.step import NonFiniteLossError, decision_val_metrics, train_batches, unwrap, val_metrics, validate_batches
 
 # Test-only fault injection: the worker of this rank exits hard at this global step, once (marker file).
 CRASH_AT_STEP_ENV = "MTORL_TEST_CRASH_AT_STEP"
@@ -202,6 +202,8 @@ def train_loop(config: dict[str, Any]) -> None:
         vsums = _sum({**val.stats.sums, "_steps": val.stats.steps})
         val_losses = {f"val/{k}": v / max(vsums["_steps"], 1) for k, v in vsums.items() if not k.startswith("_")}
         vm = val_metrics(_gather(val.channel), _gather(val.action_probs), _gather(val.reward), _gather(val.reward_hat), binary)
+        vm.update(decision_val_metrics(_gather(val.channel), _gather(val.action_probs), _gather(val.reward), _gather(val.reward_pred),
+                                       _gather(val.cost), _gather(val.propensity), binary, spec.decision))
         metrics: dict[str, Any] = {
             **train_metrics, **val_losses, **{f"val/{k}": v for k, v in vm.items()},
             "epoch": epoch, "step": global_step, "train/samples_per_s": samples_per_s,

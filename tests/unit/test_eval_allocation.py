@@ -5,6 +5,7 @@ import pytest
 
 from mtorl.evaluation.allocation import (allocate_requests, allocate_users, budget_curve,
                                          channel_scores)
+from mtorl.evaluation.decision import DecisionParams
 from mtorl.evaluation.predictions import Predictions
 
 
@@ -65,12 +66,17 @@ def test_allocate_requests():
              ("u2", [0.6, 0.2], [0.9, 0.1], [1.0, 2.0]),
              ("u3", [0.05, 0.05], [0.5, 0.5], 1.0)]
     out = allocate_requests(users, budget=2.0, channels=["x", "y"])
-    assert [s["user_id"] for s in out["selected"]] == ["u2", "u1"]
-    assert out["selected"][0]["channel"] == "x" and out["selected"][1]["channel"] == "y"
+    # served-channel reward per cost: u1 0.8 (y), u2 0.6 (x), u3 0.05; B = 2 -> s = 0.05, u3 out
+    assert [s["user_id"] for s in out["selected"]] == ["u1", "u2"]
+    assert out["selected"][0]["channel"] == "y" and out["selected"][1]["channel"] == "x"
     assert out["spend"] == 2.0 and out["total_expected_reward"] == pytest.approx(1.4)
+    assert out["penalty"] == pytest.approx(0.05) and out["multiplier"] == out["penalty"]
+    assert out["selected"][0]["value"] == pytest.approx(0.8 - 0.05)
     assert allocate_requests([], 1.0)["selected"] == []
-    pen = allocate_requests(users, budget=10.0, penalty=0.5)   # u3's net return is 0 -> never selected
-    assert "u3" not in [s["user_id"] for s in pen["selected"]]
+    pen = allocate_requests(users, budget=10.0, penalty=0.5)   # s >= 0.5: u3's net return < 0 -> not selected
+    assert "u3" not in [s["user_id"] for s in pen["selected"]] and pen["penalty"] == 0.5
+    imi = allocate_requests(users, budget=2.0, decision=DecisionParams(policy="imitation"))
+    assert [s["user_id"] for s in imi["selected"]] == ["u1", "u2"] and imi["spend"] <= 2.0
 
 
 def _preds(n=300, seed=0):

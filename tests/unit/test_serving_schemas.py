@@ -10,6 +10,7 @@ import pytest
 
 from mtorl.data.windows import journeys_from_table
 from mtorl.evaluation.allocation import allocate_requests
+from mtorl.evaluation.decision import decide
 from mtorl.serving.schemas import (
     AllocateRequest, Limits, Preprocessor, RecommendRequest, RequestError, allocation, parse_request, recommend_scores, recommendations,
 )
@@ -173,8 +174,7 @@ def test_recommendation_and_allocation_use_the_evaluation_code() -> None:
     probs, reward = _fake_outputs(6)
     recs = recommendations(p, probs, reward, MANIFEST["channels"])
     for b, r in enumerate(recs):
-        w = probs[b] * reward[b] / p.costs[b]
-        c = int(np.argmax(w))
+        c = int(decide(reward[b:b + 1], probs[b:b + 1], p.costs[b:b + 1]).channel[0])  # the decision layer
         assert r["recommended_channel"] == MANIFEST["channels"][c]
         assert r["expected_reward"] == pytest.approx(reward[b, c])
         assert sum(r["channel_probs"].values()) == pytest.approx(1.0)
@@ -184,9 +184,12 @@ def test_recommendation_and_allocation_use_the_evaluation_code() -> None:
     assert [s["user_id"] for s in res["selected"]] == [s["user_id"] for s in ref["selected"]]
     assert res["spend"] == pytest.approx(ref["spend"]) and res["spend"] <= 4.0
     assert res["total_expected_reward"] == pytest.approx(sum(s["expected_reward"] for s in res["selected"]))
-    by_id = {r["user_id"]: r for r in recs}
+    # under the budget the channel is the decision layer's at the solved penalty s (the multiplier);
+    # /v1/recommend has no budget: s = 0
+    at_s = decide(reward, probs, p.costs, penalty=res["multiplier"]).channel
+    row = {u: b for b, u in enumerate(p.user_ids)}
     for s in res["selected"]:
-        assert s["channel"] == by_id[s["user_id"]]["recommended_channel"]
+        assert s["channel"] == MANIFEST["channels"][at_s[row[s["user_id"]]]]
 
 
 def test_serving_imports_leave_out_the_evaluation_reports() -> None:
