@@ -10,7 +10,7 @@
 # differs, and for the ablation rows the one field they ablate. One evaluation then scores every row and
 # the history heuristics through the same decision layer. Writes docs/results/<ds>-compare[-val].{md,json}
 # (rows + ablations, with the inputs each row had). Runs already trained are reused (delete them, or set
-# RETRAIN=1, to train again); EPOCHS overrides the epochs of every row alike. The one row with another
+# RETRAIN=1, to train again; ONLY=label,... trains just those rows, to train rows in parallel); EPOCHS overrides the epochs of every row alike. The one row with another
 # budget, logreg-lr0.03, is the linear model at the learning rate it needs to converge in that budget
 # (chosen on val); it is labelled so in the tables.
 set -euo pipefail
@@ -40,13 +40,19 @@ ablations=(
 )
 [ "${ABLATIONS:-1}" = 0 ] && ablations=()
 
+# TRAINER=inprocess trains without Ray (scripts/train_inprocess.py: the same step, metrics and checkpoint
+# layout as `mtorl train` with trainer.workers 0) for a machine too loaded for a local Ray cluster to start.
 # A local Ray cluster can time out while starting on a loaded machine: try again (a re-run resumes).
-train() { for attempt in 1 2 3; do mtorl train "$@" && return 0; echo "train failed (attempt $attempt), retrying" >&2; sleep 5; done; return 1; }
+train() {
+  if [ "${TRAINER:-mtorl}" = inprocess ]; then python "$(dirname "$0")/train_inprocess.py" "$@"; return; fi
+  for attempt in 1 2 3; do mtorl train "$@" && return 0; echo "train failed (attempt $attempt), retrying" >&2; sleep 5; done; return 1
+}
 
-mtorl prepare ray_jobs/specs/$ds-prepare.yaml --set spec.input=$input
+[ "${PREPARE:-1}" = 0 ] || mtorl prepare ray_jobs/specs/$ds-prepare.yaml --set spec.input=$input   # PREPARE=0: reuse the prepared sample
 args=(); uris=()
 for entry in "${rows[@]}" "${ablations[@]}"; do
   label=${entry%%|*}; sets=${entry#*|}; name=$ds-${label//_/-}
+  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$label,"* ]]; then continue; fi
   over=(); for s in $sets; do over+=(--set "$s"); done
   if [ "${RETRAIN:-0}" = 1 ] || [ ! -s "$work/$name.train.json" ]; then
     train ray_jobs/specs/$ds-train.yaml --set metadata.name=$name "${common[@]}" "${over[@]}" --result "$work/$name.train.json"
@@ -54,8 +60,9 @@ for entry in "${rows[@]}" "${ablations[@]}"; do
   uris+=("s3://mtorl/runs/$name")
   case " ${ablations[*]} " in *" $entry "*) args+=(--ablation "$label=s3://mtorl/runs/$name");; *) args+=(--row "$label=s3://mtorl/runs/$name");; esac
 done
+[ -n "${ONLY:-}" ] && exit 0   # ONLY=label,label: train just those rows (run several shells in parallel), no evaluation
 report=s3://mtorl/reports/$ds-compare$suffix
 mtorl evaluate --checkpoint "${uris[0]}" --compare "${uris[@]:1}" --split "$split" --output "$report" \
   --result "$work/$ds-compare$suffix.evaluate.json"
 python "$(dirname "$0")/compare_tables.py" --dataset "$ds" --split "$split" --report "$report" "${args[@]}" \
-  --command "${SPLIT:+SPLIT=$SPLIT }scripts/compare.sh $ds $input" --out docs/results/$ds-compare$suffix
+  --command "${SPLIT:+SPLIT=$SPLIT }${EPOCHS:+EPOCHS=$EPOCHS }${TRAINER:+TRAINER=$TRAINER }scripts/compare.sh $ds $input" --out docs/results/$ds-compare$suffix
