@@ -44,6 +44,7 @@ def inputs_of(run_uri: str) -> dict[str, Any]:
         "epochs": tr.get("epochs"), "lr": tr.get("lr"), "batch_size": tr.get("batch_size"),
         "selection_metric": tr.get("metric"), "best_epoch": ck.meta.get("epoch"),
         "window": (spec.get("window") or {}).get("length"),
+        "val": {k: (ck.meta.get("metrics") or {}).get(f"val/{k}") for k in ("reward_auc", "select_rate@budget")},
     }
 
 
@@ -94,29 +95,30 @@ def main_table(rows: list[dict[str, Any]]) -> list[str]:
     keys = ("reward_auc", "select@0.2", "select@0.5")
     best = {k: _best(rows, k) for k in keys}
     best_dr = max((r["metrics"]["ope_dr"]["value"] for r in rows if r["metrics"]["ope_dr"]["value"] is not None), default=None)
-    out = ["| row | model | history stats | lr | reward AUC | logloss | select@0.2 | select@0.5 | OPE DR of the decision policy [95% CI] | DR lower bound > logged |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| row | model | history stats | lr | val reward AUC | val select@budget | reward AUC | logloss | select@0.2 | select@0.5 | OPE DR of the decision policy [95% CI] | DR lower bound > logged |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, i = r["metrics"], r["inputs"]
         hs = "–" if i is None else ("on" if i["history_stats"] else "off")
         lr = "–" if i is None else _f(i["lr"], 4)
+        val = "– | –" if i is None else f"{_f(i['val']['reward_auc'])} | {_f(i['val']['select_rate@budget'])}"
         dr = _dr(m)
         if best_dr is not None and m["ope_dr"]["value"] is not None and abs(m["ope_dr"]["value"] - best_dr) < 5e-4:
             dr = f"**{dr}**"
         lo = m["dr_lower_above_logged"]
-        out.append(f"| {r['label']} | {r['model']} | {hs} | {lr} | " + " | ".join(_cell(m[k], best[k]) for k in keys[:1])
+        out.append(f"| {r['label']} | {r['model']} | {hs} | {lr} | {val} | " + " | ".join(_cell(m[k], best[k]) for k in keys[:1])
                    + f" | {_f(m['logloss'])} | " + " | ".join(_cell(m[k], best[k]) for k in keys[1:])
                    + f" | {dr} | {'–' if lo is None else ('yes' if lo else 'no')} |")
     return out
 
 
 def ablation_table(rows: list[dict[str, Any]]) -> list[str]:
-    out = ["| row | history stats | attention layers | λ (pref_weight) | μ (reward_weight) | reward AUC | select@0.2 | select@0.5 | OPE DR [95% CI] |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| row | history stats | attention layers | λ (pref_weight) | μ (reward_weight) | val reward AUC | reward AUC | select@0.2 | select@0.5 | OPE DR [95% CI] |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, i = r["metrics"], r["inputs"]
         out.append(f"| {r['label']} | {'on' if i['history_stats'] else 'off'} | {i['attention_layers']} | {_f(i['pref_weight'], 2)} | "
-                   f"{_f(i['reward_weight'], 2)} | {_f(m['reward_auc'])} | {_f(m['select@0.2'])} | {_f(m['select@0.5'])} | {_dr(m)} |")
+                   f"{_f(i['reward_weight'], 2)} | {_f(i['val']['reward_auc'])} | {_f(m['reward_auc'])} | {_f(m['select@0.2'])} | {_f(m['select@0.5'])} | {_dr(m)} |")
     return out
 
 
