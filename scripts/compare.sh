@@ -10,7 +10,8 @@
 # differs, and for the ablation rows the one field they ablate. One evaluation then scores every row and
 # the history heuristics through the same decision layer. Writes docs/results/<ds>-compare[-val].{md,json}
 # (rows + ablations, with the inputs each row had). Runs already trained are reused (delete them, or set
-# RETRAIN=1, to train again; ONLY=label,... trains just those rows, to train rows in parallel); EPOCHS overrides the epochs of every row alike. The one row with another
+# RETRAIN=1, to train again; ONLY=label,... trains just those rows, to train rows in parallel; SKIP=label,...
+# leaves rows out of the run and its tables); EPOCHS overrides the epochs of every row alike. The one row with another
 # budget, logreg-lr0.03, is the linear model at the learning rate it needs to converge in that budget
 # (chosen on val); it is labelled so in the tables.
 set -euo pipefail
@@ -51,8 +52,9 @@ train() {
 [ "${PREPARE:-1}" = 0 ] || mtorl prepare ray_jobs/specs/$ds-prepare.yaml --set spec.input=$input   # PREPARE=0: reuse the prepared sample
 args=(); uris=()
 for entry in "${rows[@]}" "${ablations[@]}"; do
-  label=${entry%%|*}; sets=${entry#*|}; name=$ds-${label//_/-}
+  label=${entry%%|*}; sets=${entry#*|}; name=$ds-${label//[_.]/-}
   if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$label,"* ]]; then continue; fi
+  if [ -n "${SKIP:-}" ] && [[ ",$SKIP," == *",$label,"* ]]; then continue; fi
   over=(); for s in $sets; do over+=(--set "$s"); done
   if [ "${RETRAIN:-0}" = 1 ] || [ ! -s "$work/$name.train.json" ]; then
     train ray_jobs/specs/$ds-train.yaml --set metadata.name=$name "${common[@]}" "${over[@]}" --result "$work/$name.train.json"
