@@ -175,6 +175,16 @@ def main(argv: list[str] | None = None) -> int:
            f"({_f(rows[0]['metrics']['logged_value']) if rows else '–'}).", ""]
     if abl:
         md += ["## Ablations of MTORL", ""] + ablation_table([r for r in rows if r["label"] == "mtorl"] + abl) + [""]
+    # The evaluation's full report (budget curves, OPE table with every estimator, warnings) and its plots.
+    full = f"{out.name}-report.md"
+    report_md = storage.read_bytes(storage.join(args.report, "report.md")).decode()
+    for png in ("budget_curve.png", "channel_auc.png", "reliability.png"):
+        uri = storage.join(args.report, png)
+        if storage.exists(uri):
+            (out.parent / f"{out.name}-{png}").write_bytes(storage.read_bytes(uri))
+            report_md = report_md.replace(f"]({png})", f"]({out.name}-{png})")
+    (out.parent / full).write_text(report_md)
+    md += [f"Full evaluation report (budget curves, every OPE estimator, warnings, plots): [{full}]({full}).", ""]
     out.with_suffix(".md").write_text("\n".join(md))
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
     return 0
