@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mtorl import storage
-from mtorl.training.checkpoint import load_checkpoint
+from mtorl.training.checkpoint import list_run_checkpoints, load_checkpoint
 
 BUDGETS = (0.2, 0.5)
 
@@ -29,6 +29,13 @@ def _pair(s: str) -> tuple[str, str]:
     if not label or not uri:
         raise argparse.ArgumentTypeError(f"expected LABEL=RUN_URI, got {s!r}")
     return label, uri
+
+
+def epochs_trained(run_uri: str, spec_epochs: Any) -> Any:
+    """Epochs the run actually trained (its latest checkpoint's epoch + 1; a resumed run may have been
+    started with another ``trainer.epochs``), else the spec's."""
+    cks = list_run_checkpoints(run_uri)
+    return int(cks[-1][1]["epoch"]) + 1 if cks else spec_epochs
 
 
 def inputs_of(run_uri: str) -> dict[str, Any]:
@@ -41,7 +48,7 @@ def inputs_of(run_uri: str) -> dict[str, Any]:
         "history_stats": bool(model.get("history_stats", True)),
         "attention_layers": (model.get("attention") or {}).get("layers"),
         "hidden": model.get("hidden"), "reward_weight": obj.get("reward_weight"), "pref_weight": obj.get("pref_weight"),
-        "epochs": tr.get("epochs"), "lr": tr.get("lr"), "batch_size": tr.get("batch_size"),
+        "epochs": epochs_trained(run_uri, tr.get("epochs")), "lr": tr.get("lr"), "batch_size": tr.get("batch_size"),
         "selection_metric": tr.get("metric"), "best_epoch": ck.meta.get("epoch"),
         "window": (spec.get("window") or {}).get("length"),
         "val": {k: (ck.meta.get("metrics") or {}).get(f"val/{k}") for k in ("reward_auc", "select_rate@budget")},
