@@ -1,7 +1,7 @@
 """Train a TrainJob in this process, without Ray (scripts/compare.sh with TRAINER=inprocess):
 
     python scripts/train_inprocess.py ray_jobs/specs/kuairand-train.yaml --set metadata.name=kuairand-logreg \
-        --set spec.model.name=logreg --result /tmp/kuairand-logreg.train.json
+        --set spec.model.name=logreg --result kuairand-logreg.train.json
 
 For a machine too loaded for a local Ray cluster to start (its raylet gives up waiting for its agents).
 The same loop as `mtorl train` with `trainer.workers: 0`, from the same pieces: the spec, the windows
