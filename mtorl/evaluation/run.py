@@ -90,6 +90,12 @@ def decision_label(d: Any) -> str:
     return f"reward (argmax of the reward head; support threshold tau = {d.support_threshold:g}, pessimism beta = {d.pessimism:g})"
 
 
+def run_label(checkpoint_uri: str) -> str:
+    """The run's name for a checkpoint URI (``.../RUN/checkpoint_*`` -> RUN), else the last path part."""
+    path = Path(checkpoint_uri.rstrip("/"))
+    return path.parent.name if path.name.startswith("checkpoint") and path.parent.name else path.name
+
+
 def _write_out(local_dir: Path, output: str) -> str:
     if not output.startswith("s3://"):
         return str(local_dir)
@@ -143,7 +149,9 @@ def run_evaluate(spec: EvaluateSpec, progress: Any = print) -> dict[str, Any]:
             raise ValueError(f"{uri}: channel vocabulary {pr.channels} differs from {primary.channels}")
         predictors.append((pr.name, pr))
     for name, pr in predictors:
-        key = name if name not in all_preds else f"{name}@{Path(pr.uri).name}"
+        key = name if name not in all_preds else f"{name}@{run_label(pr.uri)}"
+        while key in all_preds:  # never let two compared checkpoints overwrite each other
+            key += "'"
         progress(f"scoring {key} ({pr.uri})")
         all_preds[key] = model_predictions(pr, journeys, key)
     primary_key = primary.name

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from mtorl.models.baselines import BCMLP, BCQ, CQL, IQL, BCSeq, DecisionTransformer
+from mtorl.models.baselines import BCMLP, BCQ, CQL, IQL, BCSeq, DecisionTransformer, LogReg
 from mtorl.models.batch import Batch, ModelOutput
 from mtorl.models.layers import SequencePolicy, receptive_field
 from mtorl.models.mtorl import MTORL
 from mtorl.spec.models import ModelSpec
 
 MODELS: dict[str, type[SequencePolicy]] = {
-    c.name: c for c in (MTORL, BCMLP, BCSeq, CQL, IQL, BCQ, DecisionTransformer)
+    c.name: c for c in (MTORL, BCMLP, BCSeq, CQL, IQL, BCQ, DecisionTransformer, LogReg)
 }
 
 

@@ -9,6 +9,11 @@ tensors the losses need travel in ``ModelOutput.extras``.
 - ``iql``     discrete IQL (Kostrikov et al. 2022); acts by its advantage-weighted policy head.
 - ``bcq``     discrete BCQ (Fujimoto et al. 2019); acts by Q restricted to G(a)/max G ≥ threshold.
 - ``dt``      Decision Transformer (Chen et al. 2021) conditioned on the return-to-go.
+- ``logreg``  logistic regression on the per-step features: the simplest learned reference.
+
+Every model honours ``ModelSpec.history_stats``: with it, x_t is extended by the causal history
+statistics (``layers.history_stats``), exactly as for MTORL, so a comparison gives all rows the same
+inputs.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from mtorl.models.layers import (
     SequencePolicy,
     StepEmbedding,
     causal_attention_mask,
+    history_dim,
     sinusoidal_positions,
+    step_features,
 )
 from mtorl.spec.models import ModelSpec
 
@@ -37,13 +44,13 @@ FILTERED = -1e9
 # ----------------------------------------------------------------------------- behaviour cloning
 
 class BCMLP(SequencePolicy):
-    """π(a_t | x_t) with x_t = (a_{t-1}, r_{t-1}, s_t); no longer history."""
+    """π(a_t | x_t) with x_t = (a_{t-1}, r_{t-1}, s_t) [+ history statistics]; no learned memory."""
 
     name = "bc_mlp"
 
     def __init__(self, spec: ModelSpec, state_dim: int, n_channels: int, binary: bool) -> None:
         super().__init__(spec, state_dim, n_channels, binary)
-        self.embed = StepEmbedding(state_dim, n_channels, spec.hidden)
+        self.embed = StepEmbedding(state_dim, n_channels, spec.hidden, with_history=spec.history_stats)
         self.trunk = nn.Sequential(nn.ReLU(), nn.Linear(spec.hidden, spec.hidden), nn.ReLU())
         self.action_head = MLPHead(spec.hidden, spec.decoder_hidden, n_channels)
         self.reward_head = MLPHead(spec.hidden, spec.decoder_hidden, n_channels)
@@ -60,13 +67,39 @@ class BCSeq(SequencePolicy):
 
     def __init__(self, spec: ModelSpec, state_dim: int, n_channels: int, binary: bool) -> None:
         super().__init__(spec, state_dim, n_channels, binary)
-        self.encoder = GRUEncoder(state_dim, n_channels, spec.hidden)
+        self.encoder = GRUEncoder(state_dim, n_channels, spec.hidden, with_history=spec.history_stats)
         self.action_head = MLPHead(spec.hidden, spec.decoder_hidden, n_channels)
         self.reward_head = MLPHead(spec.hidden, spec.decoder_hidden, n_channels)
 
     def forward(self, batch: Batch) -> ModelOutput:
         h = self.encoder(batch)  # (B, L, H)
         return ModelOutput(self.action_head(h), self.reward_head(h))
+
+
+class LogReg(SequencePolicy):
+    """Logistic regression on the per-step features φ_t = x_t [+ history statistics]:
+
+        r̂(φ_t, c) = w·φ_t + W_c·φ_t + b_c      (B, L, C): a shared slope, a per-channel slope, an intercept
+        π(c | φ_t) = softmax(A φ_t + a)_c      (B, L, C): multinomial logistic regression
+
+    i.e. a logistic regression on [φ_t, φ_t ⊗ onehot(c), onehot(c)] for the reward (the shared slope lets
+    rare channels borrow strength), fitted like every model on the logged channel's entry (BCE) with the
+    same action cross-entropy. No hidden layer and no memory beyond what φ_t holds.
+    """
+
+    name = "logreg"
+
+    def __init__(self, spec: ModelSpec, state_dim: int, n_channels: int, binary: bool) -> None:
+        super().__init__(spec, state_dim, n_channels, binary)
+        F_in = n_channels + 1 + state_dim + (history_dim(n_channels) if spec.history_stats else 0)
+        self.reward_shared = nn.Linear(F_in, 1, bias=False)
+        self.reward_linear = nn.Linear(F_in, n_channels)
+        self.action_linear = nn.Linear(F_in, n_channels)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        phi = step_features(batch, self.n_channels, self.spec.history_stats)  # (B, L, F)
+        reward = self.reward_shared(phi) + self.reward_linear(phi)  # (B, L, 1) + (B, L, C) -> (B, L, C)
+        return ModelOutput(self.action_linear(phi), reward)  # (B, L, C) x 2
 
 
 # ----------------------------------------------------------------------------- Q-learning
@@ -77,7 +110,7 @@ class _QModel(SequencePolicy):
 
     def __init__(self, spec: ModelSpec, state_dim: int, n_channels: int, binary: bool) -> None:
         super().__init__(spec, state_dim, n_channels, binary)
-        self.encoder = GRUEncoder(state_dim, n_channels, spec.hidden)
+        self.encoder = GRUEncoder(state_dim, n_channels, spec.hidden, with_history=spec.history_stats)
         self.q_head = MLPHead(spec.hidden, spec.decoder_hidden, n_channels)
         self.reward_head = MLPHead(spec.hidden, spec.decoder_hidden, n_channels)
         self.target = nn.ModuleDict({"encoder": copy.deepcopy(self.encoder), "q_head": copy.deepcopy(self.q_head)})
@@ -203,7 +236,7 @@ class DecisionTransformer(SequencePolicy):
     def __init__(self, spec: ModelSpec, state_dim: int, n_channels: int, binary: bool) -> None:
         super().__init__(spec, state_dim, n_channels, binary)
         H = spec.hidden
-        self.embed = StepEmbedding(state_dim, n_channels, H)
+        self.embed = StepEmbedding(state_dim, n_channels, H, with_history=spec.history_stats)
         self.rtg_embed = nn.Linear(1, H)
         self.blocks = nn.ModuleList(
             AddNormBlock(H, spec.attention.heads, spec.attention.dropout) for _ in range(spec.attention.layers)

@@ -75,6 +75,11 @@ def step_inputs(batch: Batch, n_channels: int) -> torch.Tensor:
     return torch.cat([onehot, batch.prev_reward.unsqueeze(-1).to(batch.state.dtype), batch.state], dim=-1)
 
 
+def history_dim(n_channels: int) -> int:
+    """Width of ``history_stats``: 2 + 2C."""
+    return 2 + 2 * n_channels
+
+
 def history_stats(batch: Batch, n_channels: int) -> torch.Tensor:
     """Causal running statistics of the journey so far, from (a_{k-1}, r_{k-1}) for k <= t:
 
@@ -99,6 +104,14 @@ def history_stats(batch: Batch, n_channels: int) -> torch.Tensor:
     return torch.cat([torch.log1p(n).unsqueeze(-1), rate.unsqueeze(-1), freq, crate], dim=-1)
 
 
+def step_features(batch: Batch, n_channels: int, with_history: bool) -> torch.Tensor:
+    """x_t, followed by the history statistics when ``with_history``: (B, L, C + 1 + D [+ 2 + 2C])."""
+    x = step_inputs(batch, n_channels)  # (B, L, C + 1 + D)
+    if with_history:
+        x = torch.cat([x, history_stats(batch, n_channels)], dim=-1)  # (B, L, C + 1 + D + 2 + 2C)
+    return x
+
+
 class StepEmbedding(nn.Module):
     """W_e: Linear(C + 1 + D [+ 2 + 2C history statistics] -> H) on x_t."""
 
@@ -106,13 +119,10 @@ class StepEmbedding(nn.Module):
         super().__init__()
         self.n_channels = n_channels
         self.with_history = with_history
-        self.proj = nn.Linear(n_channels + 1 + state_dim + (2 + 2 * n_channels if with_history else 0), hidden)
+        self.proj = nn.Linear(n_channels + 1 + state_dim + (history_dim(n_channels) if with_history else 0), hidden)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        x = step_inputs(batch, self.n_channels)  # (B, L, C + 1 + D)
-        if self.with_history:
-            x = torch.cat([x, history_stats(batch, self.n_channels)], dim=-1)
-        return self.proj(x)  # (B, L, H)
+        return self.proj(step_features(batch, self.n_channels, self.with_history))  # (B, L, H)
 
 
 def sinusoidal_positions(L: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -250,11 +260,12 @@ class MLPHead(nn.Module):
 
 
 class GRUEncoder(nn.Module):
-    """W_e then a single-layer causal (unidirectional) GRU: (B, L) batch -> (B, L, H)."""
+    """W_e (optionally on the history statistics too) then a single-layer causal (unidirectional)
+    GRU: (B, L) batch -> (B, L, H)."""
 
-    def __init__(self, state_dim: int, n_channels: int, hidden: int) -> None:
+    def __init__(self, state_dim: int, n_channels: int, hidden: int, with_history: bool = False) -> None:
         super().__init__()
-        self.embed = StepEmbedding(state_dim, n_channels, hidden)
+        self.embed = StepEmbedding(state_dim, n_channels, hidden, with_history=with_history)
         self.gru = nn.GRU(hidden, hidden, batch_first=True)
 
     def forward(self, batch: Batch) -> torch.Tensor:

@@ -60,7 +60,7 @@ def _val_metric(v: str) -> str:
 ValMetric = Annotated[str, AfterValidator(_val_metric)]
 
 Source = Literal["kuairand-sequence", "criteo-sequence", "criteo-attribution", "journeys"]
-ModelName = Literal["mtorl", "bc_mlp", "bc_seq", "cql", "iql", "bcq", "dt"]
+ModelName = Literal["mtorl", "bc_mlp", "bc_seq", "cql", "iql", "bcq", "dt", "logreg"]
 
 
 class _Strict(BaseModel):
@@ -158,17 +158,17 @@ class TCNSpec(_Strict):
 
 class AttentionSpec(_Strict):
     heads: int = Field(4, ge=1, le=256)
-    layers: int = Field(1, ge=1, le=8)
+    layers: int = Field(1, ge=0, le=8, description="Self-attention blocks (mtorl, dt); 0 = none (the MTORL ablation without attention).")
     dropout: float = Field(0.1, ge=0, lt=1)
 
 
 class ModelSpec(_Strict):
-    name: ModelName = Field("mtorl", description="mtorl or a baseline: bc_mlp, bc_seq, cql, iql, bcq, dt.")
+    name: ModelName = Field("mtorl", description="mtorl or a baseline: bc_mlp, bc_seq, cql, iql, bcq, dt, logreg.")
     hidden: int = Field(64, ge=4, le=4096, description="Hidden size.")
     tcn: TCNSpec = Field(default_factory=TCNSpec)
     attention: AttentionSpec = Field(default_factory=AttentionSpec)
     decoder_hidden: int = Field(64, ge=4, le=4096)
-    history_stats: bool = Field(True, description="mtorl: add causal running statistics of past channels and rewards to x_t (see models/layers.py: history_stats).")
+    history_stats: bool = Field(True, description="Every model: add causal running statistics of past channels and rewards to x_t (see models/layers.py: history_stats). One switch for all models, so a comparison gives every row the same inputs.")
     gamma: float = Field(0.9, ge=0, le=1, description="Discount for the Q-learning baselines and returns-to-go.")
     cql_alpha: float = Field(1.0, ge=0, le=1e6)
     iql_expectile: float = Field(0.7, gt=0, lt=1)
@@ -179,7 +179,7 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelSpec":
-        if self.hidden % self.attention.heads:
+        if self.attention.layers and self.hidden % self.attention.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by attention.heads ({self.attention.heads})")
         return self
 

@@ -224,7 +224,7 @@ def compute_loss(
     """Every loss of one batch; ``loss`` is the one to minimise.
 
     mtorl:          L = L_action + μ·L_reward + λ·L_pref       (μ = reward_weight, λ = pref_weight)
-    bc_mlp/bc_seq/dt: L = L_action + μ·L_reward
+    bc_mlp/bc_seq/dt/logreg: L = L_action + μ·L_reward
     cql:            L = q_loss (td + α·cql) + μ·L_reward
     iql:            L = q_loss + v_loss + awr_loss + μ·L_reward
     bcq:            L = q_loss + imitation_loss + μ·L_reward
@@ -250,7 +250,7 @@ def compute_loss(
         )
         losses.update(action_loss=l_action, pref_loss=l_pref)
         total = l_action + mu * l_reward + objective.pref_weight * l_pref
-    elif name in ("bc_mlp", "bc_seq", "dt"):
+    elif name in ("bc_mlp", "bc_seq", "dt", "logreg"):
         l_action = action_loss(out.action_logits, batch.channel, batch.mask)
         losses["action_loss"] = l_action
         total = l_action + mu * l_reward

@@ -14,14 +14,14 @@ from mtorl.spec.models import ModelSpec, TCNSpec
 
 D, C = 4, 3
 NAMES = sorted(MODELS)
-CAUSAL = ["mtorl", "bc_seq", "dt", "bc_mlp", "cql", "iql", "bcq"]
+CAUSAL = ["mtorl", "bc_seq", "dt", "bc_mlp", "cql", "iql", "bcq", "logreg"]
 
 
-def tiny_spec(name: str, dropout: float = 0.0) -> ModelSpec:
+def tiny_spec(name: str, dropout: float = 0.0, history_stats: bool = True, attention_layers: int = 1) -> ModelSpec:
     return ModelSpec(
-        name=name, hidden=8, decoder_hidden=8,
+        name=name, hidden=8, decoder_hidden=8, history_stats=history_stats,
         tcn={"levels": 2, "kernel_size": 2, "dropout": dropout},
-        attention={"heads": 2, "layers": 1, "dropout": dropout},
+        attention={"heads": 2, "layers": attention_layers, "dropout": dropout},
     )
 
 
@@ -43,9 +43,9 @@ def make_batch(lengths: list[int], L: int, seed: int = 0) -> Batch:
     ))
 
 
-def model(name: str, dropout: float = 0.0, binary: bool = True) -> torch.nn.Module:
+def model(name: str, dropout: float = 0.0, binary: bool = True, history_stats: bool = True) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(tiny_spec(name, dropout), state_dim=D, n_channels=C, binary=binary)
+    return build_model(tiny_spec(name, dropout, history_stats), state_dim=D, n_channels=C, binary=binary)
 
 
 def test_batch_from_numpy_defaults_and_to() -> None:
@@ -200,3 +200,64 @@ def test_torchscript_export_matches_eager(name: str) -> None:
         p, r = m.predict(b)
         p2, r2 = ts(b.state, b.prev_channel, b.prev_reward, b.mask)
         assert torch.allclose(p, p2, atol=1e-6) and torch.allclose(r, r2, atol=1e-6)
+
+
+def test_every_model_is_listed_in_the_spec() -> None:
+    from typing import get_args
+
+    from mtorl.spec.models import ModelName
+
+    assert set(MODELS) == set(get_args(ModelName))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("stats", [True, False])
+def test_every_model_honours_the_history_stats_switch(name: str, stats: bool) -> None:
+    """One spec field gives every model the same inputs: on, the step input grows by the 2 + 2C
+    history statistics (and the outputs read them); off, the model never sees them."""
+    m = model(name, history_stats=stats)
+    b = make_batch([6, 3], L=6)
+    out = m(b)
+    assert out.action_logits.shape == (2, 6, C) and out.reward_pred.shape == (2, 6, C)
+    probs, reward = m.predict(b)
+    assert probs.shape == (2, 6, C) and reward.shape == (2, 6, C)
+    assert torch.isfinite(out.reward_pred).all() and torch.isfinite(out.action_logits).all()
+    n_on = sum(p.numel() for p in model(name, history_stats=True).parameters())
+    n_off = sum(p.numel() for p in model(name, history_stats=False).parameters())
+    assert n_on > n_off  # the input projection is wider by (2 + 2C) columns
+    # Earlier channels/rewards far back in the journey move the statistics at t but not x_t:
+    # a model without memory and without the statistics cannot tell the two batches apart.
+    if name in ("bc_mlp", "logreg"):
+        t = 5
+        pert = Batch(**{**b.__dict__, "prev_reward": torch.where(torch.arange(6)[None, :] < t - 1, 1.0 - b.prev_reward, b.prev_reward)})
+        m.eval()
+        same = torch.allclose(m(b).reward_pred[0, t], m(pert).reward_pred[0, t], atol=1e-6)
+        assert same is (not stats)
+
+
+def test_mtorl_ablation_without_attention() -> None:
+    torch.manual_seed(0)
+    m = build_model(tiny_spec("mtorl", attention_layers=0), D, C, True)
+    assert len(m.blocks) == 0
+    out = m(make_batch([5, 2], L=5))
+    assert out.reward_pred.shape == (2, 5, C)
+    with pytest.raises(ValueError):  # heads must divide hidden only when attention is on
+        ModelSpec(hidden=9, attention={"heads": 2, "layers": 1})
+    ModelSpec(hidden=9, attention={"heads": 2, "layers": 0})
+
+
+def test_logreg_is_linear_in_its_features_hand_computed() -> None:
+    """r̂(φ, c) = w·φ + W_c·φ + b_c and π = softmax(Aφ + a), φ = step features (+ statistics)."""
+    from mtorl.models.layers import step_features
+
+    m = model("logreg")
+    b = make_batch([4, 2], L=4)
+    phi = step_features(b, C, True)  # (B, L, F)
+    assert phi.shape[-1] == C + 1 + D + 2 + 2 * C
+    out = m(b)
+    w = m.reward_shared.weight[0]  # (F,)
+    W, bias = m.reward_linear.weight, m.reward_linear.bias  # (C, F), (C,)
+    expected = torch.einsum("blf,f->bl", phi, w)[..., None] + torch.einsum("blf,cf->blc", phi, W) + bias
+    assert torch.allclose(out.reward_pred, expected, atol=1e-6)
+    A, a = m.action_linear.weight, m.action_linear.bias
+    assert torch.allclose(out.action_logits, torch.einsum("blf,cf->blc", phi, A) + a, atol=1e-6)
