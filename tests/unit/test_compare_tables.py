@@ -26,10 +26,17 @@ def test_run_label_names_the_run_of_a_checkpoint() -> None:
 
 
 def summary(auc: float, lo: float, sel: float) -> dict:
-    return {"kind": "model", "reward": {"auc": auc, "logloss": 0.4, "ece": 0.01}, "channel": {"accuracy": 0.3},
-            "base_rate": 0.17, "budget": [{"fraction": 0.2, "select_rate": sel, "penalty": 0.5},
-                                           {"fraction": 0.5, "select_rate": sel / 2, "penalty": 0.1}],
-            "ope": {"dr": {"value": lo + 0.01, "ci_low": lo, "ci_high": lo + 0.02}}}
+    return {
+        "kind": "model",
+        "reward": {"auc": auc, "logloss": 0.4, "ece": 0.01},
+        "channel": {"accuracy": 0.3},
+        "base_rate": 0.17,
+        "budget": [
+            {"fraction": 0.2, "select_rate": sel, "penalty": 0.5},
+            {"fraction": 0.5, "select_rate": sel / 2, "penalty": 0.1},
+        ],
+        "ope": {"dr": {"value": lo + 0.01, "ci_low": lo, "ci_high": lo + 0.02}},
+    }
 
 
 def test_results_and_keys_read_the_evaluation() -> None:
@@ -48,10 +55,23 @@ def test_results_and_keys_read_the_evaluation() -> None:
 
 def test_tables_bold_the_best_and_state_the_inputs() -> None:
     t = _tables()
-    inputs = {"history_stats": False, "lr": 0.003, "attention_layers": 1, "pref_weight": 0.1, "reward_weight": 1.0,
-              "val": {"reward_auc": 0.65, "select_rate@budget": 0.3}}
-    rows = [{"label": "a", "model": "mtorl", "inputs": {**inputs, "history_stats": True}, "metrics": t.results_of(summary(0.7, 0.18, 0.33))},
-            {"label": "b", "model": "logreg", "inputs": inputs, "metrics": t.results_of(summary(0.6, 0.10, 0.30))}]
+    inputs = {
+        "history_stats": False,
+        "lr": 0.003,
+        "attention_layers": 1,
+        "pref_weight": 0.1,
+        "reward_weight": 1.0,
+        "val": {"reward_auc": 0.65, "select_rate@budget": 0.3},
+    }
+    rows = [
+        {
+            "label": "a",
+            "model": "mtorl",
+            "inputs": {**inputs, "history_stats": True},
+            "metrics": t.results_of(summary(0.7, 0.18, 0.33)),
+        },
+        {"label": "b", "model": "logreg", "inputs": inputs, "metrics": t.results_of(summary(0.6, 0.10, 0.30))},
+    ]
     lines = t.main_table(rows)
     assert lines[2].startswith("| a | mtorl | on | 0.0030 | 0.650 | 0.300 | **0.700** |") and "**0.330**" in lines[2]
     assert lines[3].startswith("| b | logreg | off |") and lines[3].endswith("| no |")

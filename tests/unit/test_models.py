@@ -19,7 +19,10 @@ CAUSAL = ["mtorl", "bc_seq", "dt", "bc_mlp", "cql", "iql", "bcq", "logreg"]
 
 def tiny_spec(name: str, dropout: float = 0.0, history_stats: bool = True, attention_layers: int = 1) -> ModelSpec:
     return ModelSpec(
-        name=name, hidden=8, decoder_hidden=8, history_stats=history_stats,
+        name=name,
+        hidden=8,
+        decoder_hidden=8,
+        history_stats=history_stats,
         tcn={"levels": 2, "kernel_size": 2, "dropout": dropout},
         attention={"heads": 2, "layers": attention_layers, "dropout": dropout},
     )
@@ -36,11 +39,20 @@ def make_batch(lengths: list[int], L: int, seed: int = 0) -> Batch:
     prev_reward = np.where(mask, np.concatenate([np.zeros((B, 1)), reward[:, :-1]], axis=1), 0).astype(np.float32)
     done = mask & (np.arange(L)[None, :] == np.asarray(lengths)[:, None] - 1)
     state = (rng.normal(size=(B, L, D)) * mask[..., None]).astype(np.float32)
-    return Batch.from_numpy(dict(
-        state=state, prev_channel=prev, prev_reward=prev_reward, channel=channel, reward=reward,
-        gain=reward, cost=np.zeros((B, L), np.float32), propensity=np.full((B, L), np.nan, np.float32),
-        done=done, mask=mask,
-    ))
+    return Batch.from_numpy(
+        dict(
+            state=state,
+            prev_channel=prev,
+            prev_reward=prev_reward,
+            channel=channel,
+            reward=reward,
+            gain=reward,
+            cost=np.zeros((B, L), np.float32),
+            propensity=np.full((B, L), np.nan, np.float32),
+            done=done,
+            mask=mask,
+        )
+    )
 
 
 def model(name: str, dropout: float = 0.0, binary: bool = True, history_stats: bool = True) -> torch.nn.Module:
@@ -95,10 +107,14 @@ def test_causality(name: str) -> None:
     m = model(name, dropout=0.3).eval()
     b = make_batch([8, 8], L=8)
     t = 4
-    pert = Batch(**{**b.__dict__,
-                    "state": torch.where(torch.arange(8)[None, :, None] > t, b.state + 5.0, b.state),
-                    "prev_channel": torch.where(torch.arange(8)[None, :] > t, (b.prev_channel + 1) % C, b.prev_channel),
-                    "prev_reward": torch.where(torch.arange(8)[None, :] > t, 1.0 - b.prev_reward, b.prev_reward)})
+    pert = Batch(
+        **{
+            **b.__dict__,
+            "state": torch.where(torch.arange(8)[None, :, None] > t, b.state + 5.0, b.state),
+            "prev_channel": torch.where(torch.arange(8)[None, :] > t, (b.prev_channel + 1) % C, b.prev_channel),
+            "prev_reward": torch.where(torch.arange(8)[None, :] > t, 1.0 - b.prev_reward, b.prev_reward),
+        }
+    )
     o1, o2 = m(b), m(pert)
     assert torch.allclose(o1.action_logits[:, : t + 1], o2.action_logits[:, : t + 1], atol=1e-6)
     assert torch.allclose(o1.reward_pred[:, : t + 1], o2.reward_pred[:, : t + 1], atol=1e-6)
@@ -229,7 +245,12 @@ def test_every_model_honours_the_history_stats_switch(name: str, stats: bool) ->
     # a model without memory and without the statistics cannot tell the two batches apart.
     if name in ("bc_mlp", "logreg"):
         t = 5
-        pert = Batch(**{**b.__dict__, "prev_reward": torch.where(torch.arange(6)[None, :] < t - 1, 1.0 - b.prev_reward, b.prev_reward)})
+        pert = Batch(
+            **{
+                **b.__dict__,
+                "prev_reward": torch.where(torch.arange(6)[None, :] < t - 1, 1.0 - b.prev_reward, b.prev_reward),
+            }
+        )
         m.eval()
         same = torch.allclose(m(b).reward_pred[0, t], m(pert).reward_pred[0, t], atol=1e-6)
         assert same is (not stats)
