@@ -128,7 +128,9 @@ class MtorlPredictor:
         if digest is None and not is_loopback(self.args.host):
             raise RuntimeError(f"host {self.args.host!r} is not loopback and no token is configured")
         threads = max(1, int(round(self.args.num_cpus_per_replica)))
-        self.predictor = Predictor.from_checkpoint(self.args.checkpoint)
+        # a replica given GPUs (num_gpus_per_replica) runs its forward there; the checkpoint is device-free
+        device = "cuda" if self.args.num_gpus_per_replica > 0 else "cpu"
+        self.predictor = Predictor.from_checkpoint(self.args.checkpoint, device=device)
         import torch
 
         torch.set_num_threads(threads)

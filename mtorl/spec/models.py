@@ -338,7 +338,7 @@ class ServeSpec(_Strict):
     request_timeout_s: float = Field(10.0, gt=0)
     max_journey_length: int = Field(512, ge=1)
     max_users_per_request: int = Field(1000, ge=1)
-    num_gpus_per_replica: float = Field(0.0, ge=0, description="GPUs each replica reserves (Ray num_gpus); 0 = CPU only. The cluster needs GPU nodes (a GPU worker group).")
+    num_gpus_per_replica: float = Field(0.0, ge=0, description="GPUs each replica reserves (Ray num_gpus) and runs its forward on (cuda); 0 = CPU only. The cluster needs GPU nodes (a GPU worker group).")
     max_body_bytes: int = Field(4_000_000, ge=1024)
     num_cpus_per_replica: float = Field(0.5, gt=0)
     access_log: bool = Field(True, description="Log every request from the replica (Serve's access log) to its log "
