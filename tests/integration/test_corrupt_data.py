@@ -107,4 +107,4 @@ def test_a_missing_shard_is_one_line_naming_it(ray_session: None, small_dataset:
     with pytest.raises(Exception) as e:
         read_split(uri, "val", m).count()
     known = find_known(e.value)
-    assert isinstance(known, DataError) and str(known) == f"{shard}: shard listed in the manifest is missing"
+    assert isinstance(known, DataError) and str(known).startswith(f"{shard}: shard listed in the manifest is missing")
