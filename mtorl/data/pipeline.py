@@ -74,8 +74,12 @@ def _read_verified(fs: Any, uris: list[str], paths: list[str], shas: list[str], 
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
     kw = {k: v for k, v in read_kwargs.items() if k in ("num_cpus", "memory", "concurrency")}
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        load, batch_format="pyarrow", batch_size=1, **kw)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block per shard
+    shuffle = read_kwargs.get("shuffle")
+    if shuffle is not None:  # the file order of read_parquet(shuffle=FileShuffleConfig): here the shard order
+        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(
+            seed=getattr(shuffle, "seed", None), reseed_after_execution=getattr(shuffle, "reseed_after_execution", True)))
+    return ds.map_batches(load, batch_format="pyarrow", batch_size=1, **kw)
 
 
 def window_dataset(dataset_uri: str, split: str, window: WindowSpec, manifest: dict[str, Any] | None = None,
