@@ -27,24 +27,11 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from mtorl.evaluation.decision import broadcast_cost
 from mtorl.evaluation.predictions import Predictions, outcome
 
 __all__ = ["channel_scores", "recommended_channel", "score_steps", "Allocation", "allocate_users",
            "allocate_requests", "budget_curve", "channel_costs"]
-
-
-def _broadcast_cost(cost: np.ndarray | Sequence[float] | float, shape: tuple[int, int]) -> np.ndarray:
-    """cost: scalar, (C,) per channel, (N,) per step (same for every channel) or (N, C) -> (N, C)."""
-    k = np.asarray(cost, dtype=np.float64)
-    n, c = shape
-    if k.ndim == 1 and k.shape[0] == n and (n != c or c == 1):
-        k = k[:, None]
-    elif k.ndim == 1 and k.shape[0] != c:
-        raise ValueError(f"cost of shape {k.shape} matches neither C={c} channels nor N={n} steps")
-    k = np.broadcast_to(k, shape)
-    if np.any(k < 0) or not np.all(np.isfinite(k)):
-        raise ValueError("costs must be finite and >= 0")
-    return k
 
 
 def channel_scores(action_probs: np.ndarray, reward_pred: np.ndarray,
@@ -58,7 +45,7 @@ def channel_scores(action_probs: np.ndarray, reward_pred: np.ndarray,
     r = np.asarray(reward_pred, dtype=np.float64)
     if pi.shape != r.shape or pi.ndim != 2:
         raise ValueError(f"action_probs {pi.shape} and reward_pred {r.shape} must both be (N, C)")
-    k = _broadcast_cost(cost, pi.shape)
+    k = broadcast_cost(cost, pi.shape)
     paid = k > 0
     net = np.maximum(r - penalty * k, 0.0)
     per_cost = np.divide(net, k, out=np.zeros_like(net), where=paid)
@@ -82,7 +69,7 @@ def score_steps(action_probs: np.ndarray, reward_pred: np.ndarray, cost: Any,
     `decision` = DecisionParams / DecisionSpec, None = defaults; q = -inf on channels the policy
     does not allow). The pi-reweighted rule is `decision` policy "imitation".
     """
-    from mtorl.evaluation.decision import broadcast_cost, channel_values, decide, params_of
+    from mtorl.evaluation.decision import channel_values, decide, params_of
 
     prm = params_of(decision)
     r = np.asarray(reward_pred, dtype=np.float64)
