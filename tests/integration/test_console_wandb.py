@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.fixtures.datasets import TINY_MODEL
 import yaml
 
 from mtorl.spec import job_to_dict, make_job
@@ -17,13 +19,6 @@ from tests.fixtures.wandb_files import offline_runs
 
 pytestmark = pytest.mark.integration
 
-TINY = {
-    "name": "mtorl",
-    "hidden": 8,
-    "tcn": {"levels": 1, "kernel_size": 2},
-    "attention": {"heads": 1},
-    "decoder_hidden": 8,
-}
 CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # any control character but the newline
 NOISE = re.compile(r"WARNING|ERROR|Traceback|Fatal Python error|\(raylet\)|pid=\d+")
 
@@ -36,7 +31,7 @@ def _train_job(name: str, data: str, out: str, epochs: int, workers: int = 0) ->
             "data": data,
             "output": out,
             "window": {"length": 10},
-            "model": TINY,
+            "model": TINY_MODEL,
             "trainer": {"workers": workers, "epochs": epochs, "batch_size": 32, "max_steps_per_epoch": 4},
             "tracking": {"wandb": "offline", "project": "mtorl-test"},
         },

@@ -10,17 +10,10 @@ import pytest
 import yaml
 
 from mtorl import storage
-from tests.fixtures.datasets import JOURNEYS_FORMAT, write_journeys_csv
+from tests.fixtures.datasets import TINY_MODEL, JOURNEYS_FORMAT, write_journeys_csv
 
 pytestmark = pytest.mark.integration
 
-TINY = {
-    "name": "mtorl",
-    "hidden": 8,
-    "tcn": {"levels": 1, "kernel_size": 2},
-    "attention": {"heads": 1},
-    "decoder_hidden": 8,
-}
 
 
 @pytest.fixture
@@ -57,7 +50,7 @@ def _train_spec(tmp: Path, data: str, out: str) -> Path:
                     "data": data,
                     "output": out,
                     "window": {"length": 8},
-                    "model": TINY,
+                    "model": TINY_MODEL,
                     "trainer": {"workers": 0, "epochs": 1, "batch_size": 16, "max_failures": 0},
                     "tracking": {"wandb": "disabled"},
                 },

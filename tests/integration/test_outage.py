@@ -12,17 +12,10 @@ import pytest
 
 from mtorl import storage
 from mtorl.spec import make_job
-from tests.fixtures.datasets import JOURNEYS_FORMAT, write_journeys_csv
+from tests.fixtures.datasets import TINY_MODEL, JOURNEYS_FORMAT, write_journeys_csv
 
 pytestmark = pytest.mark.integration
 
-TINY = {
-    "name": "mtorl",
-    "hidden": 8,
-    "tcn": {"levels": 1, "kernel_size": 2},
-    "attention": {"heads": 1},
-    "decoder_hidden": 8,
-}
 
 
 def test_a_20s_store_outage_mid_training_is_waited_out(
@@ -62,7 +55,7 @@ def test_a_20s_store_outage_mid_training_is_waited_out(
                 "data": data,
                 "output": "s3://outage/runs",
                 "window": {"length": 8},
-                "model": TINY,
+                "model": TINY_MODEL,
                 "trainer": {"workers": 0, "epochs": 6, "batch_size": 16, "keep_top_k": 1},
                 "tracking": {"wandb": "disabled"},
             },

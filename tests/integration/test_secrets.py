@@ -9,19 +9,14 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.datasets import TINY_MODEL
+
 from mtorl.spec import make_job
 
 pytestmark = pytest.mark.integration
 
 TOKEN_ENV = "MTORL_SECRETS_TEST_TOKEN"  # MTORL_ prefix: the kind of name that used to be forwarded
 TOKEN = "tok-5e1c7d92b04a4f3e"
-TINY = {
-    "name": "mtorl",
-    "hidden": 8,
-    "tcn": {"levels": 1, "kernel_size": 2},
-    "attention": {"heads": 1},
-    "decoder_hidden": 8,
-}
 
 
 def _hits(root: Path, needles: dict[str, bytes]) -> list[str]:
@@ -53,7 +48,7 @@ def test_no_secret_or_token_under_the_ray_session_or_wandb_dirs(
         "data": tiny_dataset,
         "output": f"{s3_bucket}/runs",
         "window": {"length": 10},
-        "model": TINY,
+        "model": TINY_MODEL,
         "trainer": {"workers": 1, "epochs": 1, "batch_size": 32, "max_steps_per_epoch": 4},
         "tracking": {"wandb": "offline"},
     }

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.fixtures.datasets import TINY_MODEL
 import yaml
 
 from mtorl import faults, storage
@@ -17,13 +19,6 @@ from mtorl.spec import job_to_dict, make_job
 
 pytestmark = pytest.mark.integration
 
-TINY = {
-    "name": "mtorl",
-    "hidden": 8,
-    "tcn": {"levels": 1, "kernel_size": 2},
-    "attention": {"heads": 1},
-    "decoder_hidden": 8,
-}
 
 
 def _sweep(name: str, data: str, out: str, **kw: Any) -> Any:
@@ -31,7 +26,7 @@ def _sweep(name: str, data: str, out: str, **kw: Any) -> Any:
         "data": data,
         "output": out,
         "window": {"length": 10},
-        "model": TINY,
+        "model": TINY_MODEL,
         "trainer": {
             "workers": 1,
             "epochs": kw.pop("epochs", 2),
