@@ -522,3 +522,61 @@ def assert_serve_binds_loopback_only(port: int) -> None:
 
 def test_listening_sockets_are_loopback_only(served: dict[str, Any]) -> None:
     assert_serve_binds_loopback_only(served["port"])
+
+
+# ------------------------------------------------------------------------------ a crashed replica (last: it kills one)
+
+def _replica_pids() -> set[int]:
+    from ray._private.state import actors
+
+    return {int(a["Pid"]) for a in actors().values() if a.get("State") == "ALIVE" and a.get("Pid")
+            and str(a.get("ActorClassName", "")).startswith("ServeReplica")}
+
+
+def test_replica_crash_is_503_then_recovers(served: dict[str, Any]) -> None:
+    """SIGKILL the replica's process under load (4 clients): no request gets a 5xx but a 503 with Retry-After
+    (the in-flight ones, and those that would wait for the replacement), none waits long, a new replica
+    replaces the dead one and serves within a bound. Last in the module: the others keep their replica."""
+    import signal
+
+    body = {"users": _users(served["manifest"], 2)}
+    log: list[tuple[float, float, int, str]] = []  # (sent, latency s, status or -1, Retry-After or error)
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(headers=AUTH, timeout=120) as c:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    r = c.post(f"{served['url']}/v1/recommend", json=body)
+                    log.append((t0, time.perf_counter() - t0, r.status_code, r.headers.get("retry-after", "")))
+                except httpx.HTTPError as e:  # a dropped connection counts as a failure
+                    log.append((t0, time.perf_counter() - t0, -1, type(e).__name__))
+                time.sleep(0.02)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.5)
+        (pid,) = _replica_pids()
+        t_kill = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 90
+        while time.time() < deadline and len([e for e in log if e[0] > t_kill + 0.5 and e[2] == 200]) < 8:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=130)
+    after = sorted(e for e in log if e[0] + e[1] > t_kill)  # answered after the kill
+    codes = {s: sum(1 for e in after if e[2] == s) for s in {e[2] for e in after}}
+    back = [e[0] + e[1] - t_kill for e in after if e[2] == 200 and e[0] > t_kill]
+    print(f"replica crash under load: {len(after)} requests answered after the kill {codes}, max latency "
+          f"{max(e[1] for e in after):.2f} s, first 200 sent after the kill answered {min(back, default=-1):.1f} s after it")
+    wrong = [e for e in after if e[2] != 200 and not (e[2] == 503 and e[3].isdigit())]
+    assert not wrong, f"requests failed otherwise than 503 + Retry-After: {wrong[:5]} ({codes})"
+    # 503s come fast (the guard's 2 s wait while degraded + a loaded machine's margin), and no request hangs.
+    assert max(e[1] for e in after) < 8.0, sorted(after, key=lambda e: -e[1])[:5]
+    assert len(back) >= 8 and min(back) < 60, "serving did not resume within 60 s of the crash"
+    assert _replica_pids() and pid not in _replica_pids()
