@@ -392,7 +392,8 @@ def env_lines(state: StoreState) -> list[str]:
 
 
 def store_command(action: str, dir: str | None = None, port: int | None = None) -> int:
-    """``mtorl store up|status|down``: human output, exit code (0 ok, 1 failure/not running, 2 bad action)."""
+    """``mtorl store up|status|down``: human output and the exit code: 0 ok, 1 not running (``status``), and
+    for a failure the house's convention (``mtorl.cli.main``): ``error: <one line>`` on stderr, exit 2."""
     try:
         if action == "up":
             t0 = time.monotonic()
@@ -418,8 +419,10 @@ def store_command(action: str, dir: str | None = None, port: int | None = None) 
             pid = down(dir)
             print(f"stopped (pid {pid})" if pid else f"not running (dir {store_dir(dir)})")
             return 0
-        print(f"unknown store action {action!r}; one of up, status, down", file=sys.stderr)
+        print(f"error: unknown store action {action!r}; one of up, status, down", file=sys.stderr)
         return 2
     except StorageError as e:
-        print(str(e), file=sys.stderr)
-        return 1
+        from mtorl.errors import one_line
+
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code

@@ -10,9 +10,23 @@ from mtorl.storage import StorageError, s3_settings, seaweed
 def test_port_out_of_range_and_unusable_dir_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(StorageError, match=r"^--port 70000: not a TCP port \(1-65535\)$"):
         seaweed.up("/nonexistent-never", 70000)
-    assert seaweed.store_command("up", "/proc/mtorl-x", None) == 1
+    assert seaweed.store_command("up", "/proc/mtorl-x", None) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("/proc/mtorl-x: cannot use this store directory:") and "\n" not in err
+    assert err.startswith("error: /proc/mtorl-x: cannot use this store directory:") and "\n" not in err
+
+
+@pytest.mark.parametrize("argv, start", [
+    (["--dir", "/proc/mtorl-x"], "error: /proc/mtorl-x: cannot use this store directory:"),
+    (["--port", "70000"], "error: --port 70000: not a TCP port (1-65535)"),
+])
+def test_store_errors_follow_the_cli_convention(capsys: pytest.CaptureFixture[str], argv: list[str],
+                                                start: str) -> None:
+    """``mtorl store`` failures read like every other command's: one ``error:`` line on stderr, exit 2."""
+    from mtorl.cli import main
+
+    assert main(["store", "up", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(start) and err.count("\n") == 1 and "Traceback" not in err
 
 
 @pytest.mark.parametrize("value", ["not-a-url", "ftp://h:1", "http://", "http://h:99999", "127.0.0.1:8333"])
