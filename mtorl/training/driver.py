@@ -40,7 +40,12 @@ def storage_args(uri: str) -> tuple[str, Any]:
     fs, path = storage.resolve(uri)
     if uri.startswith("s3://"):
         storage.ensure_bucket(uri)
-        return path, fs
+        from mtorl.storage.retrying_fs import retrying_s3
+        from mtorl.storage.uri import retry_window_s
+
+        # Ray Train's own storage calls (workers' checkpoint uploads, the controller's snapshot and pruning,
+        # restores) wait out an outage as mtorl's do (training sets the window)
+        return path, (retrying_s3(retry_window_s(), fs) if retry_window_s() > 0 else fs)
     os.makedirs(path, exist_ok=True)
     return path, None
 

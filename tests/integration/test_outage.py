@@ -18,9 +18,12 @@ pytestmark = pytest.mark.integration
 
 
 
+@pytest.mark.parametrize("workers", [0, 1], ids=["in-process", "ray-train-worker"])
 def test_a_20s_store_outage_mid_training_is_waited_out(
-    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_session: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
 ) -> None:
+    """workers 0: every checkpoint write goes through mtorl.storage; 1: Ray Train uploads the worker's
+    checkpoints and writes its snapshot itself, through the run's retrying storage filesystem."""
     from mtorl.data.prepare import prepare
     from mtorl.storage import seaweed
     from mtorl.training.driver import run_train
@@ -50,13 +53,13 @@ def test_a_20s_store_outage_mid_training_is_waited_out(
         )
         job = make_job(
             "TrainJob",
-            "outage",
+            f"outage-{workers}",
             {
                 "data": data,
                 "output": "s3://outage/runs",
                 "window": {"length": 8},
                 "model": TINY_MODEL,
-                "trainer": {"workers": 0, "epochs": 6, "batch_size": 16, "keep_top_k": 1},
+                "trainer": {"workers": workers, "epochs": 6, "batch_size": 16, "keep_top_k": 1},
                 "tracking": {"wandb": "disabled"},
             },
         )
@@ -66,7 +69,7 @@ def test_a_20s_store_outage_mid_training_is_waited_out(
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:  # the first checkpoint is in: the run is under way
                 try:
-                    if any(f.endswith("/meta.json") for f in storage.list_files("s3://outage/runs/outage")):
+                    if any(f.endswith("/meta.json") for f in storage.list_files(f"s3://outage/runs/outage-{workers}")):
                         break
                 except storage.StorageError:
                     pass
