@@ -269,34 +269,44 @@ class _Run:
         need_train = self.base is None and self.conv.fixed_channels is None and self.conv.drop_unknown_channel is None
         self._row0 = 1
         last = time.time()
-        for raw in self.conv.read_chunks():
-            if plan is None:
-                plan = self.conv.plan(raw.column_names)
-                self.train_cats = [set() for _ in plan.categorical]
-                need_train = need_train or (self.base is None and bool(plan.categorical))
-            chunk = self.conv.convert(raw, plan, self._row0)
-            self.rows_read += raw.num_rows
-            self._bad_rows(chunk)
-            self._row0 += raw.num_rows
-            t = chunk.rows
-            if t.num_rows == 0:
-                continue
-            self._count(t, plan, need_train)
-            part = hash_partition(t.column("_uid").combine_chunks(), n_part)
-            order = np.argsort(part, kind="stable")
-            t = t.take(pa.array(order))
-            part = part[order]
-            cuts = np.searchsorted(part, np.arange(n_part + 1))
-            for p in range(n_part):
-                a, b = int(cuts[p]), int(cuts[p + 1])
-                if a == b:
+        from mtorl.console import as_console
+
+        con = as_console(self.progress)  # on a terminal a rows bar; elsewhere a line every 5 s
+        bar = con.progress(None, "[prepare] rows read", unit="rows") if con.tty else None
+        try:
+            for raw in self.conv.read_chunks():
+                if plan is None:
+                    plan = self.conv.plan(raw.column_names)
+                    self.train_cats = [set() for _ in plan.categorical]
+                    need_train = need_train or (self.base is None and bool(plan.categorical))
+                chunk = self.conv.convert(raw, plan, self._row0)
+                self.rows_read += raw.num_rows
+                if bar is not None:
+                    bar.update(raw.num_rows)
+                self._bad_rows(chunk)
+                self._row0 += raw.num_rows
+                t = chunk.rows
+                if t.num_rows == 0:
                     continue
-                if p not in writers:
-                    writers[p] = pa.ipc.new_stream(paths[p], t.schema, options=opts)
-                writers[p].write_table(t.slice(a, b - a))
-            if time.time() - last > 5:
-                last = time.time()
-                self._say(f"read {self.rows_read:,} rows")
+                self._count(t, plan, need_train)
+                part = hash_partition(t.column("_uid").combine_chunks(), n_part)
+                order = np.argsort(part, kind="stable")
+                t = t.take(pa.array(order))
+                part = part[order]
+                cuts = np.searchsorted(part, np.arange(n_part + 1))
+                for p in range(n_part):
+                    a, b = int(cuts[p]), int(cuts[p + 1])
+                    if a == b:
+                        continue
+                    if p not in writers:
+                        writers[p] = pa.ipc.new_stream(paths[p], t.schema, options=opts)
+                    writers[p].write_table(t.slice(a, b - a))
+                if bar is None and time.time() - last > 5:
+                    last = time.time()
+                    self._say(f"read {self.rows_read:,} rows")
+        finally:
+            if bar is not None:
+                bar.close()
         for w in writers.values():
             w.close()
         if plan is None:

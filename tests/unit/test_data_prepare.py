@@ -198,3 +198,21 @@ def test_progress_lines(tmp_path: Path) -> None:
     prepare(PrepareSpec(source="kuairand-sequence", input=str(_kuai(tmp_path)), output=str(tmp_path / "ds")),
             progress=lines.append)
     assert any("rows/s" in x for x in lines) and any("committed" in x for x in lines)
+
+
+def test_rows_bar_on_a_terminal_plain_lines_elsewhere(tmp_path: Path) -> None:
+    """On a terminal prepare shows a rows-read bar (tqdm); anywhere else plain lines, no control characters."""
+    import io
+
+    from mtorl.console import Console
+
+    inp = _kuai(tmp_path)
+    tty = io.StringIO()
+    prepare(PrepareSpec(source="kuairand-sequence", input=str(inp), output=str(tmp_path / "a")),
+            progress=Console(tty, tty=True))
+    assert "[prepare] rows read" in tty.getvalue() and "rows" in tty.getvalue() and "\r" in tty.getvalue()
+    plain = io.StringIO()
+    prepare(PrepareSpec(source="kuairand-sequence", input=str(inp), output=str(tmp_path / "b")),
+            progress=Console(plain, tty=False))
+    text = plain.getvalue()
+    assert "[prepare] rows read" not in text and "\r" not in text and "\x1b" not in text and "[prepare] read " in text
