@@ -77,7 +77,7 @@ def model_predictions(predictor: Predictor, journeys: Sequence[Journey], name: s
 
 def decision_of(explicit: Any, checkpoint_meta: dict[str, Any]) -> DecisionSpec:
     """The decision layer to use: the explicit spec, else the checkpoint's training spec's, else the defaults."""
-    return DecisionSpec.of_checkpoint(checkpoint_meta, explicit)
+    return DecisionSpec.of_job(checkpoint_meta.get("spec"), explicit)
 
 
 def decision_label(d: Any) -> str:

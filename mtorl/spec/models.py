@@ -141,12 +141,13 @@ class DecisionSpec(_Strict):
     fill: bool = Field(True, description="Spend the budget left at the Lagrangian breakpoint on the marginal users (spend stays <= budget).")
 
     @classmethod
-    def of_checkpoint(cls, meta: Mapping[str, Any], explicit: "DecisionSpec | None" = None) -> "DecisionSpec":
-        """The decision layer a checkpoint acts by: ``explicit`` when given, else its training spec's
-        ``decision:`` block, else the defaults (offline evaluation, serving and the closed loop agree)."""
+    def of_job(cls, job: Mapping[str, Any] | None, explicit: "DecisionSpec | None" = None) -> "DecisionSpec":
+        """The decision layer a checkpoint acts by, from the job document it was trained with ({kind, spec}:
+        a checkpoint's meta ``spec``): ``explicit`` when given, else the job's ``decision:`` block, else the
+        defaults (offline evaluation, serving and the closed loop agree)."""
         if explicit is not None:
             return explicit
-        doc = ((meta.get("spec") or {}).get("spec") or {}).get("decision")
+        doc = ((job or {}).get("spec") or {}).get("decision")
         return cls.model_validate(doc) if doc else cls()
 
 
