@@ -48,6 +48,9 @@ class Console:
         self.redirect = False  # whether a quiet session may move fd 1/2 into the log file
         self._bars = 0
         self._lock = threading.Lock()
+        # Off a terminal, at most this many plain lines per progress display (evenly spaced, the last
+        # always shown); None = one per update. The demo sets it to keep its whole output short.
+        self.plain_lines: int | None = None
 
     def __call__(self, msg: str = "") -> None:
         with self._lock:
@@ -95,6 +98,9 @@ class Progress:
             self.bar.set_postfix_str(postfix, refresh=False)
             self.bar.update(n)
             return
+        cap = self.console.plain_lines
+        if cap and self.total and self.n < self.total and self.n % -(-self.total // cap):
+            return  # off a terminal with a line budget: only every ceil(total / cap)-th update, and the last
         from tqdm import tqdm
 
         fmt = (

@@ -33,7 +33,7 @@ from mtorl.data.windows import Journey, journeys_from_table, make_windows
 from mtorl.models import build_model
 from mtorl.spec.loader import job_to_dict, load_job
 from mtorl.training import checkpoint as ckpt
-from mtorl.training.step import decision_val_metrics, train_batches, val_metrics, validate_batches
+from mtorl.training.step import decision_val_metrics, epoch_lr, set_lr, train_batches, val_metrics, validate_batches
 
 
 def read_split(dataset_uri: str, split: str, manifest: dict[str, Any]) -> list[Journey]:
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     sha = manifest_sha256(spec.data)
     for epoch in range(start, t.epochs):
         te = time.time()
+        set_lr(optimizer, epoch_lr(t.lr, t.lr_schedule, epoch, t.epochs))
         order = np.random.default_rng(t.seed + 1000 * epoch).permutation(len(train["mask"]))
         stats = train_batches(model, optimizer, batches(train, t.batch_size, order), spec.objective, binary, device,
                               t.grad_clip, t.max_steps_per_epoch)

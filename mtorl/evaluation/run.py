@@ -77,10 +77,7 @@ def model_predictions(predictor: Predictor, journeys: Sequence[Journey], name: s
 
 def decision_of(explicit: Any, checkpoint_meta: dict[str, Any]) -> DecisionSpec:
     """The decision layer to use: the explicit spec, else the checkpoint's training spec's, else the defaults."""
-    if explicit is not None:
-        return explicit
-    doc = ((checkpoint_meta.get("spec") or {}).get("spec") or {}).get("decision")
-    return DecisionSpec.model_validate(doc) if doc else DecisionSpec()
+    return DecisionSpec.of_job(checkpoint_meta.get("spec"), explicit)
 
 
 def decision_label(d: Any) -> str:

@@ -219,6 +219,7 @@ class MtorlPredictor:
                 "penalty": man.get("penalty"),
                 "splits": {s: {"users": v.get("users"), "steps": v.get("steps")} for s, v in (man.get("splits") or {}).items()},
             },
+            "decision": self.service.decision.model_dump(),  # the decision layer recommend/allocate act by
             "serving": {k: getattr(self.args, k) for k in ("max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests",
                                                            "max_journey_length", "max_users_per_request", "max_body_bytes")},
             "stats": dict(self.service.stats),

@@ -75,13 +75,13 @@ class RecommendRequest(_In):
 
 class AllocateRequest(RecommendRequest):
     budget: NonNegative = Field(description="Budget in cost units; the spend never exceeds it.")
-    penalty: NonNegative | None = Field(None, description="Budget penalty s of the channel-level module (default 0).")
+    penalty: NonNegative | None = Field(None, description="A floor on the penalty s (default 0); s itself is solved from the budget.")
 
 
 class UserRecommendation(BaseModel):
     user_id: str
     channel_probs: dict[str, float] = Field(description="Policy pi(c | history) for the next step.")
-    recommended_channel: str = Field(description="argmax_c pi_c * rhat_c / cost_c (channel-level module of mtorl.evaluation.allocation).")
+    recommended_channel: str = Field(description="The decision layer's channel (mtorl.evaluation.decision): argmax_c of the reward head minus s * cost_c among the channels the logs support (the checkpoint's decision: block; s = its fixed penalty, 0 by default).")
     predicted_reward: dict[str, float] = Field(description="Predicted reward of every channel for the next step.")
     expected_reward: float = Field(description="Predicted reward of the recommended channel.")
     cost: float = Field(description="Cost of the recommended channel for this user.")
@@ -96,14 +96,14 @@ class AllocatedUser(BaseModel):
     user_id: str
     channel: str
     expected_reward: float
-    value: float = Field(description="pi_c * max(rhat_c - s * cost_c, 0) of the chosen channel: the ranking value.")
+    value: float = Field(description="q_c - s * cost_c of the served channel (q: the decision layer's pessimistic reward estimate): positive for the users served at s.")
     cost: float
 
 
 class AllocateResponse(BaseModel):
     model_version: str
     budget: float
-    penalty: float
+    penalty: float = Field(description="The penalty s used: the smallest that fits the budget (the budget's Lagrange multiplier), at least the request's penalty.")
     selected: list[AllocatedUser] = Field(description="Chosen users, best value per cost first.")
     total_expected_reward: float
     spend: float = Field(description="Sum of the selected costs; never above the budget.")
@@ -325,14 +325,15 @@ class Preprocessor:
 
 # ------------------------------------------------------------------------------------------ responses
 
-def recommend_scores(probs: np.ndarray, reward: np.ndarray, costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The channel-level module of offline evaluation (``score_steps`` with penalty 0), argmax pi*rhat/cost:
-    probs, reward, costs (B, C) -> (recommended channel (B,), its cost (B,)). Rows are independent, so one
-    call can score the users of many requests."""
-    from mtorl.evaluation.allocation import score_steps
+def recommend_scores(probs: np.ndarray, reward: np.ndarray, costs: np.ndarray,
+                     decision: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """The decision layer's channel (``evaluation.decision.decide`` at the fixed penalty s of the
+    checkpoint's ``decision:`` block, 0 by default): probs, reward, costs (B, C) -> (recommended channel
+    (B,), its cost (B,)). Rows are independent, so one call can score the users of many requests."""
+    from mtorl.evaluation.decision import decide
 
-    _, best, _, kb = score_steps(probs, reward, costs, 0.0)
-    return best, kb
+    d = decide(reward, probs, costs, decision, penalty=float(getattr(decision, "penalty", None) or 0.0))
+    return d.channel, d.cost
 
 
 def recommendations(p: Prepared, probs: np.ndarray, reward: np.ndarray, channels: Sequence[str],
@@ -353,12 +354,14 @@ def recommendations(p: Prepared, probs: np.ndarray, reward: np.ndarray, channels
 
 
 def allocation(p: Prepared, probs: np.ndarray, reward: np.ndarray, channels: Sequence[str], budget: float,
-               penalty: float | None) -> dict[str, Any]:
-    """The offline evaluation's allocation code (``allocate_requests``) on one request's users."""
+               penalty: float | None, decision: Any = None) -> dict[str, Any]:
+    """The offline evaluation's allocation code (``allocate_requests``, the decision layer of the
+    checkpoint's ``decision:`` block) on one request's users. ``penalty`` (the request's) is a floor on s;
+    the response's ``penalty`` and ``multiplier`` are the s actually used (the budget's Lagrange multiplier)."""
     from mtorl.evaluation.allocation import allocate_requests
 
     users = [(uid, reward[b], probs[b], p.costs[b]) for b, uid in enumerate(p.user_ids)]
-    res = allocate_requests(users, budget=budget, penalty=penalty, channels=list(channels))
+    res = allocate_requests(users, budget=budget, penalty=penalty, channels=list(channels), decision=decision)
     res["selected"] = [{k: s[k] for k in ("user_id", "channel", "expected_reward", "value", "cost")} for s in res["selected"]]
-    res.update(budget=float(budget), penalty=float(penalty or 0.0), n_users=len(p.user_ids))
+    res.update(budget=float(budget), n_users=len(p.user_ids))
     return res

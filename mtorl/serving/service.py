@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable, Generic, Mapping, Optional, Sequenc
 
 import numpy as np
 
+from mtorl.spec import DecisionSpec
 from mtorl.serving.schemas import (
     AllocateRequest, Limits, Prepared, Preprocessor, RecommendRequest, RequestError, allocation, parse_body,
     recommend_scores, recommendations,
@@ -83,6 +84,7 @@ class Service:
     def __init__(self, predictor: Any, limits: Limits, max_body_bytes: int, digest: Optional[str] = None):
         self.predictor = predictor
         self.pre = Preprocessor(predictor.manifest, limits)
+        self.decision = DecisionSpec.of_job(predictor.meta.get("spec"))  # the checkpoint's decision: block
         self.max_body_bytes = max_body_bytes
         self.digest = digest
         self.version = str(predictor.meta.get("sha256", {}).get("model.safetensors", ""))[:12] or "unknown"
@@ -151,7 +153,7 @@ class Service:
         probs, reward = self.predictor.predict_next(journeys, nxt)              # (sum B, C) each
         ok = np.isfinite(probs).all(axis=1) & np.isfinite(reward).all(axis=1)   # (sum B,)
         safe_p, safe_r = np.where(ok[:, None], probs, 1.0), np.where(ok[:, None], reward, 0.0)
-        best, kb = recommend_scores(safe_p, safe_r, costs)                      # (sum B,) each
+        best, kb = recommend_scores(safe_p, safe_r, costs, self.decision)       # (sum B,) each
         out: list[Answer] = []
         s = 0
         for j in jobs:
@@ -167,7 +169,7 @@ class Service:
                 users = recommendations(j.prepared, probs[sl], reward[sl], self.pre.channels, scored=(best[sl], kb[sl]))
                 out.append(self._head + b'"users":' + _dumps(users) + b"}")
             else:
-                res = allocation(j.prepared, probs[sl], reward[sl], self.pre.channels, j.budget, j.penalty)
+                res = allocation(j.prepared, probs[sl], reward[sl], self.pre.channels, j.budget, j.penalty, self.decision)
                 out.append(self._head + _dumps(res)[1:])
         return out
 

@@ -8,7 +8,7 @@ Every model forbids unknown fields and is frozen; field descriptions are the doc
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Mapping, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -140,6 +140,16 @@ class DecisionSpec(_Strict):
     penalty: float | None = Field(None, ge=0, description="Fixed penalty s (reward units per unit cost) where no budget is given (the OPE channel policy; /v1/allocate without a budget). None = 0.")
     fill: bool = Field(True, description="Spend the budget left at the Lagrangian breakpoint on the marginal users (spend stays <= budget).")
 
+    @classmethod
+    def of_job(cls, job: Mapping[str, Any] | None, explicit: "DecisionSpec | None" = None) -> "DecisionSpec":
+        """The decision layer a checkpoint acts by, from the job document it was trained with ({kind, spec}:
+        a checkpoint's meta ``spec``): ``explicit`` when given, else the job's ``decision:`` block, else the
+        defaults (offline evaluation, serving and the closed loop agree)."""
+        if explicit is not None:
+            return explicit
+        doc = ((job or {}).get("spec") or {}).get("decision")
+        return cls.model_validate(doc) if doc else cls()
+
 
 # ----------------------------------------------------------------------------- model
 
@@ -205,6 +215,7 @@ class TrainerSpec(_Strict):
     batch_size: int = Field(64, ge=1, le=1_000_000, description="Windows per worker per step.")
     lr: float = Field(1e-3, gt=0, le=100)
     weight_decay: float = Field(0.0, ge=0, le=100)
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="constant: lr every epoch; cosine: epoch e trains at lr * (1 + cos(pi * e / epochs)) / 2 (training.step.epoch_lr), so the last epochs move the weights least and the checkpoint ranking compares settled models. A resumed run continues the same schedule.")
     grad_clip: float = Field(1.0, ge=0, le=1e6)
     seed: int = Field(0, ge=0, le=2**32 - 1)
     keep_top_k: int = Field(2, ge=1, le=1000, description="Checkpoints kept, ranked by metric.")

@@ -50,6 +50,20 @@ def autocast(device: torch.device, bf16: bool | None = None) -> Any:
     return nullcontext()
 
 
+def epoch_lr(lr: float, schedule: str, epoch: int, epochs: int) -> float:
+    """The learning rate of epoch ``epoch`` (0-based) of ``epochs`` (``TrainerSpec.lr_schedule``)."""
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
+    raise ValueError(f"unknown lr_schedule {schedule!r}: constant or cosine")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def place_for_training(
     model: torch.nn.Module,
     device: torch.device,

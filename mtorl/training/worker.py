@@ -17,8 +17,8 @@ from mtorl.models import build_model
 from mtorl.spec import validate_doc
 from mtorl.training import checkpoint as ckpt
 from mtorl.training import tracking
-from mtorl.training.step import (NonFiniteLossError, decision_val_metrics, maybe_compile, place_for_training, train_batches, unwrap,
-                                 val_metrics, validate_batches)
+from mtorl.training.step import (NonFiniteLossError, decision_val_metrics, epoch_lr, maybe_compile, place_for_training, train_batches, unwrap,
+                                 set_lr, val_metrics, validate_batches)
 from mtorl.training.step import gather_all as _gather
 from mtorl.training.step import sum_all as _sum
 
@@ -149,6 +149,7 @@ def train_loop(config: dict[str, Any]) -> None:
     t_run = time.time()
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
+        set_lr(optimizer, epoch_lr(spec.trainer.lr, spec.trainer.lr_schedule, epoch, epochs))
         wait = [0.0]
 
         def on_step(i: int, losses: dict[str, float]) -> None:

@@ -23,6 +23,17 @@ def test_progress_off_a_terminal_is_one_plain_line_per_step() -> None:
     assert not CONTROL.search(out.getvalue())
 
 
+def test_a_line_budget_keeps_evenly_spaced_lines_and_the_last() -> None:
+    out = io.StringIO()
+    con = Console(out, tty=False)
+    con.plain_lines = 4
+    with con.progress(10, "epochs", unit="epoch") as bar:
+        for _ in range(10):
+            bar.update(1)
+    assert [ln.split(" [")[0] for ln in out.getvalue().splitlines()] == [
+        "epochs: 3/10", "epochs: 6/10", "epochs: 9/10", "epochs: 10/10"]
+
+
 def test_progress_takes_the_callers_eta() -> None:
     out = io.StringIO()
     Console(out, tty=False).progress(3, "epochs").update(1, postfix="x", eta_s=75)

@@ -290,3 +290,23 @@ def test_micro_batcher_batches_and_keeps_answers_apart() -> None:
 def test_budget_and_penalty_are_non_negative_float32_numbers(extra: dict[str, Any], field: str) -> None:
     e = _err({"users": [_user()], **extra}, AllocateRequest)
     assert e.status == 422 and e.detail.startswith(field + ":"), e.detail
+
+
+def test_serving_acts_by_the_checkpoints_decision_block() -> None:
+    """The replica's decision layer is the checkpoint's ``decision:`` block (here tau = 1: only the logger's
+    most likely channel), and the allocation reports the s it solved, not the request's floor."""
+    from mtorl.spec import DecisionSpec
+
+    users = [_user(f"u{i}", steps=1 + i % 3) for i in range(8)]
+    p = _pre().prepare(parse_request(RecommendRequest, {"users": users}).users)
+    probs, reward = _fake_outputs(8)
+    strict = DecisionSpec(support_threshold=1.0)
+    best, _ = recommend_scores(probs, reward, p.costs, strict)
+    assert list(best) == list(probs.argmax(axis=1))
+    free, _ = recommend_scores(probs, reward, p.costs, DecisionSpec(support_threshold=0.0))
+    assert list(free) == list(decide(reward, None, p.costs, DecisionSpec(support_threshold=0.0)).channel)
+    assert list(free) != list(best)  # the fake outputs make the two rules disagree somewhere
+    res = allocation(p, probs, reward, MANIFEST["channels"], budget=2.0, penalty=0.0, decision=strict)
+    ref = decide(reward, probs, p.costs, strict, budget=2.0)
+    assert res["penalty"] == pytest.approx(ref.penalty) and res["penalty"] == res["multiplier"] and res["penalty"] > 0
+    assert {s["user_id"] for s in res["selected"]} == {p.user_ids[i] for i in np.flatnonzero(ref.served)}
