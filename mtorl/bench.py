@@ -42,11 +42,14 @@ import traceback
 from dataclasses import asdict, dataclass
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
 from mtorl.raycluster import LOCAL_DEFAULTS
+
+if TYPE_CHECKING:
+    from mtorl.data.manifest import Manifest
 
 STAGES = ("prepare", "stream", "train", "serve", "scale")
 BUCKET = "s3://mtorl-bench"
@@ -303,7 +306,7 @@ def _plain_schema(schema: Any) -> Any:
     return pa.schema([pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type) for f in schema])
 
 
-def load_windows(uri: str, split: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def load_windows(uri: str, split: str) -> tuple[dict[str, np.ndarray], Manifest]:
     """All windows of one split in memory (read with pyarrow, cut with the same numpy code as Ray Data)."""
     import pyarrow.parquet as pq
 
@@ -312,7 +315,7 @@ def load_windows(uri: str, split: str) -> tuple[dict[str, np.ndarray], dict[str,
     from mtorl.data.windows import journeys_from_table, make_windows
 
     m = load_manifest(uri)
-    D = len(m["step_features"]) + len(m["user_features"])
+    D = m.state_dim
     parts = []
     for u in shard_uris(uri, m, split):
         fs, path = storage.resolve(u)
@@ -332,20 +335,20 @@ def _batches(windows: dict[str, np.ndarray], bs: int) -> Iterator[dict[str, np.n
         yield {k: v[s:s + bs] for k, v in windows.items()}
 
 
-def _model_and_opt(manifest: dict[str, Any], device: Any) -> tuple[Any, Any, bool]:
+def _model_and_opt(manifest: Manifest, device: Any) -> tuple[Any, Any, bool]:
     import torch
 
     from mtorl.models import build_model
     from mtorl.spec import ModelSpec
 
-    binary = bool(manifest.get("gain_binary", True))
+    binary = manifest.gain_binary
     torch.manual_seed(0)
-    model = build_model(ModelSpec.model_validate(MODEL), state_dim=len(manifest["step_features"]) + len(manifest["user_features"]),
-                        n_channels=len(manifest["channels"]), binary=binary).to(device)
+    model = build_model(ModelSpec.model_validate(MODEL), state_dim=manifest.state_dim,
+                        n_channels=manifest.n_channels, binary=binary).to(device)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3), binary
 
 
-def plain_train_rate(windows: dict[str, np.ndarray], manifest: dict[str, Any], device: str, threads: int | None,
+def plain_train_rate(windows: dict[str, np.ndarray], manifest: Manifest, device: str, threads: int | None,
                      min_seconds: float = 3.0, compile: bool = False) -> dict[str, Any]:
     """Windows/s of the plain PyTorch loop (``train_batches``) over in-memory windows (``compile``: the
     model under ``torch.compile``, its compilation timed apart as ``warmup_s``)."""
@@ -385,7 +388,7 @@ def plain_train_rate(windows: dict[str, np.ndarray], manifest: dict[str, Any], d
         torch.set_num_threads(saved)
 
 
-def plain_job_wall(uri: str, manifest: dict[str, Any], device: str, epochs: int, threads: int | None) -> dict[str, Any]:
+def plain_job_wall(uri: str, manifest: Manifest, device: str, epochs: int, threads: int | None) -> dict[str, Any]:
     """Wall time of the whole plain job, start-up included: read the train and val windows from object
     storage, build the model, then ``epochs`` x (train pass + validation pass). What a 1-worker Ray Train
     run does, without Ray."""
@@ -426,7 +429,7 @@ class Bench:
         self.dataset: str | None = None
         self.checkpoint: str | None = None
         self._plain: dict[str, Any] | None = None
-        self._windows: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
+        self._windows: tuple[dict[str, np.ndarray], Manifest] | None = None
         self.repeats = 2
         self.compile = False
 
@@ -444,7 +447,7 @@ class Bench:
             self.csv, self.fmt, self.rows = simulate_csv(self.sizes.steps, self.work, self.say)
         return self.csv
 
-    def _prepare(self, out: str) -> dict[str, Any]:
+    def _prepare(self, out: str) -> Manifest:
         from mtorl.data.prepare import prepare
         from mtorl.spec import make_job
 
@@ -452,7 +455,7 @@ class Bench:
                                                          "journeys": self.fmt}).spec
         return prepare(spec, progress=lambda _m: None)
 
-    def windows(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def windows(self) -> tuple[dict[str, np.ndarray], Manifest]:
         if self._windows is None:
             self._windows = load_windows(self.data(), "train")
         return self._windows
@@ -488,7 +491,7 @@ class Bench:
         pq.write_table(pacsv.read_csv(str(csv), read_options=pacsv.ReadOptions(block_size=1 << 16)).slice(0, 10),
                        path, filesystem=fs)  # warm-up: the S3 client's first connection
         base_s = ours_s = math.inf
-        m: dict[str, Any] = {}
+        m: Manifest | None = None
         self.dataset = f"{BUCKET}/datasets/main"
         for _ in range(self.repeats):  # best of: the same data, alternating
             t0 = time.perf_counter()
@@ -497,10 +500,11 @@ class Bench:
             t0 = time.perf_counter()
             m = self._prepare(self.dataset)
             ours_s = min(ours_s, time.perf_counter() - t0)
-        ours, base = _rate(m["rows_read"], ours_s), _rate(self.rows, base_s)
+        assert m is not None  # repeats >= 1
+        ours, base = _rate(m.rows_read, ours_s), _rate(self.rows, base_s)
         return {"rows": self.rows, "ours": {"rows_per_s": round(ours), "seconds": round(ours_s, 2)},
                 "baseline": {"name": "pyarrow read_csv + write_parquet", "rows_per_s": round(base), "seconds": round(base_s, 2)},
-                "ratio": _ratio(ours, base), "users": sum(s["users"] for s in m["splits"].values()),
+                "ratio": _ratio(ours, base), "users": sum(s.users for s in m.splits.values()),
                 "note": f"best of {self.repeats} alternating runs; prepare also groups, splits, normalises and writes a manifest"}
 
     def stage_stream(self) -> dict[str, Any]:
@@ -937,8 +941,8 @@ def child_main(argv: list[str]) -> int:
                                                        "journeys": json.loads(a.fmt)}).spec
         t0 = time.perf_counter()
         m = prepare(spec, progress=lambda _m: None)
-        out = {"wall_s": round(time.perf_counter() - t0, 2), "peak_mb": round(_vmhwm_mb(), 1), "rows": m["rows_read"],
-               "rows_per_s": round(_rate(m["rows_read"], time.perf_counter() - t0))}
+        out = {"wall_s": round(time.perf_counter() - t0, 2), "peak_mb": round(_vmhwm_mb(), 1), "rows": m.rows_read,
+               "rows_per_s": round(_rate(m.rows_read, time.perf_counter() - t0))}
     else:
         import ray
 

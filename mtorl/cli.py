@@ -102,13 +102,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     job = _job(args, "PrepareJob", flags if args.source or args.input or args.output else None)
     t0 = time.time()
     manifest = prepare(job.spec, progress=_p)
-    sp = manifest["splits"]
-    _p(f"prepared {job.spec.output}: {manifest['rows_read']} rows read, {manifest['rows_written']} written, "
-       f"dropped {manifest['rows_dropped']}; users train/val/test = "
-       f"{sp['train']['users']}/{sp['val']['users']}/{sp['test']['users']}")
-    _write_result(args, {"kind": "PrepareJob", "dataset": job.spec.output, "version": manifest["version"],
-                         "rows_read": manifest["rows_read"], "rows_written": manifest["rows_written"],
-                         "rows_dropped": manifest["rows_dropped"], "splits": {k: {"users": v["users"], "steps": v["steps"]} for k, v in sp.items()},
+    sp = manifest.splits
+    _p(f"prepared {job.spec.output}: {manifest.rows_read} rows read, {manifest.rows_written} written, "
+       f"dropped {manifest.rows_dropped}; users train/val/test = "
+       f"{sp['train'].users}/{sp['val'].users}/{sp['test'].users}")
+    _write_result(args, {"kind": "PrepareJob", "dataset": job.spec.output, "version": manifest.version,
+                         "rows_read": manifest.rows_read, "rows_written": manifest.rows_written,
+                         "rows_dropped": manifest.rows_dropped, "splits": {k: {"users": v.users, "steps": v.steps} for k, v in sp.items()},
                          "wall_s": round(time.time() - t0, 2)})
     return 0
 

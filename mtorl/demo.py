@@ -47,7 +47,7 @@ def example_users(dataset_uri: str, n: int = 5, split: str = "test") -> list[dic
     man = load_manifest(dataset_uri)
     fs, path = storage.resolve(shard_uris(dataset_uri, man, split)[0])
     rows = pq.read_table(path, filesystem=fs).slice(0, n).to_pylist()
-    qn, fn, ch = man["step_features"], man["user_features"], man["channels"]
+    qn, fn, ch = man.step_features, man.user_features, man.channels
     users = []
     for r in rows:
         T = r["length"]
@@ -155,8 +155,8 @@ def _run(args: argparse.Namespace, base: Path, results: dict[str, Any], t0: floa
 
             prep_spec["journeys"] = journeys_format(f"{bucket}/raw/sim")
         manifest = prepare(make_job("PrepareJob", "demo-prepare", prep_spec).spec, progress=con)
-        results["prepare"] = {"dataset": prep_spec["output"], "rows_read": manifest["rows_read"], "rows_dropped": manifest["rows_dropped"],
-                              "users": {k: v["users"] for k, v in manifest["splits"].items()}}
+        results["prepare"] = {"dataset": prep_spec["output"], "rows_read": manifest.rows_read, "rows_dropped": manifest.rows_dropped,
+                              "users": {k: v.users for k, v in manifest.splits.items()}}
 
     with con.stage("start Ray (local, loopback)"):
         init_ray()

@@ -85,7 +85,7 @@ class Service:
         self.pre = Preprocessor(predictor.manifest, limits)
         self.max_body_bytes = max_body_bytes
         self.digest = digest
-        self.version = str(predictor.meta.get("sha256", {}).get("model.safetensors", ""))[:12] or "unknown"
+        self.version = predictor.meta.sha256.get("model.safetensors", "")[:12] or "unknown"
         self._head = b'{"model_version":' + _dumps(self.version) + b","
         self.stats = {"requests": 0, "users": 0, "batches": 0}
 

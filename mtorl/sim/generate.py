@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,9 @@ import pyarrow.parquet as pq
 
 from mtorl.sim.model import STEP_FEATURES, Simulator
 from mtorl.spec.models import SimulateSpec
+
+if TYPE_CHECKING:
+    from mtorl.data.manifest import Manifest
 
 SIDECAR = "simulation.json"
 BLOCK_USERS = 10_000
@@ -304,18 +307,18 @@ def dataset_stats(journeys: Iterable[dict[str, np.ndarray]], n_channels: int | N
     return out
 
 
-def calibrate(manifest: dict[str, Any], stats: dict[str, Any] | None = None) -> dict[str, Any]:
+def calibrate(manifest: Manifest, stats: dict[str, Any] | None = None) -> dict[str, Any]:
     """``SimulateSpec`` overrides that fit a prepared dataset: channels, shares, rates, lengths (and costs).
 
     ``manifest``: a prepared dataset's manifest (``channels``, ``splits.train.steps/users``).
     ``stats``: ``dataset_stats`` of its train split; without it only channels and the mean length are fitted.
     """
-    channels = [str(c) for c in manifest["channels"]]
+    channels = list(manifest.channels)
     C = len(channels)
-    train = manifest["splits"]["train"]
+    train = manifest.splits["train"]
     out: dict[str, Any] = {
         "channels": channels,
-        "mean_steps": max(float(train["steps"]) / max(float(train["users"]), 1.0), 2.0),
+        "mean_steps": max(float(train.steps) / max(float(train.users), 1.0), 2.0),
     }
     if stats is None:
         return out
@@ -340,16 +343,15 @@ def calibrate(manifest: dict[str, Any], stats: dict[str, Any] | None = None) -> 
     return out
 
 
-def load_dataset_stats(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_dataset_stats(uri: str) -> tuple[Manifest, dict[str, Any]]:
     """Read a prepared dataset's manifest and compute ``dataset_stats`` over its train shards."""
     from mtorl import storage
+    from mtorl.data.manifest import load_manifest
 
-    manifest = storage.read_json(storage.join(uri, "manifest.json"))
+    manifest = load_manifest(uri)
 
     def chunks() -> Iterator[dict[str, np.ndarray]]:
-        for shard in manifest["splits"]["train"]["shards"]:
-            p = shard["path"]
-            full = p if ("://" in p or p.startswith("/")) else storage.join(uri, p)
+        for full in manifest.shard_uris(uri, "train"):
             fs, path = storage.resolve(full)
             tab = pq.read_table(path, columns=["channel", "gain", "cost"], filesystem=fs)
             ch, g, c = (tab.column(k).combine_chunks() for k in ("channel", "gain", "cost"))
@@ -357,4 +359,4 @@ def load_dataset_stats(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
             yield {"channel": ch.flatten().to_numpy(), "gain": g.flatten().to_numpy(),
                    "cost": c.flatten().to_numpy(), "lengths": lengths}
 
-    return manifest, dataset_stats(chunks(), n_channels=len(manifest["channels"]))
+    return manifest, dataset_stats(chunks(), n_channels=manifest.n_channels)

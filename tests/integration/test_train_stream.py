@@ -75,7 +75,7 @@ def test_file_order_is_reshuffled_every_execution(ray_session: None, s3_bucket: 
 
     uri = _sharded(s3_bucket, tmp_path, "sharded")
     m = load_manifest(uri)
-    assert len(m["splits"]["train"]["shards"]) >= 4
+    assert len(m.splits["train"].shards) >= 4
     ds = read_split(uri, "train", m, shuffle=FileShuffleConfig(seed=0, reseed_after_execution=True))
     orders = [[r["user_id"] for r in ds.select_columns(["user_id"]).iter_rows()] for _ in range(3)]
     assert all(sorted(o) == sorted(orders[0]) for o in orders)  # every journey once per pass
