@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,16 +35,18 @@ def _common(sp: argparse.ArgumentParser, spec_required: bool = False) -> None:
     sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
 
 
-def _job(args: argparse.Namespace, kind: str, from_flags: Callable[[], dict[str, Any]] | None = None) -> Any:
+def _job(args: argparse.Namespace, kind: str, from_flags: Callable[[argparse.Namespace], dict[str, Any] | None]) -> Any:
+    """The job of a run command: the spec file (``--set`` applied), else one built from the flags."""
     if args.spec:
         job = load_job(args.spec, args.overrides)
         if job.kind != kind:
             raise SpecError(args.spec, [("kind", f"this command runs {kind}, the spec is a {job.kind}")])
         return job
-    if from_flags is None:
+    spec = from_flags(args)
+    if spec is None:
         raise SpecError("<command line>", [("spec", f"a {kind} spec file is required")])
     doc = {"apiVersion": "mtorl/v1", "kind": kind, "metadata": {"name": getattr(args, "name", None) or kind.lower()},
-           "spec": from_flags()}
+           "spec": spec}
     doc = apply_overrides(doc, args.overrides)
     return validate_doc(doc, "<command line>")
 
@@ -78,140 +79,74 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from mtorl.spec.models import KINDS
+    from mtorl.registry import lookup
 
-    cls = KINDS.get(args.kind)
-    if cls is None:
-        print(f"unknown kind {args.kind!r}; one of {', '.join(KINDS)}", file=sys.stderr)
-        return 2
-    _p(json.dumps(cls.model_json_schema(by_alias=True), indent=1))
+    _p(json.dumps(lookup(args.kind).model.model_json_schema(by_alias=True), indent=1))
     return 0
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from mtorl.data.prepare import prepare
+# Each run command's spec from flags when no spec file is given (None: a spec file is required).
 
-    def flags() -> dict[str, Any]:
-        d: dict[str, Any] = {"source": args.source, "input": args.input, "output": args.output}
-        for k in ("gain", "penalty", "on_bad_rows", "manifest_from"):
-            v = getattr(args, k)
-            if v is not None:
-                d[k] = v
-        return d
-
-    job = _job(args, "PrepareJob", flags if args.source or args.input or args.output else None)
-    t0 = time.time()
-    manifest = prepare(job.spec, progress=_p)
-    sp = manifest.splits
-    _p(f"prepared {job.spec.output}: {manifest.rows_read} rows read, {manifest.rows_written} written, "
-       f"dropped {manifest.rows_dropped}; users train/val/test = "
-       f"{sp['train'].users}/{sp['val'].users}/{sp['test'].users}")
-    _write_result(args, {"kind": "PrepareJob", "dataset": job.spec.output, "version": manifest.version,
-                         "rows_read": manifest.rows_read, "rows_written": manifest.rows_written,
-                         "rows_dropped": manifest.rows_dropped, "splits": {k: {"users": v.users, "steps": v.steps} for k, v in sp.items()},
-                         "wall_s": round(time.time() - t0, 2)})
-    return 0
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) not in (None, [], "")}
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    job = _job(args, "TrainJob")
-    from mtorl.raycluster import init_ray
-    from mtorl.training.driver import run_train
-
-    init_ray(args.address)
-    result = run_train(job, progress=_p)
-    _p(f"run: {result['run_uri']}\nbest checkpoint: {result['best_checkpoint']}\nwall time {result['wall_s']} s")
-    _write_result(args, result)
-    return 0
+def _prepare_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    if not (args.source or args.input or args.output):
+        return None
+    return {"source": args.source, "input": args.input, "output": args.output,
+            **_given(args, ("gain", "penalty", "on_bad_rows", "manifest_from"))}
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    def flags() -> dict[str, Any]:
-        d: dict[str, Any] = {"checkpoint": args.checkpoint, "output": args.output or "eval-output"}
-        for k in ("data", "split", "input", "source"):
-            if getattr(args, k):
-                d[k] = getattr(args, k)
-        if args.compare:
-            d["compare"] = args.compare
-        return d
-
-    job = _job(args, "EvaluateJob", flags if args.checkpoint else None)
-    if args.online:
-        from mtorl.sim.closed_loop import run_online_evaluation
-
-        result = run_online_evaluation(job.spec, users=args.users, budget=args.budget, progress=_p)
-    else:
-        from mtorl.evaluation.run import run_evaluate
-
-        result = run_evaluate(job.spec, progress=_p)
-    _write_result(args, result)
-    return 0
+def _evaluate_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    if not args.checkpoint:
+        return None
+    return {"checkpoint": args.checkpoint, "output": args.output or "eval-output",
+            **_given(args, ("data", "split", "input", "source", "compare"))}
 
 
-def cmd_tune(args: argparse.Namespace) -> int:
-    job = _job(args, "TuneJob")
-    from mtorl.raycluster import init_ray
-    from mtorl.tuning.sweep import run_tune
-
-    init_ray(args.address)
-    result = run_tune(job, progress=_p)
-    _write_result(args, result)
-    return 0
+def _serve_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    return {"checkpoint": args.checkpoint, **_given(args, ("port", "host"))} if args.checkpoint else None
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    def flags() -> dict[str, Any]:
-        d: dict[str, Any] = {"checkpoint": args.checkpoint}
-        if args.port:
-            d["port"] = args.port
-        if args.host:
-            d["host"] = args.host
-        return d
-
-    job = _job(args, "ServeJob", flags if args.checkpoint else None)
-    if args.target == "rayservice":  # write the KubeRay config only (pinned checkpoint); deploy nothing
-        from mtorl.serving.kuberay import write_rayservice_config
-
-        if not args.config_out:
-            raise SpecError("<command line>", [("--config-out", "--for rayservice writes a file: name it")])
-        _write_result(args, write_rayservice_config(job, args.config_out, progress=_p))
-        return 0
-    from mtorl.serving.app import run_serve
-
-    result = run_serve(job, address=args.address, config_out=args.config_out, blocking=not args.detach, progress=_p)
-    _write_result(args, result)
-    return 0
+def _simulate_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    return {"output": args.output, **_given(args, ("users", "seed", "calibrate_from"))} if args.output else None
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    def flags() -> dict[str, Any]:
-        d: dict[str, Any] = {"output": args.output}
-        if args.users:
-            d["users"] = args.users
-        if args.seed is not None:
-            d["seed"] = args.seed
-        if args.calibrate_from:
-            d["calibrate_from"] = args.calibrate_from
-        return d
+FLAGS: dict[str, Callable[[argparse.Namespace], dict[str, Any] | None]] = {
+    "PrepareJob": _prepare_flags, "EvaluateJob": _evaluate_flags, "ServeJob": _serve_flags, "SimulateJob": _simulate_flags,
+}
+RUN_OPTIONS = ("online", "users", "budget", "target", "config_out", "detach")  # see the runners in mtorl.registry
 
-    job = _job(args, "SimulateJob", flags if args.output else None)
-    from mtorl.sim.generate import simulate
 
-    result = simulate(job.spec, progress=_p)
-    _write_result(args, result)
+def cmd_run(args: argparse.Namespace) -> int:
+    """``mtorl prepare|train|evaluate|tune|serve|simulate``: the kind's runner, from the registry."""
+    from mtorl.registry import RunContext, by_command
+
+    entry = by_command(args.command)
+    job = _job(args, entry.kind, FLAGS.get(entry.kind, lambda _a: None))
+    options = {k: getattr(args, k) for k in RUN_OPTIONS if hasattr(args, k)}
+    _write_result(args, entry.run(job, RunContext(progress=_p, address=getattr(args, "address", None), options=options)))
     return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from mtorl.jobs import submit
+    from mtorl.jobs import submit_job
 
-    return submit(args)
+    if args.result and not args.wait:
+        raise SpecError("<command line>", [("--result", "needs --wait (or use `mtorl jobs result ID` once the job "
+                                                        "has finished)")])
+    job = load_job(args.spec, args.overrides)
+    return 0 if submit_job(job, args.address, wait=args.wait, result_file=args.result,
+                           credentials=not args.no_credentials) else 1
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from mtorl.jobs import jobs_command
+    from mtorl.jobs import jobs_action
 
-    return jobs_command(args)
+    if args.action != "list" and not args.id:
+        raise SpecError("<command line>", [("id", f"`mtorl jobs {args.action}` needs a submission id")])
+    return 0 if jobs_action(args.address, args.action, args.id, follow=args.follow, result_file=args.result) else 1
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -258,11 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--on-bad-rows", dest="on_bad_rows", choices=["error", "quarantine"])
     sp.add_argument("--manifest-from", dest="manifest_from", help="reuse a dataset's or checkpoint's manifest")
     sp.add_argument("--name", help="job name (without a spec)")
-    sp.set_defaults(fn=cmd_prepare)
+    sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("train", help="data-parallel training on Ray Train (re-run resumes)")
     _common(sp, spec_required=True)
-    sp.set_defaults(fn=cmd_train)
+    sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("evaluate", help="offline (or --online, simulated) evaluation and budget allocation")
     _common(sp)
@@ -277,11 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--users", type=int, default=2000, help="--online: simulated users")
     sp.add_argument("--budget", type=float, default=0.3, help="--online: budget as a fraction of the logging policy's spend")
     sp.add_argument("--name")
-    sp.set_defaults(fn=cmd_evaluate)
+    sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("tune", help="Ray Tune sweep over the action/reward/preference weighting")
     _common(sp, spec_required=True)
-    sp.set_defaults(fn=cmd_tune)
+    sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("serve", help="Ray Serve HTTP endpoints: /v1/recommend, /v1/allocate")
     _common(sp)
@@ -293,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rayservice: only write --config-out for a KubeRay RayService (0.0.0.0:8000, proxy, token, pinned checkpoint)")
     sp.add_argument("--detach", action="store_true", help="deploy and return instead of blocking")
     sp.add_argument("--name")
-    sp.set_defaults(fn=cmd_serve)
+    sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("simulate", help="synthetic advertising journeys with a known ground truth")
     _common(sp)
@@ -302,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int)
     sp.add_argument("--calibrate-from", dest="calibrate_from")
     sp.add_argument("--name")
-    sp.set_defaults(fn=cmd_simulate)
+    sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("submit", help="submit any job spec to a Ray cluster (Ray Jobs API)")
     sp.add_argument("spec", help="job spec YAML; shipped to the cluster with every --set applied")
@@ -337,6 +272,44 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("rest", nargs=argparse.REMAINDER)
     sp.set_defaults(fn=cmd_bench)
     return p
+
+
+# ------------------------------------------------------------------------------------- other entry points
+
+def local_cluster_main(argv: list[str] | None = None) -> int:
+    """Entry of cluster/local/up.sh, down.sh and status.sh: ``up [WORKERS] | down | status``."""
+    from mtorl import jobs
+
+    p = argparse.ArgumentParser(prog="cluster/local")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("workers", nargs="?", type=int, default=1)
+    p.add_argument("--state-dir", help="where cluster.json and node logs go (default $MTORL_CLUSTER_DIR or ~/.mtorl/cluster)")
+    p.add_argument("--cpus-per-node", type=float, default=1)
+    p.add_argument("--object-store-mb", type=int, default=256)
+    a = p.parse_args(argv)
+    try:
+        if a.action == "up":
+            st = jobs.local_cluster_up(a.workers, a.state_dir, a.cpus_per_node, a.object_store_mb)
+            print(f"local Ray cluster up: head + {a.workers} worker(s), {a.cpus_per_node:g} CPU each")
+            print(f"dashboard (submit here): {st['dashboard']}\nGCS: {st['gcs']}\nRAY_AUTH_MODE={st['auth_mode']}")
+            print(f"state: {jobs.state_file(a.state_dir)}")
+            if st["auth_mode"] == "token":
+                print("clients need the same mode: export RAY_AUTH_MODE=token (the token is in ~/.ray/auth_token)")
+            return 0
+        if a.action == "down":
+            n = jobs.local_cluster_down(a.state_dir)
+            print(f"stopped {n} node(s)" if n else "no local cluster recorded")
+            return 0
+        found = jobs.local_cluster_status(a.state_dir)
+        if found is None:
+            print("no local cluster recorded")
+            return 1
+        st, nodes, alive = found
+        print(f"dashboard {st['dashboard']}: {nodes} node(s) alive; processes up: {', '.join(alive) or 'none'}")
+        return 0 if alive else 1
+    except jobs.ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
