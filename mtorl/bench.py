@@ -27,7 +27,6 @@ stops both at the end (the store by PID). Nothing here runs at import time.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import math
@@ -46,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
+from mtorl.errors import MtorlError
 from mtorl.raycluster import LOCAL_DEFAULTS
 
 if TYPE_CHECKING:
@@ -924,15 +924,13 @@ def _child(args: list[str], say: Callable[[str], Any]) -> dict[str, Any]:
     raise RuntimeError(f"scale subprocess {args[0]} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}\n{tail}")
 
 
-def child_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="mtorl.bench --child")
-    ap.add_argument("what", choices=["prepare", "epoch"])
-    ap.add_argument("--csv")
-    ap.add_argument("--fmt")
-    ap.add_argument("--dataset", required=True)
-    ap.add_argument("--device", default="cpu")
-    a = ap.parse_args(argv)
+def run_child(what: str, dataset: str, csv: str | None = None, fmt: str | None = None, device: str = "cpu") -> None:
+    """One scale-stage measurement in this (fresh) process: ``prepare`` or ``epoch``; prints ``BENCH {json}``."""
+    from types import SimpleNamespace
+
     from mtorl.spec import make_job
+
+    a = SimpleNamespace(what=what, dataset=dataset, csv=csv, fmt=fmt, device=device)
 
     if a.what == "prepare":
         from mtorl.data.prepare import prepare
@@ -966,7 +964,6 @@ def child_main(argv: list[str]) -> int:
         out = {"wall_s": round(wall, 2), "peak_mb": round(peak, 1), "tree_peak_mb": round(tree.peak_mb, 1),
                "samples_per_s": res.get("samples_per_s"), "workers": 2, "data_mode": "streaming"}
     print("BENCH " + json.dumps(out), flush=True)
-    return 0
 
 
 # ----------------------------------------------------------------------------- report
@@ -1083,43 +1080,44 @@ def update_markdown(path: Path, device: str, body: str) -> None:
     path.write_text(text)
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- the suite
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mtorl bench", description="Benchmarks: ratios against plain baselines in the same run.")
-    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    ap.add_argument("--quick", action="store_true", help="small sizes (finishes in minutes on 2 cores); scale at 100k vs 1M steps")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the same suite on the GPU paths")
-    ap.add_argument("--out", default="bench", help="folder of results.json (results-cuda.json for --device cuda)")
-    ap.add_argument("--markdown", default="BENCHMARKS.md", help="file whose table section is regenerated")
-    ap.add_argument("--no-markdown", action="store_true", help="leave the markdown file alone")
-    ap.add_argument("--steps", type=int, help="simulated steps of the main dataset (overrides the mode)")
-    ap.add_argument("--scale-steps", help="SMALL,LARGE simulated steps of the scale stage (overrides the mode)")
-    ap.add_argument("--scale-epoch", action="store_true", help="time the training epoch at both scale points in --quick too")
-    ap.add_argument("--compile", action="store_true", help="train stage: also time the plain loop under torch.compile")
-    ap.add_argument("--requests", type=int, help="HTTP requests per concurrency level (overrides the mode)")
-    ap.add_argument("--work", help="scratch folder (default: a new temp folder, removed at the end)")
-    return ap
+class BenchError(MtorlError):
+    """The suite can't run as asked (unknown stage, no CUDA device): one line, exit 2."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--child"]:
-        return child_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+@dataclass(frozen=True)
+class SuiteOptions:
+    """What ``mtorl bench`` was asked for (its flags: see ``mtorl bench --help``)."""
+
+    stages: tuple[str, ...] = STAGES
+    quick: bool = False
+    device: str = "cpu"
+    out: str = "bench"
+    markdown: str = "BENCHMARKS.md"
+    no_markdown: bool = False
+    steps: int | None = None
+    scale_steps: tuple[int, int] | None = None
+    scale_epoch: bool = False
+    compile: bool = False
+    requests: int | None = None
+    work: str | None = None
+
+
+def run_suite(opts: SuiteOptions, command: str) -> bool:
+    """Run the stages (each against its plain baseline), write ``results.json`` and the table; True when
+    every stage ran (a failed stage is recorded and the others still run). ``command`` is recorded."""
+    args = opts
+    stages = list(opts.stages)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        print(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}", file=sys.stderr)
-        return 2
+        raise BenchError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            print(f"mtorl bench --device cuda: no CUDA device visible to torch {torch.__version__} "
-                  f"(CUDA build: {torch.version.cuda or 'none'}); run it on a GPU machine, or use --device cpu",
-                  file=sys.stderr)
-            return 2
+            raise BenchError(f"mtorl bench --device cuda: no CUDA device visible to torch {torch.__version__} "
+                             f"(CUDA build: {torch.version.cuda or 'none'}); run it on a GPU machine, or use --device cpu")
     sizes = QUICK if args.quick else FULL
     over: dict[str, Any] = {}
     if args.steps:
@@ -1129,8 +1127,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.scale_epoch:
         over["scale_epoch"] = True
     if args.scale_steps:
-        a, b = (int(x) for x in args.scale_steps.split(","))
-        over["scale"] = (a, b)
+        over["scale"] = tuple(args.scale_steps)
     sizes = Sizes(**{**asdict(sizes), **over})
     for k, v in BENCH_ENV.items():
         os.environ.setdefault(k, v)
@@ -1144,54 +1141,42 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="mtorl-bench-") if not args.work else None
     work = Path(args.work) if args.work else Path(tmp.name)  # type: ignore[union-attr]
     work.mkdir(parents=True, exist_ok=True)
-    cmd = "python -m mtorl.bench " + " ".join(a for a in argv if not a.startswith("--work"))
-    res: dict[str, Any] = {"kind": "mtorl-bench", "command": cmd.strip(), "mode": "quick" if args.quick else "full",
+    res: dict[str, Any] = {"kind": "mtorl-bench", "command": command, "mode": "quick" if args.quick else "full",
                            "device": args.device, "sizes": asdict(sizes), "machine": machine_facts(args.device),
                            "stages": {}}
     from mtorl.storage import seaweed
 
     store_dir = work / "store"
-    saved_env = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                                 "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION",
-                                                 "AWS_SESSION_TOKEN", "AWS_PROFILE", "MTORL_STORE_DIR")}
     failed = False
     state = seaweed.up(store_dir, seaweed.free_ports(1)[0])
     try:
-        for k in ("AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
-            os.environ.pop(k, None)
-        os.environ.update({**seaweed.env_vars(state), "MTORL_STORE_DIR": str(store_dir)})
-        say(f"bench: store {state.endpoint} (pid {state.pid}); stages {', '.join(stages)}; mode {res['mode']}; device {args.device}")
-        bench = Bench(sizes, args.device, work, say)
-        bench.compile = args.compile
-        for name in stages:
-            say(f"\n=== bench {name}")
-            t0 = time.perf_counter()
-            try:
-                out = getattr(bench, f"stage_{name}")()
-            except Exception as e:  # noqa: BLE001 - a failed stage is recorded, the others still run
-                failed = True
-                traceback.print_exc()
-                out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-            out["stage_s"] = round(time.perf_counter() - t0, 1)
-            res["stages"][name] = out
-            say(f"bench {name}: " + json.dumps({k: v for k, v in out.items() if k in ("ratio", "met", "error", "stage_s")}))
-        for name in STAGES:
-            res["stages"].setdefault(name, {"skipped": "not in --stages"})
-    finally:
-        try:
+        with seaweed.store_environment(state):
+            say(f"bench: store {state.endpoint} (pid {state.pid}); stages {', '.join(stages)}; mode {res['mode']}; "
+                f"device {args.device}")
+            bench = Bench(sizes, args.device, work, say)
+            bench.compile = args.compile
+            for name in stages:
+                say(f"\n=== bench {name}")
+                t0 = time.perf_counter()
+                try:
+                    out = getattr(bench, f"stage_{name}")()
+                except Exception as e:  # noqa: BLE001 - a failed stage is recorded, the others still run
+                    failed = True
+                    traceback.print_exc()
+                    out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+                out["stage_s"] = round(time.perf_counter() - t0, 1)
+                res["stages"][name] = out
+                say(f"bench {name}: " + json.dumps({k: v for k, v in out.items() if k in ("ratio", "met", "error", "stage_s")}))
+            for name in STAGES:
+                res["stages"].setdefault(name, {"skipped": "not in --stages"})
             import ray
 
             if ray.is_initialized():
                 ray.shutdown()
-        finally:
-            seaweed.down(store_dir)
-            for k, v in saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            if tmp is not None:
-                tmp.cleanup()
+    finally:
+        seaweed.down(store_dir)
+        if tmp is not None:
+            tmp.cleanup()
     res["total_s"] = round(time.perf_counter() - t_all, 1)
     path = out_dir / ("results.json" if args.device == "cpu" else f"results-{args.device}.json")
     path.write_text(json.dumps(res, indent=2) + "\n")
@@ -1205,8 +1190,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         update_markdown(Path(args.markdown), args.device, table)
         say(f"bench: updated the table in {args.markdown}")
-    return 1 if failed else 0
+    return not failed
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from mtorl.cli import bench_main
+
+    raise SystemExit(bench_main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,9 +61,43 @@ def _write_result(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------- commands
 
-def cmd_store(args: argparse.Namespace) -> int:
-    from mtorl.storage.seaweed import store_command
+def store_command(action: str, dir: str | None = None, port: int | None = None) -> int:
+    """``mtorl store up|status|down``: human output, exit code (0 ok, 1 failure/not running, 2 bad action)."""
+    from mtorl.storage import StorageError, seaweed
 
+    try:
+        if action == "up":
+            t0 = time.monotonic()
+            st = seaweed.up(dir, port)
+            if st.was_running:
+                print(f"store already running at {st.endpoint} (pid {st.pid}, dir {st.dir})")
+            else:
+                print(f"store running at {st.endpoint} (pid {st.pid}, dir {st.dir}, "
+                      f"ready in {time.monotonic() - t0:.1f}s)")
+            print("# mtorl finds it through its state file; other tools need:")
+            for line in seaweed.env_lines(st):
+                print(line)
+            return 0
+        if action == "status":
+            s = seaweed.status(dir)
+            if s["running"]:
+                print(f"running at {s['endpoint']} (pid {s['pid']}, dir {s['dir']}, "
+                      f"{'reachable' if s['reachable'] else 'NOT reachable'})")
+                return 0 if s["reachable"] else 1
+            print(f"not running (dir {s['dir']})")
+            return 1
+        if action == "down":
+            pid = seaweed.down(dir)
+            print(f"stopped (pid {pid})" if pid else f"not running (dir {seaweed.store_dir(dir)})")
+            return 0
+        print(f"unknown store action {action!r}; one of up, status, down", file=sys.stderr)
+        return 2
+    except StorageError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+
+
+def cmd_store(args: argparse.Namespace) -> int:
     return store_command(args.action, args.dir, args.port)
 
 
@@ -150,14 +185,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-    from mtorl.data.gc import gc_command
+    from mtorl.data.gc import collect_garbage
 
-    return gc_command(args.dataset, args.delete, args.min_age_hours, progress=_p)
+    collect_garbage(args.dataset, args.delete, args.min_age_hours, progress=_p)
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mtorl.bench import main as bench_main
-
     return bench_main(args.rest)
 
 
@@ -275,6 +309,150 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------- other entry points
+# `python -m mtorl.bench | mtorl.demo | mtorl.manifests | mtorl.sim.benchmark | mtorl.serving.plain` and
+# cluster/local/*.sh: each module's __main__ delegates here, so every argument parser and exit code is in this file.
+
+def bench_main(argv: list[str] | None = None) -> int:
+    """``mtorl bench`` / ``python -m mtorl.bench`` (``--child WHAT ...``: one scale-stage measurement)."""
+    from mtorl import bench
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--child"]:
+        ap = argparse.ArgumentParser(prog="mtorl.bench --child")
+        ap.add_argument("what", choices=["prepare", "epoch"])
+        ap.add_argument("--csv")
+        ap.add_argument("--fmt")
+        ap.add_argument("--dataset", required=True)
+        ap.add_argument("--device", default="cpu")
+        c = ap.parse_args(argv[1:])
+        bench.run_child(c.what, c.dataset, c.csv, c.fmt, c.device)
+        return 0
+    ap = argparse.ArgumentParser(prog="mtorl bench", description="Benchmarks: ratios against plain baselines in the same run.")
+    ap.add_argument("--stages", default=",".join(bench.STAGES), help=f"comma-separated subset of {','.join(bench.STAGES)}")
+    ap.add_argument("--quick", action="store_true", help="small sizes (finishes in minutes on 2 cores); scale at 100k vs 1M steps")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the same suite on the GPU paths")
+    ap.add_argument("--out", default="bench", help="folder of results.json (results-cuda.json for --device cuda)")
+    ap.add_argument("--markdown", default="BENCHMARKS.md", help="file whose table section is regenerated")
+    ap.add_argument("--no-markdown", action="store_true", help="leave the markdown file alone")
+    ap.add_argument("--steps", type=int, help="simulated steps of the main dataset (overrides the mode)")
+    ap.add_argument("--scale-steps", help="SMALL,LARGE simulated steps of the scale stage (overrides the mode)")
+    ap.add_argument("--scale-epoch", action="store_true", help="time the training epoch at both scale points in --quick too")
+    ap.add_argument("--compile", action="store_true", help="train stage: also time the plain loop under torch.compile")
+    ap.add_argument("--requests", type=int, help="HTTP requests per concurrency level (overrides the mode)")
+    ap.add_argument("--work", help="scratch folder (default: a new temp folder, removed at the end)")
+    a = ap.parse_args(argv)
+    scale = None
+    if a.scale_steps:
+        lo, hi = (int(x) for x in a.scale_steps.split(","))
+        scale = (lo, hi)
+    opts = bench.SuiteOptions(
+        stages=tuple(x.strip() for x in a.stages.split(",") if x.strip()), quick=a.quick, device=a.device, out=a.out,
+        markdown=a.markdown, no_markdown=a.no_markdown, steps=a.steps, scale_steps=scale, scale_epoch=a.scale_epoch,
+        compile=a.compile, requests=a.requests, work=a.work)
+    command = ("python -m mtorl.bench " + " ".join(x for x in argv if not x.startswith("--work"))).strip()
+    return _known_errors_as_one_line(lambda: 0 if bench.run_suite(opts, command) else 1)
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    """``make demo`` / ``python -m mtorl.demo``."""
+    from mtorl import demo
+
+    ap = argparse.ArgumentParser(prog="mtorl-demo", description=demo.__doc__)
+    ap.add_argument("--dir", default="demo-output", help="local folder for the store, reports and results")
+    ap.add_argument("--data", help="a real sample (e.g. the KuaiRand or Criteo sequence CSV); default: simulated logs")
+    ap.add_argument("--source", help="source of --data (guessed from the file name)")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--trials", type=int, default=2)
+    ap.add_argument("--keep-store", action="store_true", help="leave the object store running at the end")
+    ap.add_argument("-v", "--verbose", action="store_true", help="Ray's own output and every stage's details on the console")
+    a = ap.parse_args(argv)
+    demo.run_demo(demo.DemoOptions(**vars(a)))
+    return 0
+
+
+def manifests_main(argv: list[str] | None = None) -> int:
+    """``make manifests`` / ``python -m mtorl.manifests``: render the KubeRay manifests."""
+    from mtorl import manifests
+
+    ap = argparse.ArgumentParser(prog="python -m mtorl.manifests", description=(manifests.__doc__ or "").splitlines()[0])
+    ap.add_argument("--values", action="append", default=[], type=Path, metavar="FILE",
+                    help="KEY=VALUE file over the defaults (repeatable; later files win; the environment wins over all)")
+    ap.add_argument("--defaults", type=Path, default=manifests.DEFAULT_VALUES,
+                    help=f"default values (default {manifests.DEFAULT_VALUES})")
+    ap.add_argument("--templates", type=Path, default=manifests.DEFAULT_TEMPLATES, help=f"default {manifests.DEFAULT_TEMPLATES}")
+    ap.add_argument("--out", type=Path, default=manifests.DEFAULT_OUT, help=f"default {manifests.DEFAULT_OUT}")
+    a = ap.parse_args(argv)
+    try:
+        values, sources = manifests.load_values([a.defaults, *a.values])
+        for path in manifests.write(manifests.render(a.templates, values, sources), a.out):
+            print(f"wrote {path}")
+    except manifests.ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"apply one with: kubectl apply -f {a.out}/<file>.yaml (create the Secrets first: cluster/README.md)")
+    return 0
+
+
+def sim_benchmark_main(argv: list[str] | None = None) -> int:
+    """``python -m mtorl.sim.benchmark``: the closed-loop benchmark of a checkpoint trained on simulated logs."""
+    from mtorl.sim import benchmark
+
+    ap = argparse.ArgumentParser(prog="python -m mtorl.sim.benchmark", description=benchmark.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--out", required=True, help="output path without extension (OUT.md, OUT.json)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.3, 0.5])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--users", type=int, default=2000)
+    ap.add_argument("--imitation-at", type=float, nargs="*", default=[0.3],
+                    help="budgets at which the same checkpoint's imitation policy gets a row too")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = ap.parse_args(argv)
+    md, js = benchmark.write_benchmark(a.checkpoint, a.out, a.budgets, a.seeds, a.users, a.imitation_at,
+                                       command="python -m mtorl.sim.benchmark " + " ".join(argv))
+    print(f"wrote {md} and {js}")
+    return 0
+
+
+def plain_server_main(argv: list[str] | None = None) -> int:
+    """``python -m mtorl.serving.plain``: the bench's plain reference server (one uvicorn worker)."""
+    from mtorl.serving import plain
+    from mtorl.serving.service import is_loopback, token_digest
+
+    ap = argparse.ArgumentParser(prog="python -m mtorl.serving.plain", description=(plain.__doc__ or "").splitlines()[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8100)
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
+    ap.add_argument("--max-body-bytes", type=int, default=4_000_000)
+    ap.add_argument("--auth-token-env", help="env var holding the bearer token (required off loopback)")
+    a = ap.parse_args(argv)
+    digest = None
+    if a.auth_token_env:
+        import os
+
+        token = os.environ.get(a.auth_token_env)
+        if not token:
+            ap.error(f"--auth-token-env: environment variable {a.auth_token_env} is not set")
+        digest = token_digest(token)
+    elif not is_loopback(a.host):
+        ap.error(f"--host {a.host}: not a loopback address; set --auth-token-env")
+    plain.run_plain_server(a.checkpoint, a.host, a.port, a.max_batch_size, a.batch_wait_timeout_s, a.max_body_bytes,
+                           digest)
+    return 0
+
+
+def _known_errors_as_one_line(fn: Callable[[], int]) -> int:
+    """``fn()``, with a known error (``MtorlError``) printed as one line and its exit code."""
+    from mtorl.errors import MtorlError, one_line
+
+    try:
+        return fn()
+    except MtorlError as e:
+        print(one_line(e), file=sys.stderr)
+        return e.exit_code
+
 
 def local_cluster_main(argv: list[str] | None = None) -> int:
     """Entry of cluster/local/up.sh, down.sh and status.sh: ``up [WORKERS] | down | status``."""

@@ -8,12 +8,11 @@ Prints where every result went.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,24 +75,27 @@ def demo_queries(url: str, dataset_uri: str, progress: Any = print, n: int = 5) 
     return {"recommend": rec.json(), "allocate": a, "model_version": model.get("version")}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mtorl-demo", description=__doc__)
-    ap.add_argument("--dir", default="demo-output", help="local folder for the store, reports and results")
-    ap.add_argument("--data", help="a real sample (e.g. the KuaiRand or Criteo sequence CSV); default: simulated logs")
-    ap.add_argument("--source", help="source of --data (guessed from the file name)")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--trials", type=int, default=2)
-    ap.add_argument("--keep-store", action="store_true", help="leave the object store running at the end")
-    ap.add_argument("-v", "--verbose", action="store_true", help="Ray's own output and every stage's details on the console")
-    args = ap.parse_args(argv)
+@dataclass(frozen=True)
+class DemoOptions:
+    """The demo's flags (``python -m mtorl.demo --help``)."""
 
+    dir: str = "demo-output"
+    data: str | None = None
+    source: str | None = None
+    epochs: int = 3
+    trials: int = 2
+    keep_store: bool = False
+    verbose: bool = False
+
+
+def run_demo(opts: DemoOptions) -> None:
     from mtorl.console import session
 
-    with session(verbose=args.verbose) as con:
-        return _demo(args, con)
+    with session(verbose=opts.verbose) as con:
+        _demo(opts, con)
 
 
-def _demo(args: argparse.Namespace, con: Any) -> int:
+def _demo(args: DemoOptions, con: Any) -> None:
     from mtorl.storage import seaweed
 
     base = Path(args.dir).resolve()
@@ -112,7 +114,7 @@ def _demo(args: argparse.Namespace, con: Any) -> int:
     os.environ.setdefault("WANDB_DIR", str(base))
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
-        return _run(args, base, results, t0, con)
+        _run(args, base, results, t0, con)
     finally:
         if not args.keep_store:
             seaweed.down(base / "store")
@@ -131,7 +133,7 @@ def _detail(con: Any) -> Any:
     return to_log
 
 
-def _run(args: argparse.Namespace, base: Path, results: dict[str, Any], t0: float, con: Any) -> int:
+def _run(args: DemoOptions, base: Path, results: dict[str, Any], t0: float, con: Any) -> None:
     from mtorl.data.prepare import prepare
     from mtorl.raycluster import init_ray
 
@@ -242,7 +244,6 @@ def _run(args: argparse.Namespace, base: Path, results: dict[str, Any], t0: floa
         ("Ray logs", con.ray_logs or "-"),
     ):
         con(f"  {label:<18} {where}")
-    return 0
 
 
 def _num(v: Any) -> str:
@@ -250,4 +251,6 @@ def _num(v: Any) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mtorl.cli import demo_main
+
+    raise SystemExit(demo_main())

@@ -87,9 +87,9 @@ def remove_stale_spill_dirs(root: str | None = None) -> int:
     return n
 
 
-def gc_command(dataset_uri: str, delete: bool, min_age_hours: float, progress: Any = print) -> int:
+def collect_garbage(dataset_uri: str, delete: bool, min_age_hours: float, progress: Any = print) -> int:
     """``mtorl datasets gc URI [--delete] [--min-age-hours H]``: list (or remove) orphaned version folders and
-    stale spill folders. Exit 0."""
+    stale spill folders; returns how many were found."""
     orphans = orphaned_versions(dataset_uri, min_age_hours * 3600)
     for o in orphans:
         progress(f"{'removing' if delete else 'orphaned'} {o['uri']} ({o['files']} files, {o['age_s'] / 3600:.1f} h old)")
@@ -104,4 +104,4 @@ def gc_command(dataset_uri: str, delete: bool, min_age_hours: float, progress: A
         progress(f"{dataset_uri}: no orphaned version folders (older than {min_age_hours:g} h) or spill folders")
     elif not delete:
         progress("rerun with --delete to remove them")
-    return 0
+    return len(orphans) + len(spills)
