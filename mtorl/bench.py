@@ -148,42 +148,59 @@ def _tree_rss_mb(root: int) -> float:
     return sum(rss.get(p, 0) for p in keep) / (1 << 20)
 
 
-class TreePeak:
-    """Samples the summed RSS of this process tree in a thread; ``peak_mb`` after ``stop``."""
+class _Sampler:
+    """Calls ``sample()`` every ``period_s`` in a thread between ``__enter__`` and ``__exit__``."""
+
+    sample_at_exit = False
 
     def __init__(self, period_s: float = 0.5) -> None:
-        self.period, self.peak_mb = period_s, 0.0
+        self.period = period_s
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> None:
+        raise NotImplementedError
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, _tree_rss_mb(os.getpid()))
+            self.sample()
             self._stop.wait(self.period)
 
-    def __enter__(self) -> "TreePeak":
+    def __enter__(self) -> Any:
         self._t.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._t.join()
+        if self.sample_at_exit:
+            self.sample()
+
+
+class TreePeak(_Sampler):
+    """Samples the summed RSS of this process tree in a thread; ``peak_mb`` after ``stop``."""
+
+    sample_at_exit = True
+
+    def __init__(self, period_s: float = 0.5) -> None:
+        super().__init__(period_s)
+        self.peak_mb = 0.0
+
+    def sample(self) -> None:
         self.peak_mb = max(self.peak_mb, _tree_rss_mb(os.getpid()))
 
 
-class GpuUtil:
+class GpuUtil(_Sampler):
     """Samples GPU utilisation (%) and memory in use (MiB) of device 0 in a thread, from ``nvidia-smi``
     (it sees every process, Ray's workers included), else ``torch.cuda.utilization`` (needs pynvml)."""
 
     def __init__(self, period_s: float = 0.5) -> None:
-        self.period = period_s
+        super().__init__(period_s)
         self.util: list[float] = []
         self.mem_mb: list[float] = []
         self.source: str | None = None
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> tuple[float, float] | None:
+    def _query(self) -> tuple[float, float] | None:
         import shutil
 
         if shutil.which("nvidia-smi"):
@@ -203,21 +220,11 @@ class GpuUtil:
         except Exception:  # noqa: BLE001 - no pynvml: no utilisation figure
             return None
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            got = self._sample()
-            if got is not None:
-                self.util.append(got[0])
-                self.mem_mb.append(got[1])
-            self._stop.wait(self.period)
-
-    def __enter__(self) -> "GpuUtil":
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._t.join()
+    def sample(self) -> None:
+        got = self._query()
+        if got is not None:
+            self.util.append(got[0])
+            self.mem_mb.append(got[1])
 
     def summary(self) -> dict[str, Any]:
         if not self.util:

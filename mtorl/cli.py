@@ -197,6 +197,64 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------- parser
 
+def _prepare_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--source", choices=["kuairand-sequence", "criteo-sequence", "criteo-attribution", "journeys"])
+    sp.add_argument("--input", help="input file (path or s3:// URI)")
+    sp.add_argument("--output", help="dataset URI")
+    sp.add_argument("--gain", help="gain column (criteo: conversion|click|attribution)")
+    sp.add_argument("--penalty", type=float, help="budget penalty s")
+    sp.add_argument("--on-bad-rows", dest="on_bad_rows", choices=["error", "quarantine"])
+    sp.add_argument("--manifest-from", dest="manifest_from", help="reuse a dataset's or checkpoint's manifest")
+    sp.add_argument("--name", help="job name (without a spec)")
+
+
+def _evaluate_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--checkpoint", help="checkpoint or run URI")
+    sp.add_argument("--data", help="prepared dataset URI (default: the checkpoint's)")
+    sp.add_argument("--split", choices=["train", "val", "test"])
+    sp.add_argument("--input", help="raw held-back logs, preprocessed with the checkpoint's manifest")
+    sp.add_argument("--source", help="source of --input")
+    sp.add_argument("--output", help="report directory or URI")
+    sp.add_argument("--compare", nargs="*", default=[], metavar="CKPT", help="more checkpoints side by side")
+    sp.add_argument("--online", action="store_true", help="closed-loop evaluation in the simulator")
+    sp.add_argument("--users", type=int, default=2000, help="--online: simulated users")
+    sp.add_argument("--budget", type=float, default=0.3, help="--online: budget as a fraction of the logging policy's spend")
+    sp.add_argument("--name")
+
+
+def _serve_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--checkpoint", help="checkpoint or run URI")
+    sp.add_argument("--host")
+    sp.add_argument("--port", type=int)
+    sp.add_argument("--config-out", help="also write a Serve config YAML (serve deploy / serve run; see --for)")
+    sp.add_argument("--for", dest="target", choices=["serve", "rayservice"], default="serve",
+                    help="rayservice: only write --config-out for a KubeRay RayService (0.0.0.0:8000, proxy, token, pinned checkpoint)")
+    sp.add_argument("--detach", action="store_true", help="deploy and return instead of blocking")
+    sp.add_argument("--name")
+
+
+def _simulate_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--output")
+    sp.add_argument("--users", type=int)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--calibrate-from", dest="calibrate_from")
+    sp.add_argument("--name")
+
+
+def _no_args(sp: argparse.ArgumentParser) -> None:
+    pass
+
+
+# (command, help, spec file required, its own flags)
+JOB_COMMANDS: tuple[tuple[str, str, bool, Callable[[argparse.ArgumentParser], None]], ...] = (
+    ("prepare", "advertising logs -> CMDP trajectories dataset in object storage", False, _prepare_args),
+    ("train", "data-parallel training on Ray Train (re-run resumes)", True, _no_args),
+    ("evaluate", "offline (or --online, simulated) evaluation and budget allocation", False, _evaluate_args),
+    ("tune", "Ray Tune sweep over the action/reward/preference weighting", True, _no_args),
+    ("serve", "Ray Serve HTTP endpoints: /v1/recommend, /v1/allocate", False, _serve_args),
+    ("simulate", "synthetic advertising journeys with a known ground truth", False, _simulate_args),
+)
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtorl", description="Multi-task offline RL for budget-aware advertising on Ray.")
     p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
@@ -217,61 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("kind")
     sp.set_defaults(fn=cmd_explain)
 
-    sp = sub.add_parser("prepare", help="advertising logs -> CMDP trajectories dataset in object storage")
-    _common(sp)
-    sp.add_argument("--source", choices=["kuairand-sequence", "criteo-sequence", "criteo-attribution", "journeys"])
-    sp.add_argument("--input", help="input file (path or s3:// URI)")
-    sp.add_argument("--output", help="dataset URI")
-    sp.add_argument("--gain", help="gain column (criteo: conversion|click|attribution)")
-    sp.add_argument("--penalty", type=float, help="budget penalty s")
-    sp.add_argument("--on-bad-rows", dest="on_bad_rows", choices=["error", "quarantine"])
-    sp.add_argument("--manifest-from", dest="manifest_from", help="reuse a dataset's or checkpoint's manifest")
-    sp.add_argument("--name", help="job name (without a spec)")
-    sp.set_defaults(fn=cmd_run)
-
-    sp = sub.add_parser("train", help="data-parallel training on Ray Train (re-run resumes)")
-    _common(sp, spec_required=True)
-    sp.set_defaults(fn=cmd_run)
-
-    sp = sub.add_parser("evaluate", help="offline (or --online, simulated) evaluation and budget allocation")
-    _common(sp)
-    sp.add_argument("--checkpoint", help="checkpoint or run URI")
-    sp.add_argument("--data", help="prepared dataset URI (default: the checkpoint's)")
-    sp.add_argument("--split", choices=["train", "val", "test"])
-    sp.add_argument("--input", help="raw held-back logs, preprocessed with the checkpoint's manifest")
-    sp.add_argument("--source", help="source of --input")
-    sp.add_argument("--output", help="report directory or URI")
-    sp.add_argument("--compare", nargs="*", default=[], metavar="CKPT", help="more checkpoints side by side")
-    sp.add_argument("--online", action="store_true", help="closed-loop evaluation in the simulator")
-    sp.add_argument("--users", type=int, default=2000, help="--online: simulated users")
-    sp.add_argument("--budget", type=float, default=0.3, help="--online: budget as a fraction of the logging policy's spend")
-    sp.add_argument("--name")
-    sp.set_defaults(fn=cmd_run)
-
-    sp = sub.add_parser("tune", help="Ray Tune sweep over the action/reward/preference weighting")
-    _common(sp, spec_required=True)
-    sp.set_defaults(fn=cmd_run)
-
-    sp = sub.add_parser("serve", help="Ray Serve HTTP endpoints: /v1/recommend, /v1/allocate")
-    _common(sp)
-    sp.add_argument("--checkpoint", help="checkpoint or run URI")
-    sp.add_argument("--host")
-    sp.add_argument("--port", type=int)
-    sp.add_argument("--config-out", help="also write a Serve config YAML (serve deploy / serve run; see --for)")
-    sp.add_argument("--for", dest="target", choices=["serve", "rayservice"], default="serve",
-                    help="rayservice: only write --config-out for a KubeRay RayService (0.0.0.0:8000, proxy, token, pinned checkpoint)")
-    sp.add_argument("--detach", action="store_true", help="deploy and return instead of blocking")
-    sp.add_argument("--name")
-    sp.set_defaults(fn=cmd_run)
-
-    sp = sub.add_parser("simulate", help="synthetic advertising journeys with a known ground truth")
-    _common(sp)
-    sp.add_argument("--output")
-    sp.add_argument("--users", type=int)
-    sp.add_argument("--seed", type=int)
-    sp.add_argument("--calibrate-from", dest="calibrate_from")
-    sp.add_argument("--name")
-    sp.set_defaults(fn=cmd_run)
+    for command, help, spec_required, add_flags in JOB_COMMANDS:  # one per job kind (mtorl.registry)
+        sp = sub.add_parser(command, help=help)
+        _common(sp, spec_required=spec_required)
+        add_flags(sp)
+        sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("submit", help="submit any job spec to a Ray cluster (Ray Jobs API)")
     sp.add_argument("spec", help="job spec YAML; shipped to the cluster with every --set applied")

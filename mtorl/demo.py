@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mtorl.localhost import free_port
 from mtorl.spec import make_job
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def guess_source(path: str) -> str:
@@ -216,7 +210,7 @@ def _run(args: DemoOptions, base: Path, results: dict[str, Any], t0: float, con:
         from mtorl.serving.app import run_serve
 
         best = (results["tune"].get("best") or {}).get("checkpoint") or results["train"]["best_checkpoint"]
-        serve_job = make_job("ServeJob", "demo-serve", {"checkpoint": best, "port": _free_port()})
+        serve_job = make_job("ServeJob", "demo-serve", {"checkpoint": best, "port": free_port()})
         t_serve = time.time()
         served = run_serve(serve_job, address=None, config_out=str(base / "serve_config.yaml"), blocking=False,
                            progress=_detail(con))

@@ -29,7 +29,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from typing import Any, Iterator
 import yaml
 
 from mtorl.errors import MtorlError
+from mtorl.localhost import free_port, pid_alive
 
 SPEC_PATH = "mtorl-job/spec.yaml"  # inside the working_dir
 COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "*.parquet", ".pytest_cache")
@@ -476,12 +476,6 @@ def _read_state(d: Path) -> dict[str, Any] | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _node_cmd(ray_bin: str, head: bool, gcs: str, temp_dir: str, cpus: float, object_store_mb: int,
               dashboard_port: int | None = None) -> list[str]:
     cmd = [ray_bin, "start", "--block", "--disable-usage-stats", f"--num-cpus={cpus:g}",
@@ -515,7 +509,7 @@ def local_cluster_up(workers: int, state_dir: str | Path | None = None, cpus_per
     """Start a head and ``workers`` worker nodes on loopback, each ``ray start --block`` in its own
     process group with its own temp dir; PIDs go to ``<state_dir>/cluster.json``."""
     d = _state_dir(state_dir)
-    if (old := _read_state(d)) and any(_pid_alive(n["pid"]) for n in old["nodes"]):
+    if (old := _read_state(d)) and any(pid_alive(n["pid"]) for n in old["nodes"]):
         raise ClusterError(f"a local cluster is already running ({old['dashboard']}); run cluster/local/down.sh first")
     d.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
@@ -543,7 +537,7 @@ def local_cluster_up(workers: int, state_dir: str | Path | None = None, cpus_per
     def wait_for(n: int, what: str) -> None:
         end = time.time() + timeout_s
         while _alive_nodes(state["dashboard"]) < n:
-            dead = [x for x in state["nodes"] if not _pid_alive(x["pid"])]
+            dead = [x for x in state["nodes"] if not pid_alive(x["pid"])]
             if dead or time.time() > end:
                 local_cluster_down(d)
                 why = f"{dead[0]['role']} exited (see {dead[0]['log']})" if dead else f"not up after {timeout_s:.0f} s"
@@ -556,19 +550,6 @@ def local_cluster_up(workers: int, state_dir: str | Path | None = None, cpus_per
         launch(f"worker{i + 1}", False)
     wait_for(1 + workers, "workers")
     return state
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of this process counts as gone
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:
-        return True
 
 
 def _group_alive(pgid: int) -> bool:
@@ -619,7 +600,7 @@ def local_cluster_status(state_dir: str | Path | None = None) -> tuple[dict[str,
     st = _read_state(_state_dir(state_dir))
     if not st:
         return None
-    return st, _alive_nodes(st["dashboard"]), [n["role"] for n in st["nodes"] if _pid_alive(n["pid"])]
+    return st, _alive_nodes(st["dashboard"]), [n["role"] for n in st["nodes"] if pid_alive(n["pid"])]
 
 
 def state_file(state_dir: str | Path | None = None) -> Path:

@@ -10,7 +10,6 @@ committed when the pointer names them, else as orphans once old enough.
 from __future__ import annotations
 
 import calendar
-import os
 import re
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ from typing import Any
 
 from mtorl import storage
 from mtorl.data.manifest import MANIFEST_FILE
+from mtorl.localhost import pid_alive
 
 _VERSION = re.compile(r"^v(\d{8}T\d{6}Z)-[0-9a-f]{6}$")
 SPILL_PREFIX = "mtorl-prepare-"
@@ -64,19 +64,9 @@ def stale_spill_dirs(root: str | None = None) -> list[Path]:
     out = []
     for p in d.glob(f"{SPILL_PREFIX}*"):
         m = re.match(rf"^{SPILL_PREFIX}(\d+)-", p.name)
-        if p.is_dir() and m and not _alive(int(m.group(1))):
+        if p.is_dir() and m and not pid_alive(int(m.group(1))):
             out.append(p)
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_spill_dirs(root: str | None = None) -> int:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mtorl import storage
 from mtorl.data.errors import DataError
+from mtorl.errors import validation_line
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -151,9 +152,7 @@ class Manifest(BaseModel):
         try:
             return cls.model_validate(obj)
         except ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "(root)"
-            raise DataError(f"{where}: manifest field {field}: {err['msg']}") from None
+            raise DataError(f"{where}: manifest {validation_line(e)}") from None
 
     @classmethod
     def load(cls, dataset_uri: str) -> Manifest:

@@ -41,6 +41,7 @@ from mtorl.data.errors import DataError
 from mtorl.data.manifest import (
     JOURNEY_SCHEMA, MANIFEST_FILE, SCHEMA_VERSION, SPLITS, Manifest, new_version, resolve_manifest_from,
 )
+from mtorl.data.shards import UserPacker
 from mtorl.data.windows import Journey, journeys_from_table
 from mtorl.spec.models import JourneysFormat, PrepareSpec
 
@@ -182,44 +183,27 @@ class _ShardWriter:
     """Journey rows of one split -> Parquet shards of at most ``max_steps`` steps (a longer journey alone)."""
 
     def __init__(self, dataset_uri: str, version: str, split: str, max_steps: int) -> None:
-        self.uri, self.version, self.split, self.max_steps = dataset_uri, version, split, max_steps
-        self.pending: list[pa.Table] = []
-        self.pending_steps = 0
+        self.uri, self.version, self.split = dataset_uri, version, split
+        self.packer = UserPacker(max_steps, self._write)
         self.shards: list[dict[str, Any]] = []
         self.users = 0
         self.steps = 0
 
     def add(self, table: pa.Table) -> None:
-        lengths = table.column("length").to_numpy().astype(np.int64)
-        i, n = 0, len(lengths)
-        while i < n:
-            cum = np.cumsum(lengths[i:])
-            k = int(np.searchsorted(cum, self.max_steps - self.pending_steps, side="right"))
-            if k == 0:
-                if self.pending_steps:
-                    self.flush()
-                    continue
-                k = 1
-            self.pending.append(table.slice(i, k))
-            self.pending_steps += int(cum[k - 1])
-            i += k
-            if self.pending_steps >= self.max_steps:
-                self.flush()
+        self.packer.add(table.column("length").to_numpy().astype(np.int64), table.slice)
 
     def flush(self) -> None:
-        if not self.pending:
-            return
-        t = pa.concat_tables(self.pending)
+        self.packer.flush()
+
+    def _write(self, t: pa.Table, users: int, steps: int) -> None:
         rel = f"{self.version}/{self.split}/part-{len(self.shards):05d}.parquet"
         buf = io.BytesIO()
         pq.write_table(t, buf, compression="zstd")
         data = buf.getvalue()
         storage.write_bytes(storage.join(self.uri, rel), data)
-        users, steps = t.num_rows, int(pc.sum(t.column("length")).as_py() or 0)
         self.shards.append({"path": rel, "users": users, "steps": steps, "sha256": hashlib.sha256(data).hexdigest()})
         self.users += users
         self.steps += steps
-        self.pending, self.pending_steps = [], 0
 
 
 # ----------------------------------------------------------------------------- the run

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from mtorl.data.shards import UserPacker
 from mtorl.sim.model import STEP_FEATURES, Simulator
 from mtorl.spec.models import SimulateSpec
 
@@ -58,40 +59,23 @@ class _ShardWriter:
     """Buffers user-contiguous tables and writes shards of at most ``max_rows`` rows, never splitting a user."""
 
     def __init__(self, fs: pafs.FileSystem, root: str, max_rows: int) -> None:
-        self.fs, self.root, self.max_rows = fs, root, max_rows
-        self.pending: list[pa.Table] = []
-        self.rows = self.users = 0
+        self.fs, self.root = fs, root
+        self.packer = UserPacker(max_rows, self._write)
         self.shards: list[dict[str, Any]] = []
 
     def add(self, table: pa.Table, lengths: np.ndarray) -> None:
-        ends = np.cumsum(lengths)
-        u0 = 0  # first user of the block not yet buffered
-        while u0 < len(lengths):
-            row0 = int(ends[u0 - 1]) if u0 else 0
-            room = self.max_rows - self.rows
-            # number of whole users that fit in the room
-            k = int(np.searchsorted(ends[u0:] - row0, room, side="right"))
-            if k == 0:
-                self.flush()
-                continue  # lengths <= max_rows, so an empty buffer always takes a user
-            row1 = int(ends[u0 + k - 1])
-            self.pending.append(table.slice(row0, row1 - row0))
-            self.rows += row1 - row0
-            self.users += k
-            u0 += k
-            if self.rows >= self.max_rows:
-                self.flush()
+        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (U + 1,) first row of each user
+        self.packer.add(lengths, lambda u, k: table.slice(int(starts[u]), int(starts[u + k] - starts[u])))
 
     def flush(self) -> None:
-        if not self.rows:
-            return
+        self.packer.flush()
+
+    def _write(self, table: pa.Table, users: int, rows: int) -> None:
         name = f"part-{len(self.shards):05d}.parquet"
-        table = pa.concat_tables(self.pending)
         # dictionary-encode only the columns that repeat (per user / per channel): much faster to write
         repeat = [c for c in table.column_names if c in ("user_id", "channel", "cost") or c.startswith("f")]
         pq.write_table(table, f"{self.root}/{name}", filesystem=self.fs, use_dictionary=repeat)
-        self.shards.append({"path": name, "users": self.users, "steps": self.rows})
-        self.pending, self.rows, self.users = [], 0, 0
+        self.shards.append({"path": name, "users": users, "steps": rows})
 
 
 def _block_table(sim: Simulator, first_user: int, st_x: np.ndarray, lengths: np.ndarray, res: dict[str, np.ndarray],

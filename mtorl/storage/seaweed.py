@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from mtorl.localhost import free_ports
 from mtorl.storage.errors import StorageError
 from mtorl.storage.settings import DEFAULT_REGION, S3Settings, store_dir
 
@@ -161,20 +162,6 @@ def _port_free(port: int) -> bool:
 
 class PortInUseError(StorageError):
     """The S3 port asked for (or the default) is taken by another process."""
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (held together while picking, so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _choose_ports(s3_port: int, previous: dict[str, int]) -> dict[str, int]:

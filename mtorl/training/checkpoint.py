@@ -28,7 +28,7 @@ from safetensors.torch import save as st_save
 import mtorl
 from mtorl import storage
 from mtorl.data.manifest import Manifest
-from mtorl.errors import MtorlError
+from mtorl.errors import MtorlError, validation_line
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.pt"
@@ -79,9 +79,7 @@ class CheckpointMeta(BaseModel):
         try:
             return cls.model_validate(obj)
         except ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "(root)"
-            raise CheckpointError(f"{where}: field {field}: {err['msg']}") from None
+            raise CheckpointError(f"{where}: {validation_line(e)}") from None
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
