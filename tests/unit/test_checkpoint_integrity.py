@@ -168,8 +168,9 @@ def test_an_uploaded_but_unregistered_checkpoint_is_removed_on_resume(tmp_path: 
 def test_a_consistent_meta_json_with_a_wrong_field_is_one_line(tmp_path: Path) -> None:
     from mtorl.training.checkpoint import write_checksums
 
-    for name, edit, expect in (("e", lambda m: m.update(epoch="last"), r"meta\.json: field epoch: "),
-                               ("f", lambda m: m["manifest"].pop("channels"), r"meta\.json: field manifest\.channels: ")):
+    cases = (("e", lambda m: m.update(epoch="last"), r"meta\.json: field epoch: "),
+             ("f", lambda m: m["manifest"].pop("channels"), r"meta\.json: field manifest\.channels: "))
+    for name, edit, expect in cases:
         d = _ckpt(tmp_path / name)
         _edit_meta(d, edit)
         write_checksums(d, {n: (d / n).read_bytes() for n in (META_FILE, MODEL_FILE)})

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from mtorl.data.errors import DataError
 from mtorl.data.manifest import Manifest, load_manifest
@@ -31,7 +32,7 @@ def test_derived_values_and_round_trip(tmp_path: Path) -> None:
     assert m.shard_uris("s3://b/ds", "train") == ["s3://b/ds/v1/train/part-00000.parquet"]
     assert m.dump()["from_a_newer_mtorl"] == 1  # kept, so a checkpoint's copy stays whole
     assert Manifest.parse(json.loads(json.dumps(m.dump())), "x") == m
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         m.channels = []  # type: ignore[misc]  # frozen
 
 
