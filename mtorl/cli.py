@@ -151,7 +151,19 @@ def _simulate_flags(args: argparse.Namespace) -> dict[str, Any] | None:
 FLAGS: dict[str, Callable[[argparse.Namespace], dict[str, Any] | None]] = {
     "PrepareJob": _prepare_flags, "EvaluateJob": _evaluate_flags, "ServeJob": _serve_flags, "SimulateJob": _simulate_flags,
 }
-RUN_OPTIONS = ("online", "users", "budget", "target", "config_out", "detach")  # see the runners in mtorl.registry
+RUN_OPTIONS = ("target", "config_out", "detach")  # command-line-only options of `mtorl serve` (mtorl.registry)
+
+
+def _with_online_flags(args: argparse.Namespace, job: Any) -> Any:
+    """``mtorl evaluate --online [--users N] [--budget F]``: the flags over the spec's ``online`` (else its defaults)."""
+    if job.kind != "EvaluateJob" or not (args.online or args.users is not None or args.budget is not None):
+        return job
+    from mtorl.spec.models import OnlineSpec
+
+    base = job.spec.online or OnlineSpec()
+    online = OnlineSpec(users=base.users if args.users is None else args.users,
+                        budget=base.budget if args.budget is None else args.budget)
+    return job.model_copy(update={"spec": job.spec.model_copy(update={"online": online})})
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -159,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mtorl.registry import RunContext, by_command
 
     entry = by_command(args.command)
-    job = _job(args, entry.kind, FLAGS.get(entry.kind, lambda _a: None))
+    job = _with_online_flags(args, _job(args, entry.kind, FLAGS.get(entry.kind, lambda _a: None)))
     options = {k: getattr(args, k) for k in RUN_OPTIONS if hasattr(args, k)}
     _write_result(args, entry.run(job, RunContext(progress=_p, address=getattr(args, "address", None), options=options)))
     return 0
@@ -216,9 +228,10 @@ def _evaluate_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--source", help="source of --input")
     sp.add_argument("--output", help="report directory or URI")
     sp.add_argument("--compare", nargs="*", default=[], metavar="CKPT", help="more checkpoints side by side")
-    sp.add_argument("--online", action="store_true", help="closed-loop evaluation in the simulator")
-    sp.add_argument("--users", type=int, default=2000, help="--online: simulated users")
-    sp.add_argument("--budget", type=float, default=0.3, help="--online: budget as a fraction of the logging policy's spend")
+    sp.add_argument("--online", action="store_true", help="closed-loop evaluation in the simulator (spec.online)")
+    sp.add_argument("--users", type=int, help="--online: simulated users (spec.online.users, default 2000)")
+    sp.add_argument("--budget", type=float,
+                    help="--online: budget as a fraction of the logging policy's spend (spec.online.budget, default 0.3)")
     sp.add_argument("--name")
 
 

@@ -70,12 +70,11 @@ def _train(job: TrainJob, ctx: RunContext) -> dict[str, Any]:
 
 
 def _evaluate(job: EvaluateJob, ctx: RunContext) -> dict[str, Any]:
-    """Options: ``online`` (closed loop in the simulator), ``users``, ``budget`` (for ``online``)."""
-    if ctx.options.get("online"):
+    online = job.spec.online
+    if online is not None:  # closed loop in the simulator
         from mtorl.sim.closed_loop import run_online_evaluation
 
-        return run_online_evaluation(job.spec, users=int(ctx.options.get("users", 2000)),
-                                     budget=float(ctx.options.get("budget", 0.3)), progress=ctx.progress)
+        return run_online_evaluation(job.spec, users=online.users, budget=online.budget, progress=ctx.progress)
     from mtorl.evaluation.run import run_evaluate
 
     return run_evaluate(job.spec, progress=ctx.progress)

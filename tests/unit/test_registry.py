@@ -42,3 +42,23 @@ def test_a_kind_removed_from_the_registry_is_refused_everywhere(
         assert len(err) == 1 and ("SimulateJob" in err[0] or "'simulate'" in err[0]), (name, err)
         assert "Traceback" not in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_online_evaluation_is_in_the_spec_and_flags_override_it(tmp_path: Path) -> None:
+    from mtorl.cli import _job, _with_online_flags, build_parser
+    from mtorl.spec import load_job
+
+    shipped = load_job(str(Path(__file__).resolve().parents[2] / "ray_jobs/specs/sim-evaluate.yaml"))
+    assert shipped.spec.online is not None  # `mtorl submit sim-evaluate.yaml` runs the closed loop
+    spec = tmp_path / "ev.yaml"
+    spec.write_text("apiVersion: mtorl/v1\nkind: EvaluateJob\nmetadata: {name: e}\n"
+                    "spec: {checkpoint: s3://b/ck, output: s3://b/rep, online: {users: 50}}\n")
+
+    def job(*flags: str):  # type: ignore[no-untyped-def]
+        args = build_parser().parse_args(["evaluate", str(spec), *flags])
+        return _with_online_flags(args, _job(args, "EvaluateJob", lambda _a: None))
+
+    assert (job().spec.online.users, job().spec.online.budget) == (50, 0.3)
+    assert (job("--budget", "0.5").spec.online.users, job("--budget", "0.5").spec.online.budget) == (50, 0.5)
+    spec.write_text(spec.read_text().replace(", online: {users: 50}", ""))
+    assert job().spec.online is None and job("--online").spec.online.users == 2000
