@@ -91,7 +91,7 @@ def test_split_above_the_threshold_streams_and_says_so(ray_session: None, tiny_d
     )
     modes = [s for s in said if s.startswith("data: ")]
     assert len(modes) == 2 and all("streaming from object storage every epoch" in s for s in modes), said
-    hist = load_checkpoint(res["latest_checkpoint"]).meta["history"]
+    hist = load_checkpoint(res["latest_checkpoint"]).meta.history
     assert [h["epoch"] for h in hist] == [0, 1] and all(h["train/loss"] > 0 for h in hist)
 
 
