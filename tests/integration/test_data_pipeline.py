@@ -51,7 +51,7 @@ def test_prepare_to_s3_then_windows(shared_data: Path, s3_bucket: str, ray_sessi
         valid += int(b["mask"].sum())
         done += int(b["done"].sum())
     val = m.splits["val"]
-    assert valid == val["steps"] and done == val["users"] and n_windows >= val["users"]
+    assert valid == val.steps and done == val.users and n_windows >= val.users
 
     js = list(iter_journeys(uri, "test", manifest=m))
     assert len(js) == m.splits["test"].users and sum(j.length for j in js) == m.splits["test"].steps
