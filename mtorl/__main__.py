@@ -1,5 +1,6 @@
-import sys
+"""``python -m mtorl``: the ``mtorl`` console script."""
 
-from mtorl.cli import main
+if __name__ == "__main__":
+    from mtorl.cli import main
 
-sys.exit(main())
+    raise SystemExit(main())

@@ -27,7 +27,6 @@ stops both at the end (the store by PID). Nothing here runs at import time.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import math
@@ -42,11 +41,15 @@ import traceback
 from dataclasses import asdict, dataclass
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
+from mtorl.errors import MtorlError
 from mtorl.raycluster import LOCAL_DEFAULTS
+
+if TYPE_CHECKING:
+    from mtorl.data.manifest import Manifest
 
 STAGES = ("prepare", "stream", "train", "serve", "scale")
 BUCKET = "s3://mtorl-bench"
@@ -145,42 +148,59 @@ def _tree_rss_mb(root: int) -> float:
     return sum(rss.get(p, 0) for p in keep) / (1 << 20)
 
 
-class TreePeak:
-    """Samples the summed RSS of this process tree in a thread; ``peak_mb`` after ``stop``."""
+class _Sampler:
+    """Calls ``sample()`` every ``period_s`` in a thread between ``__enter__`` and ``__exit__``."""
+
+    sample_at_exit = False
 
     def __init__(self, period_s: float = 0.5) -> None:
-        self.period, self.peak_mb = period_s, 0.0
+        self.period = period_s
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> None:
+        raise NotImplementedError
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, _tree_rss_mb(os.getpid()))
+            self.sample()
             self._stop.wait(self.period)
 
-    def __enter__(self) -> "TreePeak":
+    def __enter__(self) -> Any:
         self._t.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._t.join()
+        if self.sample_at_exit:
+            self.sample()
+
+
+class TreePeak(_Sampler):
+    """Samples the summed RSS of this process tree in a thread; ``peak_mb`` after ``stop``."""
+
+    sample_at_exit = True
+
+    def __init__(self, period_s: float = 0.5) -> None:
+        super().__init__(period_s)
+        self.peak_mb = 0.0
+
+    def sample(self) -> None:
         self.peak_mb = max(self.peak_mb, _tree_rss_mb(os.getpid()))
 
 
-class GpuUtil:
+class GpuUtil(_Sampler):
     """Samples GPU utilisation (%) and memory in use (MiB) of device 0 in a thread, from ``nvidia-smi``
     (it sees every process, Ray's workers included), else ``torch.cuda.utilization`` (needs pynvml)."""
 
     def __init__(self, period_s: float = 0.5) -> None:
-        self.period = period_s
+        super().__init__(period_s)
         self.util: list[float] = []
         self.mem_mb: list[float] = []
         self.source: str | None = None
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> tuple[float, float] | None:
+    def _query(self) -> tuple[float, float] | None:
         import shutil
 
         if shutil.which("nvidia-smi"):
@@ -200,21 +220,11 @@ class GpuUtil:
         except Exception:  # noqa: BLE001 - no pynvml: no utilisation figure
             return None
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            got = self._sample()
-            if got is not None:
-                self.util.append(got[0])
-                self.mem_mb.append(got[1])
-            self._stop.wait(self.period)
-
-    def __enter__(self) -> "GpuUtil":
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._t.join()
+    def sample(self) -> None:
+        got = self._query()
+        if got is not None:
+            self.util.append(got[0])
+            self.mem_mb.append(got[1])
 
     def summary(self) -> dict[str, Any]:
         if not self.util:
@@ -303,7 +313,7 @@ def _plain_schema(schema: Any) -> Any:
     return pa.schema([pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type) for f in schema])
 
 
-def load_windows(uri: str, split: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def load_windows(uri: str, split: str) -> tuple[dict[str, np.ndarray], Manifest]:
     """All windows of one split in memory (read with pyarrow, cut with the same numpy code as Ray Data)."""
     import pyarrow.parquet as pq
 
@@ -312,7 +322,7 @@ def load_windows(uri: str, split: str) -> tuple[dict[str, np.ndarray], dict[str,
     from mtorl.data.windows import journeys_from_table, make_windows
 
     m = load_manifest(uri)
-    D = len(m["step_features"]) + len(m["user_features"])
+    D = m.state_dim
     parts = []
     for u in shard_uris(uri, m, split):
         fs, path = storage.resolve(u)
@@ -332,20 +342,20 @@ def _batches(windows: dict[str, np.ndarray], bs: int) -> Iterator[dict[str, np.n
         yield {k: v[s:s + bs] for k, v in windows.items()}
 
 
-def _model_and_opt(manifest: dict[str, Any], device: Any) -> tuple[Any, Any, bool]:
+def _model_and_opt(manifest: Manifest, device: Any) -> tuple[Any, Any, bool]:
     import torch
 
     from mtorl.models import build_model
     from mtorl.spec import ModelSpec
 
-    binary = bool(manifest.get("gain_binary", True))
+    binary = manifest.gain_binary
     torch.manual_seed(0)
-    model = build_model(ModelSpec.model_validate(MODEL), state_dim=len(manifest["step_features"]) + len(manifest["user_features"]),
-                        n_channels=len(manifest["channels"]), binary=binary).to(device)
+    model = build_model(ModelSpec.model_validate(MODEL), state_dim=manifest.state_dim,
+                        n_channels=manifest.n_channels, binary=binary).to(device)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3), binary
 
 
-def plain_train_rate(windows: dict[str, np.ndarray], manifest: dict[str, Any], device: str, threads: int | None,
+def plain_train_rate(windows: dict[str, np.ndarray], manifest: Manifest, device: str, threads: int | None,
                      min_seconds: float = 3.0, compile: bool = False) -> dict[str, Any]:
     """Windows/s of the plain PyTorch loop (``train_batches``) over in-memory windows (``compile``: the
     model under ``torch.compile``, its compilation timed apart as ``warmup_s``)."""
@@ -385,7 +395,7 @@ def plain_train_rate(windows: dict[str, np.ndarray], manifest: dict[str, Any], d
         torch.set_num_threads(saved)
 
 
-def plain_job_wall(uri: str, manifest: dict[str, Any], device: str, epochs: int, threads: int | None) -> dict[str, Any]:
+def plain_job_wall(uri: str, manifest: Manifest, device: str, epochs: int, threads: int | None) -> dict[str, Any]:
     """Wall time of the whole plain job, start-up included: read the train and val windows from object
     storage, build the model, then ``epochs`` x (train pass + validation pass). What a 1-worker Ray Train
     run does, without Ray."""
@@ -426,7 +436,7 @@ class Bench:
         self.dataset: str | None = None
         self.checkpoint: str | None = None
         self._plain: dict[str, Any] | None = None
-        self._windows: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
+        self._windows: tuple[dict[str, np.ndarray], Manifest] | None = None
         self.repeats = 2
         self.compile = False
 
@@ -444,7 +454,7 @@ class Bench:
             self.csv, self.fmt, self.rows = simulate_csv(self.sizes.steps, self.work, self.say)
         return self.csv
 
-    def _prepare(self, out: str) -> dict[str, Any]:
+    def _prepare(self, out: str) -> Manifest:
         from mtorl.data.prepare import prepare
         from mtorl.spec import make_job
 
@@ -452,7 +462,7 @@ class Bench:
                                                          "journeys": self.fmt}).spec
         return prepare(spec, progress=lambda _m: None)
 
-    def windows(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def windows(self) -> tuple[dict[str, np.ndarray], Manifest]:
         if self._windows is None:
             self._windows = load_windows(self.data(), "train")
         return self._windows
@@ -488,7 +498,7 @@ class Bench:
         pq.write_table(pacsv.read_csv(str(csv), read_options=pacsv.ReadOptions(block_size=1 << 16)).slice(0, 10),
                        path, filesystem=fs)  # warm-up: the S3 client's first connection
         base_s = ours_s = math.inf
-        m: dict[str, Any] = {}
+        m: Manifest | None = None
         self.dataset = f"{BUCKET}/datasets/main"
         for _ in range(self.repeats):  # best of: the same data, alternating
             t0 = time.perf_counter()
@@ -497,10 +507,11 @@ class Bench:
             t0 = time.perf_counter()
             m = self._prepare(self.dataset)
             ours_s = min(ours_s, time.perf_counter() - t0)
-        ours, base = _rate(m["rows_read"], ours_s), _rate(self.rows, base_s)
+        assert m is not None  # repeats >= 1
+        ours, base = _rate(m.rows_read, ours_s), _rate(self.rows, base_s)
         return {"rows": self.rows, "ours": {"rows_per_s": round(ours), "seconds": round(ours_s, 2)},
                 "baseline": {"name": "pyarrow read_csv + write_parquet", "rows_per_s": round(base), "seconds": round(base_s, 2)},
-                "ratio": _ratio(ours, base), "users": sum(s["users"] for s in m["splits"].values()),
+                "ratio": _ratio(ours, base), "users": sum(s.users for s in m.splits.values()),
                 "note": f"best of {self.repeats} alternating runs; prepare also groups, splits, normalises and writes a manifest"}
 
     def stage_stream(self) -> dict[str, Any]:
@@ -920,15 +931,13 @@ def _child(args: list[str], say: Callable[[str], Any]) -> dict[str, Any]:
     raise RuntimeError(f"scale subprocess {args[0]} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}\n{tail}")
 
 
-def child_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="mtorl.bench --child")
-    ap.add_argument("what", choices=["prepare", "epoch"])
-    ap.add_argument("--csv")
-    ap.add_argument("--fmt")
-    ap.add_argument("--dataset", required=True)
-    ap.add_argument("--device", default="cpu")
-    a = ap.parse_args(argv)
+def run_child(what: str, dataset: str, csv: str | None = None, fmt: str | None = None, device: str = "cpu") -> None:
+    """One scale-stage measurement in this (fresh) process: ``prepare`` or ``epoch``; prints ``BENCH {json}``."""
+    from types import SimpleNamespace
+
     from mtorl.spec import make_job
+
+    a = SimpleNamespace(what=what, dataset=dataset, csv=csv, fmt=fmt, device=device)
 
     if a.what == "prepare":
         from mtorl.data.prepare import prepare
@@ -937,8 +946,8 @@ def child_main(argv: list[str]) -> int:
                                                        "journeys": json.loads(a.fmt)}).spec
         t0 = time.perf_counter()
         m = prepare(spec, progress=lambda _m: None)
-        out = {"wall_s": round(time.perf_counter() - t0, 2), "peak_mb": round(_vmhwm_mb(), 1), "rows": m["rows_read"],
-               "rows_per_s": round(_rate(m["rows_read"], time.perf_counter() - t0))}
+        out = {"wall_s": round(time.perf_counter() - t0, 2), "peak_mb": round(_vmhwm_mb(), 1), "rows": m.rows_read,
+               "rows_per_s": round(_rate(m.rows_read, time.perf_counter() - t0))}
     else:
         import ray
 
@@ -962,7 +971,6 @@ def child_main(argv: list[str]) -> int:
         out = {"wall_s": round(wall, 2), "peak_mb": round(peak, 1), "tree_peak_mb": round(tree.peak_mb, 1),
                "samples_per_s": res.get("samples_per_s"), "workers": 2, "data_mode": "streaming"}
     print("BENCH " + json.dumps(out), flush=True)
-    return 0
 
 
 # ----------------------------------------------------------------------------- report
@@ -1079,43 +1087,44 @@ def update_markdown(path: Path, device: str, body: str) -> None:
     path.write_text(text)
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- the suite
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mtorl bench", description="Benchmarks: ratios against plain baselines in the same run.")
-    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    ap.add_argument("--quick", action="store_true", help="small sizes (finishes in minutes on 2 cores); scale at 100k vs 1M steps")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the same suite on the GPU paths")
-    ap.add_argument("--out", default="bench", help="folder of results.json (results-cuda.json for --device cuda)")
-    ap.add_argument("--markdown", default="BENCHMARKS.md", help="file whose table section is regenerated")
-    ap.add_argument("--no-markdown", action="store_true", help="leave the markdown file alone")
-    ap.add_argument("--steps", type=int, help="simulated steps of the main dataset (overrides the mode)")
-    ap.add_argument("--scale-steps", help="SMALL,LARGE simulated steps of the scale stage (overrides the mode)")
-    ap.add_argument("--scale-epoch", action="store_true", help="time the training epoch at both scale points in --quick too")
-    ap.add_argument("--compile", action="store_true", help="train stage: also time the plain loop under torch.compile")
-    ap.add_argument("--requests", type=int, help="HTTP requests per concurrency level (overrides the mode)")
-    ap.add_argument("--work", help="scratch folder (default: a new temp folder, removed at the end)")
-    return ap
+class BenchError(MtorlError):
+    """The suite can't run as asked (unknown stage, no CUDA device): one line, exit 2."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--child"]:
-        return child_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+@dataclass(frozen=True)
+class SuiteOptions:
+    """What ``mtorl bench`` was asked for (its flags: see ``mtorl bench --help``)."""
+
+    stages: tuple[str, ...] = STAGES
+    quick: bool = False
+    device: str = "cpu"
+    out: str = "bench"
+    markdown: str = "BENCHMARKS.md"
+    no_markdown: bool = False
+    steps: int | None = None
+    scale_steps: tuple[int, int] | None = None
+    scale_epoch: bool = False
+    compile: bool = False
+    requests: int | None = None
+    work: str | None = None
+
+
+def run_suite(opts: SuiteOptions, command: str) -> bool:
+    """Run the stages (each against its plain baseline), write ``results.json`` and the table; True when
+    every stage ran (a failed stage is recorded and the others still run). ``command`` is recorded."""
+    args = opts
+    stages = list(opts.stages)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        print(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}", file=sys.stderr)
-        return 2
+        raise BenchError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            print(f"mtorl bench --device cuda: no CUDA device visible to torch {torch.__version__} "
-                  f"(CUDA build: {torch.version.cuda or 'none'}); run it on a GPU machine, or use --device cpu",
-                  file=sys.stderr)
-            return 2
+            raise BenchError(f"mtorl bench --device cuda: no CUDA device visible to torch {torch.__version__} "
+                             f"(CUDA build: {torch.version.cuda or 'none'}); run it on a GPU machine, or use --device cpu")
     sizes = QUICK if args.quick else FULL
     over: dict[str, Any] = {}
     if args.steps:
@@ -1125,8 +1134,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.scale_epoch:
         over["scale_epoch"] = True
     if args.scale_steps:
-        a, b = (int(x) for x in args.scale_steps.split(","))
-        over["scale"] = (a, b)
+        over["scale"] = tuple(args.scale_steps)
     sizes = Sizes(**{**asdict(sizes), **over})
     for k, v in BENCH_ENV.items():
         os.environ.setdefault(k, v)
@@ -1140,54 +1148,42 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="mtorl-bench-") if not args.work else None
     work = Path(args.work) if args.work else Path(tmp.name)  # type: ignore[union-attr]
     work.mkdir(parents=True, exist_ok=True)
-    cmd = "python -m mtorl.bench " + " ".join(a for a in argv if not a.startswith("--work"))
-    res: dict[str, Any] = {"kind": "mtorl-bench", "command": cmd.strip(), "mode": "quick" if args.quick else "full",
+    res: dict[str, Any] = {"kind": "mtorl-bench", "command": command, "mode": "quick" if args.quick else "full",
                            "device": args.device, "sizes": asdict(sizes), "machine": machine_facts(args.device),
                            "stages": {}}
     from mtorl.storage import seaweed
 
     store_dir = work / "store"
-    saved_env = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                                 "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION",
-                                                 "AWS_SESSION_TOKEN", "AWS_PROFILE", "MTORL_STORE_DIR")}
     failed = False
     state = seaweed.up(store_dir, seaweed.free_ports(1)[0])
     try:
-        for k in ("AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
-            os.environ.pop(k, None)
-        os.environ.update({**seaweed.env_vars(state), "MTORL_STORE_DIR": str(store_dir)})
-        say(f"bench: store {state.endpoint} (pid {state.pid}); stages {', '.join(stages)}; mode {res['mode']}; device {args.device}")
-        bench = Bench(sizes, args.device, work, say)
-        bench.compile = args.compile
-        for name in stages:
-            say(f"\n=== bench {name}")
-            t0 = time.perf_counter()
-            try:
-                out = getattr(bench, f"stage_{name}")()
-            except Exception as e:  # noqa: BLE001 - a failed stage is recorded, the others still run
-                failed = True
-                traceback.print_exc()
-                out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-            out["stage_s"] = round(time.perf_counter() - t0, 1)
-            res["stages"][name] = out
-            say(f"bench {name}: " + json.dumps({k: v for k, v in out.items() if k in ("ratio", "met", "error", "stage_s")}))
-        for name in STAGES:
-            res["stages"].setdefault(name, {"skipped": "not in --stages"})
-    finally:
-        try:
+        with seaweed.store_environment(state):
+            say(f"bench: store {state.endpoint} (pid {state.pid}); stages {', '.join(stages)}; mode {res['mode']}; "
+                f"device {args.device}")
+            bench = Bench(sizes, args.device, work, say)
+            bench.compile = args.compile
+            for name in stages:
+                say(f"\n=== bench {name}")
+                t0 = time.perf_counter()
+                try:
+                    out = getattr(bench, f"stage_{name}")()
+                except Exception as e:  # noqa: BLE001 - a failed stage is recorded, the others still run
+                    failed = True
+                    traceback.print_exc()
+                    out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+                out["stage_s"] = round(time.perf_counter() - t0, 1)
+                res["stages"][name] = out
+                say(f"bench {name}: " + json.dumps({k: v for k, v in out.items() if k in ("ratio", "met", "error", "stage_s")}))
+            for name in STAGES:
+                res["stages"].setdefault(name, {"skipped": "not in --stages"})
             import ray
 
             if ray.is_initialized():
                 ray.shutdown()
-        finally:
-            seaweed.down(store_dir)
-            for k, v in saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            if tmp is not None:
-                tmp.cleanup()
+    finally:
+        seaweed.down(store_dir)
+        if tmp is not None:
+            tmp.cleanup()
     res["total_s"] = round(time.perf_counter() - t_all, 1)
     path = out_dir / ("results.json" if args.device == "cpu" else f"results-{args.device}.json")
     path.write_text(json.dumps(res, indent=2) + "\n")
@@ -1201,8 +1197,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         update_markdown(Path(args.markdown), args.device, table)
         say(f"bench: updated the table in {args.markdown}")
-    return 1 if failed else 0
+    return not failed
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from mtorl.cli import bench_main
+
+    raise SystemExit(bench_main())

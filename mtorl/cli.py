@@ -36,16 +36,18 @@ def _common(sp: argparse.ArgumentParser, spec_required: bool = False) -> None:
     sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
 
 
-def _job(args: argparse.Namespace, kind: str, from_flags: Callable[[], dict[str, Any]] | None = None) -> Any:
+def _job(args: argparse.Namespace, kind: str, from_flags: Callable[[argparse.Namespace], dict[str, Any] | None]) -> Any:
+    """The job of a run command: the spec file (``--set`` applied), else one built from the flags."""
     if args.spec:
         job = load_job(args.spec, args.overrides)
         if job.kind != kind:
             raise SpecError(args.spec, [("kind", f"this command runs {kind}, the spec is a {job.kind}")])
         return job
-    if from_flags is None:
+    spec = from_flags(args)
+    if spec is None:
         raise SpecError("<command line>", [("spec", f"a {kind} spec file is required")])
     doc = {"apiVersion": "mtorl/v1", "kind": kind, "metadata": {"name": getattr(args, "name", None) or kind.lower()},
-           "spec": from_flags()}
+           "spec": spec}
     doc = apply_overrides(doc, args.overrides)
     return validate_doc(doc, "<command line>")
 
@@ -59,9 +61,46 @@ def _write_result(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------- commands
 
-def cmd_store(args: argparse.Namespace) -> int:
-    from mtorl.storage.seaweed import store_command
+def store_command(action: str, dir: str | None = None, port: int | None = None) -> int:
+    """``mtorl store up|status|down``: human output and the exit code: 0 ok, 1 not running (``status``), and
+    for a failure the house's convention (``main``): ``error: <one line>`` on stderr, exit 2."""
+    from mtorl.storage import StorageError, seaweed
 
+    try:
+        if action == "up":
+            t0 = time.monotonic()
+            st = seaweed.up(dir, port)
+            if st.was_running:
+                print(f"store already running at {st.endpoint} (pid {st.pid}, dir {st.dir})")
+            else:
+                print(f"store running at {st.endpoint} (pid {st.pid}, dir {st.dir}, "
+                      f"ready in {time.monotonic() - t0:.1f}s)")
+            print("# mtorl finds it through its state file; other tools need:")
+            for line in seaweed.env_lines(st):
+                print(line)
+            return 0
+        if action == "status":
+            s = seaweed.status(dir)
+            if s["running"]:
+                print(f"running at {s['endpoint']} (pid {s['pid']}, dir {s['dir']}, "
+                      f"{'reachable' if s['reachable'] else 'NOT reachable'})")
+                return 0 if s["reachable"] else 1
+            print(f"not running (dir {s['dir']})")
+            return 1
+        if action == "down":
+            pid = seaweed.down(dir)
+            print(f"stopped (pid {pid})" if pid else f"not running (dir {seaweed.store_dir(dir)})")
+            return 0
+        print(f"error: unknown store action {action!r}; one of up, status, down", file=sys.stderr)
+        return 2
+    except StorageError as e:
+        from mtorl.errors import one_line
+
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+
+
+def cmd_store(args: argparse.Namespace) -> int:
     return store_command(args.action, args.dir, args.port)
 
 
@@ -78,155 +117,159 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from mtorl.spec.models import KINDS
+    from mtorl.registry import lookup
 
-    cls = KINDS.get(args.kind)
-    if cls is None:
-        print(f"unknown kind {args.kind!r}; one of {', '.join(KINDS)}", file=sys.stderr)
-        return 2
-    _p(json.dumps(cls.model_json_schema(by_alias=True), indent=1))
+    _p(json.dumps(lookup(args.kind).model.model_json_schema(by_alias=True), indent=1))
     return 0
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from mtorl.data.prepare import prepare
+# Each run command's spec from flags when no spec file is given (None: a spec file is required).
 
-    def flags() -> dict[str, Any]:
-        d: dict[str, Any] = {"source": args.source, "input": args.input, "output": args.output}
-        for k in ("gain", "penalty", "on_bad_rows", "manifest_from"):
-            v = getattr(args, k)
-            if v is not None:
-                d[k] = v
-        return d
-
-    job = _job(args, "PrepareJob", flags if args.source or args.input or args.output else None)
-    t0 = time.time()
-    manifest = prepare(job.spec, progress=_p)
-    sp = manifest["splits"]
-    _p(f"prepared {job.spec.output}: {manifest['rows_read']} rows read, {manifest['rows_written']} written, "
-       f"dropped {manifest['rows_dropped']}; users train/val/test = "
-       f"{sp['train']['users']}/{sp['val']['users']}/{sp['test']['users']}")
-    _write_result(args, {"kind": "PrepareJob", "dataset": job.spec.output, "version": manifest["version"],
-                         "rows_read": manifest["rows_read"], "rows_written": manifest["rows_written"],
-                         "rows_dropped": manifest["rows_dropped"], "splits": {k: {"users": v["users"], "steps": v["steps"]} for k, v in sp.items()},
-                         "wall_s": round(time.time() - t0, 2)})
-    return 0
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) not in (None, [], "")}
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    job = _job(args, "TrainJob")
-    from mtorl.raycluster import init_ray
-    from mtorl.training.driver import run_train
-
-    init_ray(args.address)
-    result = run_train(job, progress=_p)
-    _p(f"run: {result['run_uri']}\nbest checkpoint: {result['best_checkpoint']}\nwall time {result['wall_s']} s")
-    _write_result(args, result)
-    return 0
+def _prepare_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    if not (args.source or args.input or args.output):
+        return None
+    return {"source": args.source, "input": args.input, "output": args.output,
+            **_given(args, ("gain", "penalty", "on_bad_rows", "manifest_from"))}
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    def flags() -> dict[str, Any]:
-        d: dict[str, Any] = {"checkpoint": args.checkpoint, "output": args.output or "eval-output"}
-        for k in ("data", "split", "input", "source"):
-            if getattr(args, k):
-                d[k] = getattr(args, k)
-        if args.compare:
-            d["compare"] = args.compare
-        return d
-
-    job = _job(args, "EvaluateJob", flags if args.checkpoint else None)
-    if args.online:
-        from mtorl.sim.closed_loop import run_online_evaluation
-
-        result = run_online_evaluation(job.spec, users=args.users, budget=args.budget, progress=_p)
-    else:
-        from mtorl.evaluation.run import run_evaluate
-
-        result = run_evaluate(job.spec, progress=_p)
-    _write_result(args, result)
-    return 0
+def _evaluate_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    if not args.checkpoint:
+        return None
+    return {"checkpoint": args.checkpoint, "output": args.output or "eval-output",
+            **_given(args, ("data", "split", "input", "source", "compare"))}
 
 
-def cmd_tune(args: argparse.Namespace) -> int:
-    job = _job(args, "TuneJob")
-    from mtorl.raycluster import init_ray
-    from mtorl.tuning.sweep import run_tune
-
-    init_ray(args.address)
-    result = run_tune(job, progress=_p)
-    _write_result(args, result)
-    return 0
+def _serve_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    return {"checkpoint": args.checkpoint, **_given(args, ("port", "host"))} if args.checkpoint else None
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    def flags() -> dict[str, Any]:
-        d: dict[str, Any] = {"checkpoint": args.checkpoint}
-        if args.port:
-            d["port"] = args.port
-        if args.host:
-            d["host"] = args.host
-        return d
-
-    job = _job(args, "ServeJob", flags if args.checkpoint else None)
-    if args.target == "rayservice":  # write the KubeRay config only (pinned checkpoint); deploy nothing
-        from mtorl.serving.kuberay import write_rayservice_config
-
-        if not args.config_out:
-            raise SpecError("<command line>", [("--config-out", "--for rayservice writes a file: name it")])
-        _write_result(args, write_rayservice_config(job, args.config_out, progress=_p))
-        return 0
-    from mtorl.serving.app import run_serve
-
-    result = run_serve(job, address=args.address, config_out=args.config_out, blocking=not args.detach, progress=_p)
-    _write_result(args, result)
-    return 0
+def _simulate_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    return {"output": args.output, **_given(args, ("users", "seed", "calibrate_from"))} if args.output else None
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    def flags() -> dict[str, Any]:
-        d: dict[str, Any] = {"output": args.output}
-        if args.users:
-            d["users"] = args.users
-        if args.seed is not None:
-            d["seed"] = args.seed
-        if args.calibrate_from:
-            d["calibrate_from"] = args.calibrate_from
-        return d
+FLAGS: dict[str, Callable[[argparse.Namespace], dict[str, Any] | None]] = {
+    "PrepareJob": _prepare_flags, "EvaluateJob": _evaluate_flags, "ServeJob": _serve_flags, "SimulateJob": _simulate_flags,
+}
+RUN_OPTIONS = ("target", "config_out", "detach")  # command-line-only options of `mtorl serve` (mtorl.registry)
 
-    job = _job(args, "SimulateJob", flags if args.output else None)
-    from mtorl.sim.generate import simulate
 
-    result = simulate(job.spec, progress=_p)
-    _write_result(args, result)
+def _with_online_flags(args: argparse.Namespace, job: Any) -> Any:
+    """``mtorl evaluate --online [--users N] [--budget F]``: the flags over the spec's ``online`` (else its defaults)."""
+    if job.kind != "EvaluateJob" or not (args.online or args.users is not None or args.budget is not None):
+        return job
+    from mtorl.spec.models import OnlineSpec
+
+    base = job.spec.online or OnlineSpec()
+    online = OnlineSpec(users=base.users if args.users is None else args.users,
+                        budget=base.budget if args.budget is None else args.budget)
+    return job.model_copy(update={"spec": job.spec.model_copy(update={"online": online})})
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``mtorl prepare|train|evaluate|tune|serve|simulate``: the kind's runner, from the registry."""
+    from mtorl.registry import RunContext, by_command
+
+    entry = by_command(args.command)
+    job = _with_online_flags(args, _job(args, entry.kind, FLAGS.get(entry.kind, lambda _a: None)))
+    options = {k: getattr(args, k) for k in RUN_OPTIONS if hasattr(args, k)}
+    _write_result(args, entry.run(job, RunContext(progress=_p, address=getattr(args, "address", None), options=options)))
     return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from mtorl.jobs import submit
+    from mtorl.jobs import submit_job
 
-    return submit(args)
+    if args.result and not args.wait:
+        raise SpecError("<command line>", [("--result", "needs --wait (or use `mtorl jobs result ID` once the job "
+                                                        "has finished)")])
+    job = load_job(args.spec, args.overrides)
+    return 0 if submit_job(job, args.address, wait=args.wait, result_file=args.result,
+                           credentials=not args.no_credentials) else 1
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from mtorl.jobs import jobs_command
+    from mtorl.jobs import jobs_action
 
-    return jobs_command(args)
+    if args.action != "list" and not args.id:
+        raise SpecError("<command line>", [("id", f"`mtorl jobs {args.action}` needs a submission id")])
+    return 0 if jobs_action(args.address, args.action, args.id, follow=args.follow, result_file=args.result) else 1
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-    from mtorl.data.gc import gc_command
+    from mtorl.data.gc import collect_garbage
 
-    return gc_command(args.dataset, args.delete, args.min_age_hours, progress=_p)
+    collect_garbage(args.dataset, args.delete, args.min_age_hours, progress=_p)
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mtorl.bench import main as bench_main
-
     return bench_main(args.rest)
 
 
 # ------------------------------------------------------------------------------------- parser
+
+def _prepare_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--source", choices=["kuairand-sequence", "criteo-sequence", "criteo-attribution", "journeys"])
+    sp.add_argument("--input", help="input file (path or s3:// URI)")
+    sp.add_argument("--output", help="dataset URI")
+    sp.add_argument("--gain", help="gain column (criteo: conversion|click|attribution)")
+    sp.add_argument("--penalty", type=float, help="budget penalty s")
+    sp.add_argument("--on-bad-rows", dest="on_bad_rows", choices=["error", "quarantine"])
+    sp.add_argument("--manifest-from", dest="manifest_from", help="reuse a dataset's or checkpoint's manifest")
+    sp.add_argument("--name", help="job name (without a spec)")
+
+
+def _evaluate_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--checkpoint", help="checkpoint or run URI")
+    sp.add_argument("--data", help="prepared dataset URI (default: the checkpoint's)")
+    sp.add_argument("--split", choices=["train", "val", "test"])
+    sp.add_argument("--input", help="raw held-back logs, preprocessed with the checkpoint's manifest")
+    sp.add_argument("--source", help="source of --input")
+    sp.add_argument("--output", help="report directory or URI")
+    sp.add_argument("--compare", nargs="*", default=[], metavar="CKPT", help="more checkpoints side by side")
+    sp.add_argument("--online", action="store_true", help="closed-loop evaluation in the simulator (spec.online)")
+    sp.add_argument("--users", type=int, help="--online: simulated users (spec.online.users, default 2000)")
+    sp.add_argument("--budget", type=float,
+                    help="--online: budget as a fraction of the logging policy's spend (spec.online.budget, default 0.3)")
+    sp.add_argument("--name")
+
+
+def _serve_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--checkpoint", help="checkpoint or run URI")
+    sp.add_argument("--host")
+    sp.add_argument("--port", type=int)
+    sp.add_argument("--config-out", help="also write a Serve config YAML (serve deploy / serve run; see --for)")
+    sp.add_argument("--for", dest="target", choices=["serve", "rayservice"], default="serve",
+                    help="rayservice: only write --config-out for a KubeRay RayService (0.0.0.0:8000, proxy, token, pinned checkpoint)")
+    sp.add_argument("--detach", action="store_true", help="deploy and return instead of blocking")
+    sp.add_argument("--name")
+
+
+def _simulate_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--output")
+    sp.add_argument("--users", type=int)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--calibrate-from", dest="calibrate_from")
+    sp.add_argument("--name")
+
+
+def _no_args(sp: argparse.ArgumentParser) -> None:
+    pass
+
+
+# (command, help, spec file required, its own flags)
+JOB_COMMANDS: tuple[tuple[str, str, bool, Callable[[argparse.ArgumentParser], None]], ...] = (
+    ("prepare", "advertising logs -> CMDP trajectories dataset in object storage", False, _prepare_args),
+    ("train", "data-parallel training on Ray Train (re-run resumes)", True, _no_args),
+    ("evaluate", "offline (or --online, simulated) evaluation and budget allocation", False, _evaluate_args),
+    ("tune", "Ray Tune sweep over the action/reward/preference weighting", True, _no_args),
+    ("serve", "Ray Serve HTTP endpoints: /v1/recommend, /v1/allocate", False, _serve_args),
+    ("simulate", "synthetic advertising journeys with a known ground truth", False, _simulate_args),
+)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtorl", description="Multi-task offline RL for budget-aware advertising on Ray.")
@@ -248,61 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("kind")
     sp.set_defaults(fn=cmd_explain)
 
-    sp = sub.add_parser("prepare", help="advertising logs -> CMDP trajectories dataset in object storage")
-    _common(sp)
-    sp.add_argument("--source", choices=["kuairand-sequence", "criteo-sequence", "criteo-attribution", "journeys"])
-    sp.add_argument("--input", help="input file (path or s3:// URI)")
-    sp.add_argument("--output", help="dataset URI")
-    sp.add_argument("--gain", help="gain column (criteo: conversion|click|attribution)")
-    sp.add_argument("--penalty", type=float, help="budget penalty s")
-    sp.add_argument("--on-bad-rows", dest="on_bad_rows", choices=["error", "quarantine"])
-    sp.add_argument("--manifest-from", dest="manifest_from", help="reuse a dataset's or checkpoint's manifest")
-    sp.add_argument("--name", help="job name (without a spec)")
-    sp.set_defaults(fn=cmd_prepare)
-
-    sp = sub.add_parser("train", help="data-parallel training on Ray Train (re-run resumes)")
-    _common(sp, spec_required=True)
-    sp.set_defaults(fn=cmd_train)
-
-    sp = sub.add_parser("evaluate", help="offline (or --online, simulated) evaluation and budget allocation")
-    _common(sp)
-    sp.add_argument("--checkpoint", help="checkpoint or run URI")
-    sp.add_argument("--data", help="prepared dataset URI (default: the checkpoint's)")
-    sp.add_argument("--split", choices=["train", "val", "test"])
-    sp.add_argument("--input", help="raw held-back logs, preprocessed with the checkpoint's manifest")
-    sp.add_argument("--source", help="source of --input")
-    sp.add_argument("--output", help="report directory or URI")
-    sp.add_argument("--compare", nargs="*", default=[], metavar="CKPT", help="more checkpoints side by side")
-    sp.add_argument("--online", action="store_true", help="closed-loop evaluation in the simulator")
-    sp.add_argument("--users", type=int, default=2000, help="--online: simulated users")
-    sp.add_argument("--budget", type=float, default=0.3, help="--online: budget as a fraction of the logging policy's spend")
-    sp.add_argument("--name")
-    sp.set_defaults(fn=cmd_evaluate)
-
-    sp = sub.add_parser("tune", help="Ray Tune sweep over the action/reward/preference weighting")
-    _common(sp, spec_required=True)
-    sp.set_defaults(fn=cmd_tune)
-
-    sp = sub.add_parser("serve", help="Ray Serve HTTP endpoints: /v1/recommend, /v1/allocate")
-    _common(sp)
-    sp.add_argument("--checkpoint", help="checkpoint or run URI")
-    sp.add_argument("--host")
-    sp.add_argument("--port", type=int)
-    sp.add_argument("--config-out", help="also write a Serve config YAML (serve deploy / serve run; see --for)")
-    sp.add_argument("--for", dest="target", choices=["serve", "rayservice"], default="serve",
-                    help="rayservice: only write --config-out for a KubeRay RayService (0.0.0.0:8000, proxy, token, pinned checkpoint)")
-    sp.add_argument("--detach", action="store_true", help="deploy and return instead of blocking")
-    sp.add_argument("--name")
-    sp.set_defaults(fn=cmd_serve)
-
-    sp = sub.add_parser("simulate", help="synthetic advertising journeys with a known ground truth")
-    _common(sp)
-    sp.add_argument("--output")
-    sp.add_argument("--users", type=int)
-    sp.add_argument("--seed", type=int)
-    sp.add_argument("--calibrate-from", dest="calibrate_from")
-    sp.add_argument("--name")
-    sp.set_defaults(fn=cmd_simulate)
+    for command, help, spec_required, add_flags in JOB_COMMANDS:  # one per job kind (mtorl.registry)
+        sp = sub.add_parser(command, help=help)
+        _common(sp, spec_required=spec_required)
+        add_flags(sp)
+        sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("submit", help="submit any job spec to a Ray cluster (Ray Jobs API)")
     sp.add_argument("spec", help="job spec YAML; shipped to the cluster with every --set applied")
@@ -337,6 +330,188 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("rest", nargs=argparse.REMAINDER)
     sp.set_defaults(fn=cmd_bench)
     return p
+
+
+# ------------------------------------------------------------------------------------- other entry points
+# `python -m mtorl.bench | mtorl.demo | mtorl.manifests | mtorl.sim.benchmark | mtorl.serving.plain` and
+# cluster/local/*.sh: each module's __main__ delegates here, so every argument parser and exit code is in this file.
+
+def bench_main(argv: list[str] | None = None) -> int:
+    """``mtorl bench`` / ``python -m mtorl.bench`` (``--child WHAT ...``: one scale-stage measurement)."""
+    from mtorl import bench
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--child"]:
+        ap = argparse.ArgumentParser(prog="mtorl.bench --child")
+        ap.add_argument("what", choices=["prepare", "epoch"])
+        ap.add_argument("--csv")
+        ap.add_argument("--fmt")
+        ap.add_argument("--dataset", required=True)
+        ap.add_argument("--device", default="cpu")
+        c = ap.parse_args(argv[1:])
+        bench.run_child(c.what, c.dataset, c.csv, c.fmt, c.device)
+        return 0
+    ap = argparse.ArgumentParser(prog="mtorl bench", description="Benchmarks: ratios against plain baselines in the same run.")
+    ap.add_argument("--stages", default=",".join(bench.STAGES), help=f"comma-separated subset of {','.join(bench.STAGES)}")
+    ap.add_argument("--quick", action="store_true", help="small sizes (finishes in minutes on 2 cores); scale at 100k vs 1M steps")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the same suite on the GPU paths")
+    ap.add_argument("--out", default="bench", help="folder of results.json (results-cuda.json for --device cuda)")
+    ap.add_argument("--markdown", default="BENCHMARKS.md", help="file whose table section is regenerated")
+    ap.add_argument("--no-markdown", action="store_true", help="leave the markdown file alone")
+    ap.add_argument("--steps", type=int, help="simulated steps of the main dataset (overrides the mode)")
+    ap.add_argument("--scale-steps", help="SMALL,LARGE simulated steps of the scale stage (overrides the mode)")
+    ap.add_argument("--scale-epoch", action="store_true", help="time the training epoch at both scale points in --quick too")
+    ap.add_argument("--compile", action="store_true", help="train stage: also time the plain loop under torch.compile")
+    ap.add_argument("--requests", type=int, help="HTTP requests per concurrency level (overrides the mode)")
+    ap.add_argument("--work", help="scratch folder (default: a new temp folder, removed at the end)")
+    a = ap.parse_args(argv)
+    scale = None
+    if a.scale_steps:
+        lo, hi = (int(x) for x in a.scale_steps.split(","))
+        scale = (lo, hi)
+    opts = bench.SuiteOptions(
+        stages=tuple(x.strip() for x in a.stages.split(",") if x.strip()), quick=a.quick, device=a.device, out=a.out,
+        markdown=a.markdown, no_markdown=a.no_markdown, steps=a.steps, scale_steps=scale, scale_epoch=a.scale_epoch,
+        compile=a.compile, requests=a.requests, work=a.work)
+    command = ("python -m mtorl.bench " + " ".join(x for x in argv if not x.startswith("--work"))).strip()
+    return _known_errors_as_one_line(lambda: 0 if bench.run_suite(opts, command) else 1)
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    """``make demo`` / ``python -m mtorl.demo``."""
+    from mtorl import demo
+
+    ap = argparse.ArgumentParser(prog="mtorl-demo", description=demo.__doc__)
+    ap.add_argument("--dir", default="demo-output", help="local folder for the store, reports and results")
+    ap.add_argument("--data", help="a real sample (e.g. the KuaiRand or Criteo sequence CSV); default: simulated logs")
+    ap.add_argument("--source", help="source of --data (guessed from the file name)")
+    ap.add_argument("--epochs", type=int, default=demo.DEMO_EPOCHS)
+    ap.add_argument("--trials", type=int, default=2)
+    ap.add_argument("--keep-store", action="store_true", help="leave the object store running at the end")
+    ap.add_argument("-v", "--verbose", action="store_true", help="Ray's own output and every stage's details on the console")
+    a = ap.parse_args(argv)
+    demo.run_demo(demo.DemoOptions(**vars(a)))
+    return 0
+
+
+def manifests_main(argv: list[str] | None = None) -> int:
+    """``make manifests`` / ``python -m mtorl.manifests``: render the KubeRay manifests."""
+    from mtorl import manifests
+
+    ap = argparse.ArgumentParser(prog="python -m mtorl.manifests", description=(manifests.__doc__ or "").splitlines()[0])
+    ap.add_argument("--values", action="append", default=[], type=Path, metavar="FILE",
+                    help="KEY=VALUE file over the defaults (repeatable; later files win; the environment wins over all)")
+    ap.add_argument("--defaults", type=Path, default=manifests.DEFAULT_VALUES,
+                    help=f"default values (default {manifests.DEFAULT_VALUES})")
+    ap.add_argument("--templates", type=Path, default=manifests.DEFAULT_TEMPLATES, help=f"default {manifests.DEFAULT_TEMPLATES}")
+    ap.add_argument("--out", type=Path, default=manifests.DEFAULT_OUT, help=f"default {manifests.DEFAULT_OUT}")
+    a = ap.parse_args(argv)
+    try:
+        values, sources = manifests.load_values([a.defaults, *a.values])
+        for path in manifests.write(manifests.render(a.templates, values, sources), a.out):
+            print(f"wrote {path}")
+    except manifests.ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"apply one with: kubectl apply -f {a.out}/<file>.yaml (create the Secrets first: cluster/README.md)")
+    return 0
+
+
+def sim_benchmark_main(argv: list[str] | None = None) -> int:
+    """``python -m mtorl.sim.benchmark``: the closed-loop benchmark of a checkpoint trained on simulated logs."""
+    from mtorl.sim import benchmark
+
+    ap = argparse.ArgumentParser(prog="python -m mtorl.sim.benchmark", description=benchmark.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--out", required=True, help="output path without extension (OUT.md, OUT.json)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.3, 0.5])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--users", type=int, default=2000)
+    ap.add_argument("--imitation-at", type=float, nargs="*", default=[0.3],
+                    help="budgets at which the same checkpoint's imitation policy gets a row too")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = ap.parse_args(argv)
+    md, js = benchmark.write_benchmark(a.checkpoint, a.out, a.budgets, a.seeds, a.users, a.imitation_at,
+                                       command="python -m mtorl.sim.benchmark " + " ".join(argv))
+    print(f"wrote {md} and {js}")
+    return 0
+
+
+def plain_server_main(argv: list[str] | None = None) -> int:
+    """``python -m mtorl.serving.plain``: the bench's plain reference server (one uvicorn worker)."""
+    from mtorl.serving import plain
+    from mtorl.serving.service import is_loopback, token_digest
+
+    ap = argparse.ArgumentParser(prog="python -m mtorl.serving.plain", description=(plain.__doc__ or "").splitlines()[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8100)
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
+    ap.add_argument("--max-body-bytes", type=int, default=4_000_000)
+    ap.add_argument("--auth-token-env", help="env var holding the bearer token (required off loopback)")
+    a = ap.parse_args(argv)
+    digest = None
+    if a.auth_token_env:
+        import os
+
+        token = os.environ.get(a.auth_token_env)
+        if not token:
+            ap.error(f"--auth-token-env: environment variable {a.auth_token_env} is not set")
+        digest = token_digest(token)
+    elif not is_loopback(a.host):
+        ap.error(f"--host {a.host}: not a loopback address; set --auth-token-env")
+    plain.run_plain_server(a.checkpoint, a.host, a.port, a.max_batch_size, a.batch_wait_timeout_s, a.max_body_bytes,
+                           digest)
+    return 0
+
+
+def _known_errors_as_one_line(fn: Callable[[], int]) -> int:
+    """``fn()``, with a known error (``MtorlError``) printed as one line and its exit code."""
+    from mtorl.errors import MtorlError, one_line
+
+    try:
+        return fn()
+    except MtorlError as e:
+        print(one_line(e), file=sys.stderr)
+        return e.exit_code
+
+
+def local_cluster_main(argv: list[str] | None = None) -> int:
+    """Entry of cluster/local/up.sh, down.sh and status.sh: ``up [WORKERS] | down | status``."""
+    from mtorl import jobs
+
+    p = argparse.ArgumentParser(prog="cluster/local")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("workers", nargs="?", type=int, default=1)
+    p.add_argument("--state-dir", help="where cluster.json and node logs go (default $MTORL_CLUSTER_DIR or ~/.mtorl/cluster)")
+    p.add_argument("--cpus-per-node", type=float, default=1)
+    p.add_argument("--object-store-mb", type=int, default=256)
+    a = p.parse_args(argv)
+    try:
+        if a.action == "up":
+            st = jobs.local_cluster_up(a.workers, a.state_dir, a.cpus_per_node, a.object_store_mb)
+            print(f"local Ray cluster up: head + {a.workers} worker(s), {a.cpus_per_node:g} CPU each")
+            print(f"dashboard (submit here): {st['dashboard']}\nGCS: {st['gcs']}\nRAY_AUTH_MODE={st['auth_mode']}")
+            print(f"state: {jobs.state_file(a.state_dir)}")
+            if st["auth_mode"] == "token":
+                print("clients need the same mode: export RAY_AUTH_MODE=token (the token is in ~/.ray/auth_token)")
+            return 0
+        if a.action == "down":
+            n = jobs.local_cluster_down(a.state_dir)
+            print(f"stopped {n} node(s)" if n else "no local cluster recorded")
+            return 0
+        found = jobs.local_cluster_status(a.state_dir)
+        if found is None:
+            print("no local cluster recorded")
+            return 1
+        st, nodes, alive = found
+        print(f"dashboard {st['dashboard']}: {nodes} node(s) alive; processes up: {', '.join(alive) or 'none'}")
+        return 0 if alive else 1
+    except jobs.ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

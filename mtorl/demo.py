@@ -8,15 +8,14 @@ Prints where every result went.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import socket
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mtorl.localhost import free_port
 from mtorl.spec import make_job
 
 # Fresh simulated users of the demo's closed loop: with 1000 the 95% intervals of mtorl and the logger
@@ -28,12 +27,6 @@ DEMO_LOOP_USERS = 2000
 DEMO_EPOCHS = 10
 DEMO_PLAIN_LINES = 4  # off a terminal: at most 4 lines per progress display (10 epochs: 3, 6, 9, 10)
 SIM_DECISION = {"policy": "reward", "support_threshold": 0.0, "pessimism": 0.0, "budget": 0.3}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def guess_source(path: str) -> str:
@@ -57,7 +50,7 @@ def example_users(dataset_uri: str, n: int = 5, split: str = "test") -> list[dic
     man = load_manifest(dataset_uri)
     fs, path = storage.resolve(shard_uris(dataset_uri, man, split)[0])
     rows = pq.read_table(path, filesystem=fs).slice(0, n).to_pylist()
-    qn, fn, ch = man["step_features"], man["user_features"], man["channels"]
+    qn, fn, ch = man.step_features, man.user_features, man.channels
     users = []
     for r in rows:
         T = r["length"]
@@ -86,25 +79,28 @@ def demo_queries(url: str, dataset_uri: str, progress: Any = print, n: int = 5) 
     return {"recommend": rec.json(), "allocate": a, "model_version": model.get("version")}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mtorl-demo", description=__doc__)
-    ap.add_argument("--dir", default="demo-output", help="local folder for the store, reports and results")
-    ap.add_argument("--data", help="a real sample (e.g. the KuaiRand or Criteo sequence CSV); default: simulated logs")
-    ap.add_argument("--source", help="source of --data (guessed from the file name)")
-    ap.add_argument("--epochs", type=int, default=DEMO_EPOCHS)
-    ap.add_argument("--trials", type=int, default=2)
-    ap.add_argument("--keep-store", action="store_true", help="leave the object store running at the end")
-    ap.add_argument("-v", "--verbose", action="store_true", help="Ray's own output and every stage's details on the console")
-    args = ap.parse_args(argv)
+@dataclass(frozen=True)
+class DemoOptions:
+    """The demo's flags (``python -m mtorl.demo --help``)."""
 
+    dir: str = "demo-output"
+    data: str | None = None
+    source: str | None = None
+    epochs: int = DEMO_EPOCHS
+    trials: int = 2
+    keep_store: bool = False
+    verbose: bool = False
+
+
+def run_demo(opts: DemoOptions) -> None:
     from mtorl.console import session
 
-    with session(verbose=args.verbose) as con:
+    with session(verbose=opts.verbose) as con:
         con.plain_lines = DEMO_PLAIN_LINES
-        return _demo(args, con)
+        _demo(opts, con)
 
 
-def _demo(args: argparse.Namespace, con: Any) -> int:
+def _demo(args: DemoOptions, con: Any) -> None:
     from mtorl.storage import seaweed
 
     base = Path(args.dir).resolve()
@@ -123,7 +119,7 @@ def _demo(args: argparse.Namespace, con: Any) -> int:
     os.environ.setdefault("WANDB_DIR", str(base))
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
-        return _run(args, base, results, t0, con)
+        _run(args, base, results, t0, con)
     finally:
         if not args.keep_store:
             seaweed.down(base / "store")
@@ -142,7 +138,7 @@ def _detail(con: Any) -> Any:
     return to_log
 
 
-def _run(args: argparse.Namespace, base: Path, results: dict[str, Any], t0: float, con: Any) -> int:
+def _run(args: DemoOptions, base: Path, results: dict[str, Any], t0: float, con: Any) -> None:
     from mtorl.data.prepare import prepare
     from mtorl.raycluster import init_ray
 
@@ -166,8 +162,8 @@ def _run(args: argparse.Namespace, base: Path, results: dict[str, Any], t0: floa
 
             prep_spec["journeys"] = journeys_format(f"{bucket}/raw/sim")
         manifest = prepare(make_job("PrepareJob", "demo-prepare", prep_spec).spec, progress=con)
-        results["prepare"] = {"dataset": prep_spec["output"], "rows_read": manifest["rows_read"], "rows_dropped": manifest["rows_dropped"],
-                              "users": {k: v["users"] for k, v in manifest["splits"].items()}}
+        results["prepare"] = {"dataset": prep_spec["output"], "rows_read": manifest.rows_read, "rows_dropped": manifest.rows_dropped,
+                              "users": {k: v.users for k, v in manifest.splits.items()}}
 
     with con.stage("start Ray (local, loopback)"):
         init_ray()
@@ -228,7 +224,7 @@ def _run(args: argparse.Namespace, base: Path, results: dict[str, Any], t0: floa
         from mtorl.serving.app import run_serve
 
         best = (results["tune"].get("best") or {}).get("checkpoint") or results["train"]["best_checkpoint"]
-        serve_job = make_job("ServeJob", "demo-serve", {"checkpoint": best, "port": _free_port()})
+        serve_job = make_job("ServeJob", "demo-serve", {"checkpoint": best, "port": free_port()})
         t_serve = time.time()
         served = run_serve(serve_job, address=None, config_out=str(base / "serve_config.yaml"), blocking=False,
                            progress=_detail(con))
@@ -256,7 +252,6 @@ def _run(args: argparse.Namespace, base: Path, results: dict[str, Any], t0: floa
         ("Ray logs", con.ray_logs or "-"),
     ):
         con(f"  {label:<18} {where}")
-    return 0
 
 
 def _num(v: Any) -> str:
@@ -264,4 +259,6 @@ def _num(v: Any) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mtorl.cli import demo_main
+
+    raise SystemExit(demo_main())

@@ -60,6 +60,12 @@ def find_known(e: BaseException) -> MtorlError | None:
     return None
 
 
+def validation_line(e: Any) -> str:
+    """A pydantic ``ValidationError``'s first problem as ``field a.b: message`` (duck-typed: no import)."""
+    err = e.errors()[0]
+    return f"field {'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+
+
 def one_line(e: BaseException, limit: int = 500) -> str:
     """``e``'s message as one line (first non-empty line, else the type name), at most ``limit`` chars."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]

@@ -23,14 +23,12 @@ Everything this module prints goes through ``_redact``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,10 +42,9 @@ from typing import Any, Iterator
 import yaml
 
 from mtorl.errors import MtorlError
+from mtorl.localhost import free_port, pid_alive
 
 SPEC_PATH = "mtorl-job/spec.yaml"  # inside the working_dir
-ENTRY_MODULES = {"PrepareJob": "prepare", "TrainJob": "train", "EvaluateJob": "evaluate", "TuneJob": "tune",
-                 "ServeJob": "serve", "SimulateJob": "simulate"}
 COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "*.parquet", ".pytest_cache")
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "WANDB_API_KEY", "RAY_AUTH_TOKEN")
 CREDENTIAL_PREFIXES = ("AWS_",)
@@ -59,7 +56,10 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 class ClusterError(MtorlError):
-    """The dashboard can't be reached or refused a request: printed as one line."""
+    """The dashboard can't be reached or refused a request: printed as one line (exit 1: the cluster, not
+    the input, is what failed)."""
+
+    exit_code = 1
 
 
 def _p(msg: str = "", err: bool = False) -> None:
@@ -210,10 +210,12 @@ def stage(job: Any, root: Path) -> Path:
 
 
 def prepare_submission(job: Any, staging: Path, credentials: bool = True) -> Submission:
+    from mtorl.registry import lookup
+
+    module = lookup(job.kind, f"{job.kind} {job.metadata.name}").command  # the ray_jobs entrypoint
     stage(job, staging)
     if credentials and job_secrets():
         _write_secrets(staging)
-    module = ENTRY_MODULES[job.kind]
     rp = job.spec.run_policy
     return Submission(
         kind=job.kind, name=job.metadata.name, entrypoint=f"python -m ray_jobs.{module} {SPEC_PATH}",
@@ -237,43 +239,36 @@ def _submit_attempt(client: Any, sub: Submission, sid: str, attempt: int, deadli
         raise ClusterError(f"submitting {sub.kind} {sub.name} failed: {_one_line(e)}") from None
 
 
-def submit(args: argparse.Namespace) -> int:
-    """``mtorl submit SPEC [--set ...] [--address URL] [--wait [--result FILE]] [--no-credentials]``."""
-    from mtorl.spec import load_job
+def submit_job(job: Any, address: str | None, wait: bool = False, result_file: str | None = None,
+               credentials: bool = True) -> bool:
+    """Submit a validated job (a kind of the registry, else ``SpecError``). Without ``wait``: True once
+    submitted. With ``wait``: follow it under its runPolicy; True when it succeeded (and its result, if
+    asked for, was fetched into ``result_file``). ``ClusterError`` when the dashboard fails us."""
+    from mtorl.registry import lookup
 
-    job = load_job(args.spec, args.overrides)  # SpecError -> exit 2 in the CLI
-    if job.kind not in ENTRY_MODULES:
-        _p(f"error: no ray_jobs entrypoint for kind {job.kind}", err=True)
-        return 2
+    lookup(job.kind, f"{job.kind} {job.metadata.name}")  # refused before any cluster call
     for w in _local_path_warnings(job):
         _p(w, err=True)
-    if args.result and not args.wait:
-        _p("error: --result needs --wait (or use `mtorl jobs result ID` once the job has finished)", err=True)
-        return 2
-    try:
-        client = connect(args.address)
-        with tempfile.TemporaryDirectory(prefix="mtorl-submit-") as tmp:
-            sub = prepare_submission(job, Path(tmp), credentials=not getattr(args, "no_credentials", False))
-            if not args.wait:
-                if sub.retries:
-                    _p(f"note: runPolicy.retries={sub.retries} is applied only with --wait", err=True)
-                deadline_at = time.time() + sub.deadline_s if sub.deadline_s else None
-                sid = _submit_attempt(client, sub, new_submission_id(sub.name), 1, deadline_at)
-                _p(f"submitted {sid}")
-                _p(f"follow it with: mtorl jobs logs {sid} --follow --address {dashboard_address(args.address)}")
-                return 0
-            return _supervise(client, sub, args.result)
-    except ClusterError as e:
-        _p(f"error: {e}", err=True)
-        return 1
+    client = connect(address)
+    with tempfile.TemporaryDirectory(prefix="mtorl-submit-") as tmp:
+        sub = prepare_submission(job, Path(tmp), credentials=credentials)
+        if not wait:
+            if sub.retries:
+                _p(f"note: runPolicy.retries={sub.retries} is applied only with --wait", err=True)
+            deadline_at = time.time() + sub.deadline_s if sub.deadline_s else None
+            sid = _submit_attempt(client, sub, new_submission_id(sub.name), 1, deadline_at)
+            _p(f"submitted {sid}")
+            _p(f"follow it with: mtorl jobs logs {sid} --follow --address {dashboard_address(address)}")
+            return True
+        return _supervise(client, sub, result_file)
 
 
 def new_submission_id(name: str) -> str:
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def _supervise(client: Any, sub: Submission, result_file: str | None) -> int:
-    """Submit, stream the logs, retry failed attempts, enforce the deadline. Exit code of the job."""
+def _supervise(client: Any, sub: Submission, result_file: str | None) -> bool:
+    """Submit, stream the logs, retry failed attempts, enforce the deadline. True when the job succeeded."""
     t0 = time.time()
     deadline_at = t0 + sub.deadline_s if sub.deadline_s else None
     base = new_submission_id(sub.name)
@@ -286,7 +281,7 @@ def _supervise(client: Any, sub: Submission, result_file: str | None) -> int:
             _stop_quietly(client, sid)
             _p(f"error: {sub.kind} {sub.name} ({sid}) exceeded runPolicy.activeDeadlineSeconds={sub.deadline_s}; "
                "the job was stopped", err=True)
-            return 1
+            return False
         info = client.get_job_info(sid)
         if status == "SUCCEEDED":
             _p(f"job {sid} succeeded in {time.time() - t0:.1f} s")
@@ -294,32 +289,32 @@ def _supervise(client: Any, sub: Submission, result_file: str | None) -> int:
         msg = _redact((info.message or "").strip())
         _p(f"job {sid} {status.lower()}: {msg.splitlines()[0] if msg else 'no message'}", err=True)
         if status == "STOPPED":
-            return 1
+            return False
         if attempt <= sub.retries:
             _p(f"retrying: attempt {attempt + 1} of {sub.retries + 1} (runPolicy.retries={sub.retries})", err=True)
-    return 1
+    return False
 
 
-def _fetch_result(info: Any, result_file: str | None) -> int:
+def _fetch_result(info: Any, result_file: str | None) -> bool:
     uri = (info.metadata or {}).get("mtorl_result_uri")
     if not result_file:
         if uri:
             _p(f"result: {uri}")
-        return 0
+        return True
     if not uri:
         _p("error: this job kind stores no result (no output URI)", err=True)
-        return 1
+        return False
     from mtorl import storage
 
     try:
         data = storage.read_bytes(uri)
     except Exception as e:  # noqa: BLE001 - StorageError and friends: one line
         _p(f"error: the job succeeded but its result could not be read from {uri}: {_one_line(e)}", err=True)
-        return 1
+        return False
     Path(result_file).parent.mkdir(parents=True, exist_ok=True)
     Path(result_file).write_bytes(data)
     _p(f"result written to {result_file}")
-    return 0
+    return True
 
 
 def _stop_quietly(client: Any, sid: str) -> None:
@@ -409,26 +404,21 @@ def describe(info: Any) -> dict[str, Any]:
     }  # runtime_env is deliberately left out: it holds the credentials
 
 
-def jobs_command(args: argparse.Namespace) -> int:
-    """``mtorl jobs list | status ID | logs ID [--follow] | stop ID | result ID``."""
-    if args.action != "list" and not args.id:
-        _p(f"error: `mtorl jobs {args.action}` needs a submission id", err=True)
-        return 2
+def jobs_action(address: str | None, action: str, sid: str | None, follow: bool = False,
+                result_file: str | None = None) -> bool:
+    """``mtorl jobs list | status ID | logs ID [--follow] | stop ID | result ID``: False when the job did
+    not succeed (logs --follow, result); ``ClusterError`` (one line) for an unknown id or a server error."""
+    client = connect(address)
     try:
-        client = connect(args.address)
-        try:
-            return _jobs_action(client, args)
-        except ClusterError:
-            raise
-        except Exception as e:  # noqa: BLE001 - unknown id, server errors: one line
-            raise ClusterError(_one_line(e)) from None
-    except ClusterError as e:
-        _p(f"error: {e}", err=True)
-        return 1
+        return _jobs_action(client, action, sid or "", follow, result_file)
+    except ClusterError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unknown id, server errors: one line
+        raise ClusterError(_one_line(e)) from None
 
 
-def _jobs_action(client: Any, args: argparse.Namespace) -> int:
-    if args.action == "list":
+def _jobs_action(client: Any, action: str, sid: str, follow_logs: bool, out: str | None) -> bool:
+    if action == "list":
         jobs = [j for j in client.list_jobs() if j.submission_id]
         jobs.sort(key=lambda j: j.start_time or 0)
         _p(f"{'SUBMISSION ID':<44} {'KIND':<12} {'STATUS':<10} {'STARTED':<21} ENDED")
@@ -436,42 +426,40 @@ def _jobs_action(client: Any, args: argparse.Namespace) -> int:
             meta = j.metadata or {}
             _p(f"{j.submission_id:<44} {meta.get('mtorl_kind', '-'):<12} {_status_name(j.status):<10} "
                f"{_ts(j.start_time) or '-':<21} {_ts(j.end_time) or '-'}")
-        return 0
-    if args.action == "status":
-        _p(yaml.safe_dump(describe(client.get_job_info(args.id)), sort_keys=False).rstrip())
-        return 0
-    if args.action == "logs":
-        if getattr(args, "follow", False):
-            status = follow(client, args.id)
-            return 0 if status == "SUCCEEDED" else 1
-        sys.stdout.write(_redact(client.get_job_logs(args.id)))
-        return 0
-    if args.action == "stop":
-        stopped = client.stop_job(args.id)
-        _p(f"stop requested for {args.id}" if stopped else f"{args.id} had already finished")
-        return 0
-    if args.action == "result":
-        info = client.get_job_info(args.id)
+        return True
+    if action == "status":
+        _p(yaml.safe_dump(describe(client.get_job_info(sid)), sort_keys=False).rstrip())
+        return True
+    if action == "logs":
+        if follow_logs:
+            return follow(client, sid) == "SUCCEEDED"
+        sys.stdout.write(_redact(client.get_job_logs(sid)))
+        return True
+    if action == "stop":
+        stopped = client.stop_job(sid)
+        _p(f"stop requested for {sid}" if stopped else f"{sid} had already finished")
+        return True
+    if action == "result":
+        info = client.get_job_info(sid)
         status = _status_name(info.status)
         if status != "SUCCEEDED":
-            _p(f"error: job {args.id} is {status.lower()}: no result", err=True)
-            return 1
-        out = getattr(args, "result", None)
+            _p(f"error: job {sid} is {status.lower()}: no result", err=True)
+            return False
         if out:
             return _fetch_result(info, out)
         uri = (info.metadata or {}).get("mtorl_result_uri")
         if not uri:
             _p("error: this job stores no result", err=True)
-            return 1
+            return False
         from mtorl import storage
 
         try:
             _p(json.dumps(json.loads(storage.read_bytes(uri)), indent=2))
         except Exception as e:  # noqa: BLE001
             _p(f"error: cannot read the result at {uri}: {_one_line(e)}", err=True)
-            return 1
-        return 0
-    raise ClusterError(f"unknown action {args.action}")
+            return False
+        return True
+    raise ClusterError(f"unknown action {action}")
 
 
 # ------------------------------------------------------------------------------------- local cluster
@@ -486,12 +474,6 @@ def _state_dir(state_dir: str | Path | None) -> Path:
 def _read_state(d: Path) -> dict[str, Any] | None:
     f = d / STATE_FILE
     return json.loads(f.read_text()) if f.exists() else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _node_cmd(ray_bin: str, head: bool, gcs: str, temp_dir: str, cpus: float, object_store_mb: int,
@@ -527,7 +509,7 @@ def local_cluster_up(workers: int, state_dir: str | Path | None = None, cpus_per
     """Start a head and ``workers`` worker nodes on loopback, each ``ray start --block`` in its own
     process group with its own temp dir; PIDs go to ``<state_dir>/cluster.json``."""
     d = _state_dir(state_dir)
-    if (old := _read_state(d)) and any(_pid_alive(n["pid"]) for n in old["nodes"]):
+    if (old := _read_state(d)) and any(pid_alive(n["pid"]) for n in old["nodes"]):
         raise ClusterError(f"a local cluster is already running ({old['dashboard']}); run cluster/local/down.sh first")
     d.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
@@ -555,7 +537,7 @@ def local_cluster_up(workers: int, state_dir: str | Path | None = None, cpus_per
     def wait_for(n: int, what: str) -> None:
         end = time.time() + timeout_s
         while _alive_nodes(state["dashboard"]) < n:
-            dead = [x for x in state["nodes"] if not _pid_alive(x["pid"])]
+            dead = [x for x in state["nodes"] if not pid_alive(x["pid"])]
             if dead or time.time() > end:
                 local_cluster_down(d)
                 why = f"{dead[0]['role']} exited (see {dead[0]['log']})" if dead else f"not up after {timeout_s:.0f} s"
@@ -568,19 +550,6 @@ def local_cluster_up(workers: int, state_dir: str | Path | None = None, cpus_per
         launch(f"worker{i + 1}", False)
     wait_for(1 + workers, "workers")
     return state
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of this process counts as gone
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:
-        return True
 
 
 def _group_alive(pgid: int) -> bool:
@@ -626,35 +595,13 @@ def iter_logs(state_dir: str | Path | None = None) -> Iterator[Path]:
         yield Path(n["log"])
 
 
-def local_cluster_main(argv: list[str] | None = None) -> int:
-    """Entry of cluster/local/up.sh and down.sh: ``up [WORKERS] | down | status``."""
-    p = argparse.ArgumentParser(prog="cluster/local")
-    p.add_argument("action", choices=["up", "down", "status"])
-    p.add_argument("workers", nargs="?", type=int, default=1)
-    p.add_argument("--state-dir", help="where cluster.json and node logs go (default $MTORL_CLUSTER_DIR or ~/.mtorl/cluster)")
-    p.add_argument("--cpus-per-node", type=float, default=1)
-    p.add_argument("--object-store-mb", type=int, default=256)
-    a = p.parse_args(argv)
-    try:
-        if a.action == "up":
-            st = local_cluster_up(a.workers, a.state_dir, a.cpus_per_node, a.object_store_mb)
-            _p(f"local Ray cluster up: head + {a.workers} worker(s), {a.cpus_per_node:g} CPU each")
-            _p(f"dashboard (submit here): {st['dashboard']}\nGCS: {st['gcs']}\nRAY_AUTH_MODE={st['auth_mode']}")
-            _p(f"state: {_state_dir(a.state_dir) / STATE_FILE}")
-            if st["auth_mode"] == "token":
-                _p("clients need the same mode: export RAY_AUTH_MODE=token (the token is in ~/.ray/auth_token)")
-            return 0
-        if a.action == "down":
-            n = local_cluster_down(a.state_dir)
-            _p(f"stopped {n} node(s)" if n else "no local cluster recorded")
-            return 0
-        st = _read_state(_state_dir(a.state_dir))
-        if not st:
-            _p("no local cluster recorded")
-            return 1
-        alive = [n["role"] for n in st["nodes"] if _pid_alive(n["pid"])]
-        _p(f"dashboard {st['dashboard']}: {_alive_nodes(st['dashboard'])} node(s) alive; processes up: {', '.join(alive) or 'none'}")
-        return 0 if alive else 1
-    except ClusterError as e:
-        _p(f"error: {e}", err=True)
-        return 1
+def local_cluster_status(state_dir: str | Path | None = None) -> tuple[dict[str, Any], int, list[str]] | None:
+    """(state, nodes the dashboard reports alive, roles whose process is up), or None when no cluster is recorded."""
+    st = _read_state(_state_dir(state_dir))
+    if not st:
+        return None
+    return st, _alive_nodes(st["dashboard"]), [n["role"] for n in st["nodes"] if pid_alive(n["pid"])]
+
+
+def state_file(state_dir: str | Path | None = None) -> Path:
+    return _state_dir(state_dir) / STATE_FILE

@@ -14,10 +14,8 @@ and ``SERVE_TOKEN_ENV``, generated from ``SERVE_SPEC`` with ``CHECKPOINT`` by
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Literal, Mapping, Sequence
@@ -224,31 +222,7 @@ def write(rendered: Mapping[str, str], out: Path) -> list[Path]:
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mtorl.manifests", description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--values",
-        action="append",
-        default=[],
-        type=Path,
-        metavar="FILE",
-        help="KEY=VALUE file over the defaults (repeatable; later files win; the environment wins over all)",
-    )
-    ap.add_argument("--defaults", type=Path, default=DEFAULT_VALUES, help=f"default values (default {DEFAULT_VALUES})")
-    ap.add_argument("--templates", type=Path, default=DEFAULT_TEMPLATES, help=f"default {DEFAULT_TEMPLATES}")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
-    a = ap.parse_args(argv)
-    try:
-        values, sources = load_values([a.defaults, *a.values])
-        rendered = render(a.templates, values, sources)
-        for path in write(rendered, a.out):
-            print(f"wrote {path}")
-    except ManifestError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"apply one with: kubectl apply -f {a.out}/<file>.yaml (create the Secrets first: cluster/README.md)")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from mtorl.cli import manifests_main
+
+    raise SystemExit(manifests_main())

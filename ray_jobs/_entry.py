@@ -28,10 +28,19 @@ def _arm_deadline() -> None:
 
 
 def run(command: str, argv: list[str] | None = None) -> int:
+    """Run the job kind registered for ``command`` (mtorl.registry) on the spec in ``argv``; a command
+    no kind is registered for is refused in one line (exit 2)."""
     from mtorl import storage
     from mtorl.cli import main
+    from mtorl.registry import by_command
+    from mtorl.spec import SpecError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        by_command(command)
+    except SpecError as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return 2
     cred = os.environ.get("MTORL_CREDENTIALS_FILE")
     if cred and not os.path.isabs(cred):  # staged in the working_dir by `mtorl submit`: pin it before any chdir
         os.environ["MTORL_CREDENTIALS_FILE"] = os.path.abspath(cred)

@@ -9,6 +9,6 @@ set -euo pipefail
 mtorl simulate ray_jobs/specs/simulate.yaml
 mtorl prepare ray_jobs/specs/sim-prepare.yaml
 mtorl train ray_jobs/specs/sim-train.yaml --set spec.tracking.wandb=disabled
-mtorl evaluate ray_jobs/specs/sim-evaluate.yaml --online --users 2000 --budget 0.3 --result online-sim.json
+mtorl evaluate ray_jobs/specs/sim-evaluate.yaml --result online-sim.json
 python -m mtorl.sim.benchmark --checkpoint s3://mtorl/runs/sim-mtorl --out docs/results/sim-closed-loop \
     --budgets 0.1 0.3 0.5 --seeds 1 2 3 --users 2000

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -26,6 +27,7 @@ tmp = Path(tempfile.mkdtemp(prefix="mtorl-reqpath-"))
 sys.path.insert(0, str(tmp))
 import old_schemas as old  # noqa: E402
 from fastapi.responses import JSONResponse
+from mtorl.data.manifest import Manifest
 from mtorl.serving import schemas as new
 from mtorl.serving.service import Service
 
@@ -63,7 +65,8 @@ bodies = {
 
 
 class FakePred:
-    manifest, meta = MAN, {"sha256": {"model.safetensors": "abc"}}
+    manifest = Manifest.model_validate({**MAN, "schema_version": 1, "version": "v1", "splits": {}})
+    meta = SimpleNamespace(sha256={"model.safetensors": "abc"})
 
     def predict_next(self, journeys, nxt):
         b = len(journeys)

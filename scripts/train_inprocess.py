@@ -28,7 +28,7 @@ import torch
 from mtorl import storage
 import pyarrow.parquet as pq
 
-from mtorl.data.manifest import load_manifest, manifest_sha256, shard_uris
+from mtorl.data.manifest import Manifest, load_manifest, manifest_sha256, shard_uris
 from mtorl.data.windows import Journey, journeys_from_table, make_windows
 from mtorl.models import build_model
 from mtorl.spec.loader import job_to_dict, load_job
@@ -36,7 +36,7 @@ from mtorl.training import checkpoint as ckpt
 from mtorl.training.step import decision_val_metrics, epoch_lr, set_lr, train_batches, val_metrics, validate_batches
 
 
-def read_split(dataset_uri: str, split: str, manifest: dict[str, Any]) -> list[Journey]:
+def read_split(dataset_uri: str, split: str, manifest: Manifest) -> list[Journey]:
     """All journeys of a split, shard by shard (the manifest's shards only)."""
     out: list[Journey] = []
     for uri in shard_uris(dataset_uri, manifest, split):
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     t0 = time.time()
     manifest = load_manifest(spec.data)
-    binary = bool(manifest.get("gain_binary", True)) if spec.objective.reward_loss == "auto" else spec.objective.reward_loss == "bce"
-    D, C = len(manifest["step_features"]) + len(manifest["user_features"]), len(manifest["channels"])
+    binary = manifest.gain_binary if spec.objective.reward_loss == "auto" else spec.objective.reward_loss == "bce"
+    D, C = manifest.state_dim, manifest.n_channels
     L, S = spec.window.length, spec.window.stride
     train = make_windows(read_split(spec.data, "train", manifest), L, S, state_dim=D)
     val = make_windows(read_split(spec.data, "val", manifest), L, S, state_dim=D)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(loaded.state_dict)
         if loaded.optimizer_state is not None:
             optimizer.load_state_dict(loaded.optimizer_state)
-        start, step, history = int(loaded.meta["epoch"]) + 1, int(loaded.meta["step"]), list(loaded.meta.get("history", []))
+        start, step, history = loaded.meta.epoch + 1, loaded.meta.step, list(loaded.meta.history)
         print(f"resumed from epoch {start - 1} (step {step})", flush=True)
     device = torch.device("cpu")
     sha = manifest_sha256(spec.data)

@@ -4,4 +4,4 @@
 #   Options: --state-dir DIR
 set -euo pipefail
 PY="${PYTHON:-python}"
-exec "$PY" -c 'import sys; from mtorl.jobs import local_cluster_main; sys.exit(local_cluster_main(["down", *sys.argv[1:]]))' "$@"
+exec "$PY" -c 'import sys; from mtorl.cli import local_cluster_main; sys.exit(local_cluster_main(["down", *sys.argv[1:]]))' "$@"

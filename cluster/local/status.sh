@@ -2,4 +2,4 @@
 # cluster/local/status.sh: the local cluster's dashboard, alive nodes and node processes.
 set -euo pipefail
 PY="${PYTHON:-python}"
-exec "$PY" -c 'import sys; from mtorl.jobs import local_cluster_main; sys.exit(local_cluster_main(["status", *sys.argv[1:]]))' "$@"
+exec "$PY" -c 'import sys; from mtorl.cli import local_cluster_main; sys.exit(local_cluster_main(["status", *sys.argv[1:]]))' "$@"

@@ -11,4 +11,4 @@
 #   Options: --cpus-per-node N  --object-store-mb MB  --state-dir DIR
 set -euo pipefail
 PY="${PYTHON:-python}"
-exec "$PY" -c 'import sys; from mtorl.jobs import local_cluster_main; sys.exit(local_cluster_main(["up", *sys.argv[1:]]))' "$@"
+exec "$PY" -c 'import sys; from mtorl.cli import local_cluster_main; sys.exit(local_cluster_main(["up", *sys.argv[1:]]))' "$@"

@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from mtorl.data import _io
+from mtorl import storage
 from mtorl.data.errors import DataError
 
 KUAI_CHANNELS = ["short", "mid", "long"]
@@ -119,7 +119,7 @@ class Converter:
     def input_files(self) -> list[tuple[str, Any, str]]:
         """(uri, filesystem, path) of the input: one file, or every data file under a directory/prefix."""
         uri = self.spec.input
-        fs, path = _io.resolve(uri)
+        fs, path = storage.resolve(uri)
         try:
             info = fs.get_file_info(path)
         except Exception as e:  # noqa: BLE001 - storage errors become one line

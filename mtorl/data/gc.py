@@ -10,7 +10,6 @@ committed when the pointer names them, else as orphans once old enough.
 from __future__ import annotations
 
 import calendar
-import os
 import re
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ from typing import Any
 
 from mtorl import storage
 from mtorl.data.manifest import MANIFEST_FILE
+from mtorl.localhost import pid_alive
 
 _VERSION = re.compile(r"^v(\d{8}T\d{6}Z)-[0-9a-f]{6}$")
 SPILL_PREFIX = "mtorl-prepare-"
@@ -64,19 +64,9 @@ def stale_spill_dirs(root: str | None = None) -> list[Path]:
     out = []
     for p in d.glob(f"{SPILL_PREFIX}*"):
         m = re.match(rf"^{SPILL_PREFIX}(\d+)-", p.name)
-        if p.is_dir() and m and not _alive(int(m.group(1))):
+        if p.is_dir() and m and not pid_alive(int(m.group(1))):
             out.append(p)
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_spill_dirs(root: str | None = None) -> int:
@@ -87,9 +77,9 @@ def remove_stale_spill_dirs(root: str | None = None) -> int:
     return n
 
 
-def gc_command(dataset_uri: str, delete: bool, min_age_hours: float, progress: Any = print) -> int:
+def collect_garbage(dataset_uri: str, delete: bool, min_age_hours: float, progress: Any = print) -> int:
     """``mtorl datasets gc URI [--delete] [--min-age-hours H]``: list (or remove) orphaned version folders and
-    stale spill folders. Exit 0."""
+    stale spill folders; returns how many were found."""
     orphans = orphaned_versions(dataset_uri, min_age_hours * 3600)
     for o in orphans:
         progress(f"{'removing' if delete else 'orphaned'} {o['uri']} ({o['files']} files, {o['age_s'] / 3600:.1f} h old)")
@@ -104,4 +94,4 @@ def gc_command(dataset_uri: str, delete: bool, min_age_hours: float, progress: A
         progress(f"{dataset_uri}: no orphaned version folders (older than {min_age_hours:g} h) or spill folders")
     elif not delete:
         progress("rerun with --delete to remove them")
-    return 0
+    return len(orphans) + len(spills)

@@ -10,9 +10,11 @@ import time
 from typing import Any
 
 import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mtorl.data import _io
+from mtorl import storage
 from mtorl.data.errors import DataError
+from mtorl.errors import validation_line
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -37,28 +39,163 @@ def new_version() -> str:
 
 
 def manifest_uri(dataset_uri: str) -> str:
-    return _io.join(dataset_uri, MANIFEST_FILE)
+    return storage.join(dataset_uri, MANIFEST_FILE)
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Normalization(_Part):
+    """Per-feature mean/std of the state (step features, then user features), fitted on train."""
+
+    mean: list[float]
+    std: list[float]
+
+
+class RewardNorm(_Part):
+    """Range of the raw reward ``g - s*w`` on train: rewards are min-max scaled into [0, 1] with it."""
+
+    min: float
+    max: float
+
+
+class Shard(_Part):
+    path: str = Field(description="Relative to the dataset URI (or absolute).")
+    users: int
+    steps: int
+    sha256: str = ""
+
+
+class Split(_Part):
+    users: int
+    steps: int
+    shards: list[Shard] = Field(default_factory=list)
+
+
+class Quarantine(_Part):
+    rows: int = 0
+    files: list[str] = Field(default_factory=list)
+
+
+class Manifest(BaseModel):
+    """``manifest.json`` of a prepared dataset (docs/ARCHITECTURE.md, "Prepared dataset"), typed.
+
+    Unknown keys are kept, not refused (``extra="allow"``): a manifest of the same ``schema_version``
+    written by a newer mtorl may carry informational keys, and a checkpoint's copy should stay whole.
+    No mtorl code reads them; a breaking change bumps ``schema_version``, which is refused.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    schema_version: int
+    version: str
+    channels: list[str]
+    step_features: list[str]
+    user_features: list[str]
+    normalization: Normalization
+    reward_norm: RewardNorm
+    penalty: float
+    splits: dict[str, Split]
+    source: str | None = None
+    input: str | None = None
+    created_at: str | None = None
+    mtorl_version: str | None = None
+    categorical: dict[str, list[str]] = Field(default_factory=dict)
+    gain: str | None = None
+    gain_binary: bool = True
+    cost: str | None = None
+    has_propensity: bool = False
+    split_salt: str | None = None
+    rows_read: int = 0
+    rows_written: int = 0
+    rows_dropped: dict[str, int] = Field(default_factory=dict)
+    users_read: int = 0
+    users_dropped: int = 0
+    quarantine: Quarantine = Field(default_factory=Quarantine)
+    manifest_from: str | None = None
+    journeys_format: dict[str, Any] | None = Field(None, description="The JourneysFormat of a journeys source.")
+    channel_cost_mean: list[float | None] | dict[str, float | None] | None = Field(
+        None, description="Mean cost per channel (a list in channel order, or a map by name), if recorded.")
+
+    @property
+    def state_dim(self) -> int:
+        """D: state features per step (step features, then user features)."""
+        return len(self.step_features) + len(self.user_features)
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channels)
+
+    @property
+    def onehot_features(self) -> set[str]:
+        """Step features that are one-hot columns ``col=value`` of a categorical vocabulary."""
+        return {f"{col}={v}" for col, vocab in self.categorical.items() for v in vocab}
+
+    @classmethod
+    def parse(cls, obj: Any, where: str) -> Manifest:
+        """``obj`` (parsed JSON) checked as a manifest; one ``DataError`` line naming ``where`` and the field."""
+        if isinstance(obj, Manifest):
+            return obj
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: a manifest must be a JSON object")
+        missing = [k for k in _REQUIRED if k not in obj]
+        if missing:
+            raise DataError(f"{where}: manifest lacks {', '.join(missing)}")
+        try:
+            newer = int(obj["schema_version"]) > SCHEMA_VERSION
+        except (TypeError, ValueError):
+            newer = False  # reported by validation below
+        if newer:
+            raise DataError(f"{where}: manifest schema_version {obj['schema_version']} is newer than this mtorl "
+                            f"({SCHEMA_VERSION})")
+        try:
+            return cls.model_validate(obj)
+        except ValidationError as e:
+            raise DataError(f"{where}: manifest {validation_line(e)}") from None
+
+    @classmethod
+    def load(cls, dataset_uri: str) -> Manifest:
+        """The manifest of a prepared dataset; ``DataError`` if there is none (or it is not valid)."""
+        data = _read_manifest_bytes(dataset_uri)
+        try:
+            obj = json.loads(data)
+        except ValueError as e:
+            raise DataError(f"{manifest_uri(dataset_uri)}: not valid JSON ({e})") from None
+        return cls.parse(obj, manifest_uri(dataset_uri))
+
+    def dump(self) -> dict[str, Any]:
+        """The JSON object written as ``manifest.json`` (and copied into checkpoints)."""
+        return self.model_dump(mode="json")
+
+    def shard_uris(self, dataset_uri: str, split: str) -> list[str]:
+        """URIs of the shards of one split listed in the manifest (never a directory listing)."""
+        return [s.path if "://" in s.path or s.path.startswith("/") else storage.join(dataset_uri, s.path)
+                for s in self.split(dataset_uri, split).shards]
+
+    def split(self, dataset_uri: str, split: str) -> Split:
+        if split not in self.splits:
+            raise DataError(f"{dataset_uri}: no split {split!r} (have {', '.join(self.splits)})")
+        return self.splits[split]
+
+
+_REQUIRED = ("schema_version", "version", "channels", "step_features", "user_features", "normalization",
+             "reward_norm", "penalty", "splits")
 
 
 def _read_manifest_bytes(dataset_uri: str) -> bytes:
     uri = manifest_uri(dataset_uri)
-    if not _io.exists(uri):
+    if not storage.exists(uri):
         raise DataError(f"no manifest.json at {dataset_uri}: not a prepared dataset, or prepare did not finish")
     try:
-        return _io.read_bytes(uri)
-    except _io.StorageError as e:
+        return storage.read_bytes(uri)
+    except storage.StorageError as e:
         raise DataError(f"can't read {uri}: {e}") from None
 
 
-def load_manifest(dataset_uri: str) -> dict[str, Any]:
-    """The manifest of a prepared dataset; ``DataError`` if there is none (or it is not valid JSON)."""
-    data = _read_manifest_bytes(dataset_uri)
-    try:
-        m = json.loads(data)
-    except ValueError as e:
-        raise DataError(f"{manifest_uri(dataset_uri)}: not valid JSON ({e})") from None
-    check_manifest(m, manifest_uri(dataset_uri))
-    return m
+def load_manifest(dataset_uri: str) -> Manifest:
+    """The manifest of a prepared dataset (:meth:`Manifest.load`)."""
+    return Manifest.load(dataset_uri)
 
 
 def manifest_sha256(dataset_uri: str) -> str:
@@ -66,39 +203,22 @@ def manifest_sha256(dataset_uri: str) -> str:
     return hashlib.sha256(_read_manifest_bytes(dataset_uri)).hexdigest()
 
 
-_REQUIRED = ("schema_version", "version", "channels", "step_features", "user_features", "normalization",
-             "reward_norm", "penalty", "splits")
-
-
-def check_manifest(m: Any, where: str) -> None:
-    if not isinstance(m, dict):
-        raise DataError(f"{where}: a manifest must be a JSON object")
-    missing = [k for k in _REQUIRED if k not in m]
-    if missing:
-        raise DataError(f"{where}: manifest lacks {', '.join(missing)}")
-    if int(m["schema_version"]) > SCHEMA_VERSION:
-        raise DataError(f"{where}: manifest schema_version {m['schema_version']} is newer than this mtorl ({SCHEMA_VERSION})")
-
-
-def resolve_manifest_from(uri: str) -> dict[str, Any]:
+def resolve_manifest_from(uri: str) -> Manifest:
     """A manifest from a dataset URI (``manifest.json``) or a checkpoint directory (``meta.json['manifest']``)."""
-    if _io.exists(manifest_uri(uri)):
+    if storage.exists(manifest_uri(uri)):
         return load_manifest(uri)
-    meta_uri = _io.join(uri, "meta.json")
-    if _io.exists(meta_uri):
-        meta = _io.read_json(meta_uri)
+    meta_uri = storage.join(uri, "meta.json")
+    if storage.exists(meta_uri):
+        meta = storage.read_json(meta_uri)
         if not isinstance(meta, dict) or "manifest" not in meta:
             raise DataError(f"{meta_uri}: no 'manifest' key: not an mtorl checkpoint")
-        check_manifest(meta["manifest"], meta_uri)
-        return meta["manifest"]
+        return Manifest.parse(meta["manifest"], meta_uri)
     raise DataError(f"manifest_from {uri}: neither a prepared dataset (manifest.json) nor a checkpoint (meta.json)")
 
 
-def shard_uris(dataset_uri: str, manifest: dict[str, Any], split: str) -> list[str]:
+def shard_uris(dataset_uri: str, manifest: Manifest, split: str) -> list[str]:
     """URIs of the shards of one split listed in the manifest (never a directory listing)."""
-    if split not in manifest["splits"]:
-        raise DataError(f"{dataset_uri}: no split {split!r} (have {', '.join(manifest['splits'])})")
-    return [_io.join(dataset_uri, s["path"]) for s in manifest["splits"][split]["shards"]]
+    return manifest.shard_uris(dataset_uri, split)
 
 
 # ------------------------------------------------------------------ reading shards: checked, patient

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from mtorl.data import _io
+from mtorl import storage
 from mtorl.data.errors import DataError
-from mtorl.data.manifest import JOURNEY_SCHEMA, load_manifest, manifest_sha256, parse_shard, read_shard_bytes, shard_uris
+from mtorl.data.manifest import JOURNEY_SCHEMA, Manifest, load_manifest, manifest_sha256, parse_shard, read_shard_bytes, shard_uris
 from mtorl.data.windows import Journey, journeys_from_table, make_windows
 from mtorl.spec.models import WindowSpec
 
@@ -33,21 +33,21 @@ def verify_shards_enabled() -> bool:
     return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def read_split(dataset_uri: str, split: str, manifest: dict[str, Any] | None = None, **read_kwargs: Any) -> ray.data.Dataset:
+def read_split(dataset_uri: str, split: str, manifest: Manifest | None = None, **read_kwargs: Any) -> ray.data.Dataset:
     """One split's journeys (one row per journey, the prepared schema) as a Ray Dataset. Every shard's
     bytes are checked against the manifest's sha256 as they are read (see :func:`verify_shards_enabled`)."""
     m = manifest if manifest is not None else load_manifest(dataset_uri)
     uris = shard_uris(dataset_uri, m, split)
     if not uris:
         return ray.data.from_arrow(JOURNEY_SCHEMA.empty_table())
-    fs, _ = _io.resolve(dataset_uri)
-    paths = [_io.resolve(u)[1] for u in uris]
+    fs, _ = storage.resolve(dataset_uri)
+    paths = [storage.resolve(u)[1] for u in uris]
     missing = [u for u, info in zip(uris, fs.get_file_info(paths)) if info.type == pafs.FileType.NotFound]
     if missing:
         raise DataError(f"{missing[0]}: shard listed in the manifest is missing "
                         f"({len(missing)} of the {split} split's {len(uris)} shards missing; re-run prepare)")
     if verify_shards_enabled():
-        shas = [str(sh.get("sha256") or "") for sh in m["splits"][split]["shards"]]
+        shas = [sh.sha256 for sh in m.splits[split].shards]
         return _read_verified(fs, uris, paths, shas, **read_kwargs)
     ctx = ray.data.DataContext.get_current()
     prev = ctx.use_datasource_v2
@@ -82,13 +82,13 @@ def _read_verified(fs: Any, uris: list[str], paths: list[str], shas: list[str], 
     return ds.map_batches(load, batch_format="pyarrow", batch_size=1, **kw)
 
 
-def window_dataset(dataset_uri: str, split: str, window: WindowSpec, manifest: dict[str, Any] | None = None,
+def window_dataset(dataset_uri: str, split: str, window: WindowSpec, manifest: Manifest | None = None,
                    **read_kwargs: Any) -> ray.data.Dataset:
     """Windows of one split: one row per window, columns = the window table (numpy tensor columns, so
     ``iter_batches(batch_format="numpy")`` yields ``state`` (B, L, D), ``channel`` (B, L), ...)."""
     m = manifest if manifest is not None else load_manifest(dataset_uri)
     L, S = int(window.length), int(window.stride or window.length)
-    D = len(m["step_features"]) + len(m["user_features"])
+    D = m.state_dim
 
     def to_windows(batch: pa.Table) -> dict[str, np.ndarray]:
         return make_windows(journeys_from_table(batch, m), L, S, state_dim=D)
@@ -97,7 +97,7 @@ def window_dataset(dataset_uri: str, split: str, window: WindowSpec, manifest: d
         to_windows, batch_format="pyarrow", batch_size=JOURNEYS_PER_BATCH)
 
 
-def iter_journeys(dataset_uri: str, split: str, manifest: dict[str, Any] | None = None) -> Iterator[Journey]:
+def iter_journeys(dataset_uri: str, split: str, manifest: Manifest | None = None) -> Iterator[Journey]:
     """Full journeys of one split, streamed (evaluation)."""
     m = manifest if manifest is not None else load_manifest(dataset_uri)
     for batch in read_split(dataset_uri, split, m).iter_batches(batch_format="pyarrow", batch_size=JOURNEYS_PER_BATCH):

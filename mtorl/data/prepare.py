@@ -35,12 +35,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import mtorl
-from mtorl.data import _io
+from mtorl import storage
 from mtorl.data.converters import Chunk, Converter, Plan, hash_partition, make_converter
 from mtorl.data.errors import DataError
 from mtorl.data.manifest import (
-    JOURNEY_SCHEMA, MANIFEST_FILE, SCHEMA_VERSION, SPLITS, new_version, resolve_manifest_from,
+    JOURNEY_SCHEMA, MANIFEST_FILE, SCHEMA_VERSION, SPLITS, Manifest, new_version, resolve_manifest_from,
 )
+from mtorl.data.shards import UserPacker
 from mtorl.data.windows import Journey, journeys_from_table
 from mtorl.spec.models import JourneysFormat, PrepareSpec
 
@@ -54,7 +55,7 @@ Progress = Callable[[str], Any]
 
 # ----------------------------------------------------------------------------- public API
 
-def prepare(spec: PrepareSpec, progress: Progress = print) -> dict[str, Any]:
+def prepare(spec: PrepareSpec, progress: Progress = print) -> Manifest:
     """Prepare ``spec.input`` into the dataset at ``spec.output``; returns the committed manifest."""
     manifest, _ = prepare_with_manifest(spec, progress=progress, keep_journeys=False)
     return manifest
@@ -62,12 +63,12 @@ def prepare(spec: PrepareSpec, progress: Progress = print) -> dict[str, Any]:
 
 def prepare_with_manifest(
     spec: PrepareSpec,
-    manifest: dict[str, Any] | None = None,
+    manifest: Manifest | None = None,
     *,
     progress: Progress = print,
     write: bool = True,
     keep_journeys: bool = True,
-) -> tuple[dict[str, Any], list[Journey]]:
+) -> tuple[Manifest, list[Journey]]:
     """Prepare with an existing manifest (``manifest``, else ``spec.manifest_from``, else fit a new one).
 
     With ``write=False`` nothing is written and all users are kept together (no split): the returned
@@ -88,7 +89,7 @@ def _with_simulation_mapping(spec: PrepareSpec, progress: Progress) -> PrepareSp
         return spec
     from mtorl.sim.generate import SIDECAR, journeys_format
 
-    if not _io.exists(_io.join(spec.input, SIDECAR)):
+    if not storage.exists(storage.join(spec.input, SIDECAR)):
         return spec
     progress(f"{spec.input}: simulated logs; journeys mapping from its {SIDECAR}")
     return spec.model_copy(update={"journeys": JourneysFormat(**journeys_format(spec.input))})
@@ -97,7 +98,7 @@ def _with_simulation_mapping(spec: PrepareSpec, progress: Progress) -> PrepareSp
 def load_journeys(
     source: str,
     input: str,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     *,
     gain: str | None = None,
     journeys: JourneysFormat | None = None,
@@ -107,9 +108,9 @@ def load_journeys(
 ) -> list[Journey]:
     """Raw logs -> in-memory Journeys with the vocabulary/normalisation/reward range of ``manifest``
     (evaluation of held-back logs). Nothing is written; bad rows raise or are skipped (counted)."""
-    fmt = journeys or (JourneysFormat(**manifest["journeys_format"]) if manifest.get("journeys_format") else JourneysFormat())
-    spec = PrepareSpec(source=source, input=input, output="-", gain=gain or manifest.get("gain"), on_bad_rows=on_bad_rows,
-                       min_steps=min_steps, journeys=fmt, top_k_channels=max(2, len(manifest["channels"])))
+    fmt = journeys or (JourneysFormat(**manifest.journeys_format) if manifest.journeys_format else JourneysFormat())
+    spec = PrepareSpec(source=source, input=input, output="-", gain=gain or manifest.gain, on_bad_rows=on_bad_rows,
+                       min_steps=min_steps, journeys=fmt, top_k_channels=max(2, manifest.n_channels))
     _, out = prepare_with_manifest(spec, manifest, progress=progress or (lambda _m: None), write=False)
     return out
 
@@ -173,7 +174,7 @@ class _Quarantine:
         name = f"quarantine/part-{len(self.files):05d}.parquet"
         buf = io.BytesIO()
         pq.write_table(t, buf)
-        _io.write_bytes(_io.join(self.base, name), buf.getvalue())
+        storage.write_bytes(storage.join(self.base, name), buf.getvalue())
         self.files.append(name)
         self.pending, self.pending_rows = [], 0
 
@@ -182,54 +183,37 @@ class _ShardWriter:
     """Journey rows of one split -> Parquet shards of at most ``max_steps`` steps (a longer journey alone)."""
 
     def __init__(self, dataset_uri: str, version: str, split: str, max_steps: int) -> None:
-        self.uri, self.version, self.split, self.max_steps = dataset_uri, version, split, max_steps
-        self.pending: list[pa.Table] = []
-        self.pending_steps = 0
+        self.uri, self.version, self.split = dataset_uri, version, split
+        self.packer = UserPacker(max_steps, self._write)
         self.shards: list[dict[str, Any]] = []
         self.users = 0
         self.steps = 0
 
     def add(self, table: pa.Table) -> None:
-        lengths = table.column("length").to_numpy().astype(np.int64)
-        i, n = 0, len(lengths)
-        while i < n:
-            cum = np.cumsum(lengths[i:])
-            k = int(np.searchsorted(cum, self.max_steps - self.pending_steps, side="right"))
-            if k == 0:
-                if self.pending_steps:
-                    self.flush()
-                    continue
-                k = 1
-            self.pending.append(table.slice(i, k))
-            self.pending_steps += int(cum[k - 1])
-            i += k
-            if self.pending_steps >= self.max_steps:
-                self.flush()
+        self.packer.add(table.column("length").to_numpy().astype(np.int64), table.slice)
 
     def flush(self) -> None:
-        if not self.pending:
-            return
-        t = pa.concat_tables(self.pending)
+        self.packer.flush()
+
+    def _write(self, t: pa.Table, users: int, steps: int) -> None:
         rel = f"{self.version}/{self.split}/part-{len(self.shards):05d}.parquet"
         buf = io.BytesIO()
         pq.write_table(t, buf, compression="zstd")
         data = buf.getvalue()
-        _io.write_bytes(_io.join(self.uri, rel), data)
-        users, steps = t.num_rows, int(pc.sum(t.column("length")).as_py() or 0)
+        storage.write_bytes(storage.join(self.uri, rel), data)
         self.shards.append({"path": rel, "users": users, "steps": steps, "sha256": hashlib.sha256(data).hexdigest()})
         self.users += users
         self.steps += steps
-        self.pending, self.pending_steps = [], 0
 
 
 # ----------------------------------------------------------------------------- the run
 
 class _Run:
-    def __init__(self, spec: PrepareSpec, base: dict[str, Any] | None, progress: Progress, write: bool, keep: bool) -> None:
+    def __init__(self, spec: PrepareSpec, base: Manifest | None, progress: Progress, write: bool, keep: bool) -> None:
         self.spec, self.base, self.progress, self.write, self.keep = spec, base, progress, write, keep
         self.conv: Converter = make_converter(spec)
         self.version = new_version()
-        self.vuri = _io.join(spec.output, self.version) if write else None
+        self.vuri = storage.join(spec.output, self.version) if write else None
         self.rows_read = 0
         self.dropped: Counter[str] = Counter()
         self.users_read = 0
@@ -333,8 +317,8 @@ class _Run:
     # -- 2. vocabulary
     def _vocab(self, plan: Plan) -> None:
         if self.base is not None:
-            self.channels = list(self.base["channels"])
-            self.categorical = {k: list(v) for k, v in (self.base.get("categorical") or {}).items()}
+            self.channels = list(self.base.channels)
+            self.categorical = {k: list(v) for k, v in self.base.categorical.items()}
         else:
             self.channels = self.conv.channels(dict(self.all_counts), dict(self.train_counts))
             self.categorical = {c: sorted(self.train_cats[i]) for i, c in enumerate(plan.categorical)}
@@ -346,9 +330,10 @@ class _Run:
         self.step_features = plan.step_feature_names() + [f"{c}={v}" for c in plan.categorical for v in self.categorical[c]]
         self.user_features = list(plan.user_numeric)
         if self.base is not None:
-            for key, mine in (("step_features", self.step_features), ("user_features", self.user_features)):
-                if list(self.base[key]) != mine:
-                    raise DataError(f"{self.spec.input}: {key} {mine} differ from the manifest's {self.base[key]}")
+            for key, theirs, mine in (("step_features", self.base.step_features, self.step_features),
+                                      ("user_features", self.base.user_features, self.user_features)):
+                if list(theirs) != mine:
+                    raise DataError(f"{self.spec.input}: {key} {mine} differ from the manifest's {theirs}")
 
     # -- 3. group + write
     def _group(self, plan: Plan, parts: list[str]) -> None:
@@ -359,7 +344,7 @@ class _Run:
         dq, df = len(self.step_features), len(self.user_features)
         self.mom_q, self.mom_u = _Moments(dq), _Moments(df)
         self.rmin, self.rmax, self.binary, self.train_steps = math.inf, -math.inf, True, 0
-        penalty = float(self.base["penalty"]) if self.base is not None else float(spec.penalty)
+        penalty = float(self.base.penalty) if self.base is not None else float(spec.penalty)
         vocab = pa.array(self.channels, type=pa.string())
         done_rows = 0
         for n_done, path in enumerate(parts):
@@ -469,11 +454,13 @@ class _Run:
         self.quarantine.add(pa.table(cols))
 
     # -- 4. commit
-    def _manifest(self, plan: Plan) -> dict[str, Any]:
+    def _manifest(self, plan: Plan) -> Manifest:
         spec, base = self.spec, self.base
+        norm: Any
+        rnorm: Any
         if base is not None:
-            norm, rnorm = base["normalization"], base["reward_norm"]
-            binary, penalty = bool(base.get("gain_binary", self.binary)), float(base["penalty"])
+            norm, rnorm = base.normalization, base.reward_norm
+            binary, penalty = base.gain_binary, float(base.penalty)
         else:
             if self.train_steps == 0:
                 raise DataError(f"{spec.input}: no training journeys after cleaning (users {self.users_read}, "
@@ -514,13 +501,13 @@ class _Run:
         }
         if spec.source == "journeys":
             m["journeys_format"] = spec.journeys.model_dump()
-        return m
+        return Manifest.model_validate(m)
 
     def _say(self, msg: str) -> None:
         dt = max(time.time() - self.t0, 1e-9)
         self.progress(f"[prepare] {msg} ({self.rows_read / dt:,.0f} rows/s, {dt:.1f}s)")
 
-    def execute(self) -> tuple[dict[str, Any], list[Journey]]:
+    def execute(self) -> tuple[Manifest, list[Journey]]:
         """Run the prepare; on any failure the uncommitted version folder is removed (a killed one is
         left for ``mtorl datasets gc``), and spill folders of killed prepares are swept first."""
         from mtorl.data.gc import SPILL_PREFIX, remove_stale_spill_dirs
@@ -538,7 +525,7 @@ class _Run:
                     pass
             raise
 
-    def _execute(self, spill_prefix: str) -> tuple[dict[str, Any], list[Journey]]:
+    def _execute(self, spill_prefix: str) -> tuple[Manifest, list[Journey]]:
         self.rows_written = 0
         with tempfile.TemporaryDirectory(prefix=spill_prefix, dir=self.spec.spill_dir) as tmp:
             plan, parts = self._spill(tmp)
@@ -553,11 +540,12 @@ class _Run:
                                f"dropped {dict(self.dropped)} (sum {accounted})")
         m = self._manifest(plan)
         if self.write:
-            _io.write_json(_io.join(self.spec.output, self.version, MANIFEST_FILE), m)  # the version's commit marker
-            _io.write_json(_io.join(self.spec.output, MANIFEST_FILE), m)  # last: the commit
-            sp = m["splits"]
+            body = m.dump()
+            storage.write_json(storage.join(self.spec.output, self.version, MANIFEST_FILE), body)  # the version's commit marker
+            storage.write_json(storage.join(self.spec.output, MANIFEST_FILE), body)  # last: the commit
+            sp = m.splits
             self._say(f"committed {self.spec.output} version {self.version}: {self.rows_written:,} steps, users "
-                      f"train/val/test {sp['train']['users']}/{sp['val']['users']}/{sp['test']['users']}, dropped {m['rows_dropped']}")
+                      f"train/val/test {sp['train'].users}/{sp['val'].users}/{sp['test'].users}, dropped {m.rows_dropped}")
         journeys: list[Journey] = []
         if self.keep:
             for t in self.kept:

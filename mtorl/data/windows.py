@@ -20,36 +20,45 @@ Padding is on the right: -1 for channels, 0 for floats (propensity included), Fa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from mtorl.data.manifest import Manifest
 
 WINDOW_KEYS = ("state", "prev_channel", "prev_reward", "channel", "reward", "gain", "cost", "propensity", "done", "mask")
 
 
-def compute_reward(gain: np.ndarray, cost: np.ndarray, manifest: Mapping[str, Any]) -> np.ndarray:
+def compute_reward(gain: np.ndarray, cost: np.ndarray, manifest: Manifest) -> np.ndarray:
     """r = clip((g - s*w - min) / (max - min), 0, 1), s = manifest penalty, min/max fitted on train.
 
     gain, cost: (...,) -> reward (...,) float32. A degenerate range (max == min) counts as 1.
     """
-    s = float(manifest["penalty"])
-    lo, hi = float(manifest["reward_norm"]["min"]), float(manifest["reward_norm"]["max"])
+    s = float(manifest.penalty)
+    lo, hi = float(manifest.reward_norm.min), float(manifest.reward_norm.max)
     span = hi - lo if hi > lo else 1.0
     raw = np.asarray(gain, dtype=np.float64) - s * np.asarray(cost, dtype=np.float64)
     return np.clip((raw - lo) / span, 0.0, 1.0).astype(np.float32)
 
 
-def normalise_state(features: np.ndarray, user_features: np.ndarray, manifest: Mapping[str, Any]) -> np.ndarray:
+def normalise_state(features: np.ndarray, user_features: np.ndarray, manifest: Manifest) -> np.ndarray:
     """s_t = (concat(q_t, f) - mean) / std.  features (T, Dq), user_features (Df,) -> (T, Dq + Df) float32."""
     q = np.asarray(features, dtype=np.float64)
     f = np.asarray(user_features, dtype=np.float64).reshape(-1)
     T = q.shape[0]
     x = np.concatenate([q.reshape(T, -1), np.broadcast_to(f, (T, f.shape[0]))], axis=1)  # (T, D)
-    mean = np.asarray(manifest["normalization"]["mean"], dtype=np.float64)
-    std = np.asarray(manifest["normalization"]["std"], dtype=np.float64)
+    mean, std = _moments(manifest)
     if x.shape[1] != mean.shape[0]:
         raise ValueError(f"state has {x.shape[1]} features, the manifest normalisation {mean.shape[0]}")
     return ((x - mean) / std).astype(np.float32)
+
+
+def _moments(manifest: Manifest) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """The manifest's state normalisation: mean (D,), std (D,) float64."""
+    n = manifest.normalization
+    return np.asarray(n.mean, dtype=np.float64), np.asarray(n.std, dtype=np.float64)
 
 
 @dataclass
@@ -57,7 +66,7 @@ class Journey:
     """One user's journey in time order; T steps, D state features."""
 
     user_id: str
-    channel: np.ndarray     # (T,) int64, index into manifest["channels"]
+    channel: np.ndarray     # (T,) int64, index into manifest.channels
     gain: np.ndarray        # (T,) float32
     cost: np.ndarray        # (T,) float32
     propensity: np.ndarray  # (T,) float32, NaN when unknown
@@ -84,7 +93,7 @@ def _flat(col: Any) -> tuple[np.ndarray, np.ndarray]:
     return values, offsets
 
 
-def journeys_from_table(batch: Any, manifest: Mapping[str, Any]) -> list[Journey]:
+def journeys_from_table(batch: Any, manifest: Manifest) -> list[Journey]:
     """Journey rows (a pyarrow Table/RecordBatch or a dict of columns, schema of the prepared dataset)
     -> Journeys with rewards and normalised states (vectorised over the whole batch)."""
     get: Callable[[str], Any] = (lambda k: batch.column(k)) if hasattr(batch, "column_names") else (lambda k: batch[k])
@@ -97,13 +106,12 @@ def journeys_from_table(batch: Any, manifest: Mapping[str, Any]) -> list[Journey
     feats, _ = _flat(get("features"))
     ufeats, _ = _flat(get("user_features"))
     n_users, n_steps = len(users), int(off[-1]) if len(off) else 0
-    dq, df = len(manifest["step_features"]), len(manifest["user_features"])
+    dq, df = len(manifest.step_features), len(manifest.user_features)
     q = np.asarray(feats, dtype=np.float64).reshape(n_steps, dq)                   # (N, Dq)
     f = np.asarray(ufeats, dtype=np.float64).reshape(n_users, df)                  # (U, Df)
     lengths = np.diff(off)
     x = np.concatenate([q, np.repeat(f, lengths, axis=0)], axis=1)                 # (N, D)
-    mean = np.asarray(manifest["normalization"]["mean"], dtype=np.float64)
-    std = np.asarray(manifest["normalization"]["std"], dtype=np.float64)
+    mean, std = _moments(manifest)
     state = ((x - mean) / std).astype(np.float32)
     gain = np.asarray(gain, dtype=np.float32)
     cost = np.asarray(cost, dtype=np.float32)

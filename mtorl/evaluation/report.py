@@ -119,6 +119,20 @@ def _plt():
     return plt
 
 
+def _finish(fig: Any, ax: Any, path: str, title: str, xlabel: str | None, ylabel: str, grid: bool = True) -> None:
+    """Labels, legend (and grid) on ``ax``; ``fig`` saved to ``path`` and closed."""
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    if grid:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def _plot_budget(results: dict[str, dict], names: list[str], path: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -131,14 +145,7 @@ def _plot_budget(results: dict[str, dict], names: list[str], path: str) -> None:
         base = base if base is not None else results[n].get("base_rate")
     if base is not None:
         ax.axhline(base, color="grey", lw=1, ls=":", label="base rate")
-    ax.set_xlabel("budget (fraction of logged cost)")
-    ax.set_ylabel("reward rate of selected steps")
-    ax.set_title("Budget curve")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, path, "Budget curve", "budget (fraction of logged cost)", "reward rate of selected steps")
 
 
 def _plot_auc(results: dict[str, dict], names: list[str], path: str) -> None:
@@ -153,12 +160,7 @@ def _plot_auc(results: dict[str, dict], names: list[str], path: str) -> None:
     ax.axhline(0.5, color="grey", lw=1, ls=":")
     ax.set_xticks(x + 0.4 - width / 2, channels, rotation=45, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("one-vs-rest AUC")
-    ax.set_title("Per-channel AUC")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, path, "Per-channel AUC", None, "one-vs-rest AUC", grid=False)
 
 
 def _plot_reliability(results: dict[str, dict], names: list[str], path: str) -> None:
@@ -172,14 +174,7 @@ def _plot_reliability(results: dict[str, dict], names: list[str], path: str) -> 
         xs = [m for m, f in zip(rel["mean_pred"], rel["frac_pos"]) if m is not None and f is not None]
         ys = [f for m, f in zip(rel["mean_pred"], rel["frac_pos"]) if m is not None and f is not None]
         ax.plot(xs, ys, marker="o", ms=3, label=f"{n} (ECE {_fmt(results[n]['reward'].get('ece'))})")
-    ax.set_xlabel("mean predicted reward")
-    ax.set_ylabel("observed rate")
-    ax.set_title("Reliability (logged channel)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, path, "Reliability (logged channel)", "mean predicted reward", "observed rate")
 
 
 def plot_training_curves(history: list[dict[str, Any]], path: str) -> str | None:

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mtorl import storage
-from mtorl.data.manifest import load_manifest, shard_uris
+from mtorl.data.manifest import Manifest, load_manifest, shard_uris
 from mtorl.data.prepare import load_journeys
 from mtorl.data.windows import Journey, journeys_from_table
 from mtorl.evaluation.heuristics import HistoryPrior, heuristic_predictions
@@ -27,11 +27,12 @@ from mtorl.evaluation.html import write_html
 from mtorl.evaluation.report import evaluate_predictions, to_jsonable, write_report
 from mtorl.serving.predictor import Predictor
 from mtorl.spec import DecisionSpec, EvaluateSpec
+from mtorl.training.checkpoint import CheckpointMeta
 
 BEHAVIOUR_MAX_STEPS = 200_000  # train steps used to fit the behaviour model (a uniform subsample)
 
 
-def read_split(dataset_uri: str, split: str, manifest: dict[str, Any] | None = None) -> list[Journey]:
+def read_split(dataset_uri: str, split: str, manifest: Manifest | None = None) -> list[Journey]:
     """All journeys of a split, read shard by shard (only the manifest's shards: one version)."""
     manifest = manifest or load_manifest(dataset_uri)
     out: list[Journey] = []
@@ -75,9 +76,9 @@ def model_predictions(predictor: Predictor, journeys: Sequence[Journey], name: s
                           (p.action_probs for p in preds), (p.reward for p in preds))
 
 
-def decision_of(explicit: Any, checkpoint_meta: dict[str, Any]) -> DecisionSpec:
+def decision_of(explicit: Any, checkpoint_meta: CheckpointMeta) -> DecisionSpec:
     """The decision layer to use: the explicit spec, else the checkpoint's training spec's, else the defaults."""
-    return DecisionSpec.of_job(checkpoint_meta.get("spec"), explicit)
+    return DecisionSpec.of_job(checkpoint_meta.spec, explicit)
 
 
 def decision_label(d: Any) -> str:
@@ -106,9 +107,9 @@ def run_evaluate(spec: EvaluateSpec, progress: Any = print) -> dict[str, Any]:
     t0 = time.time()
     primary = Predictor.from_checkpoint(spec.checkpoint)
     manifest = primary.manifest
-    data_uri = spec.data or primary.meta["manifest_uri"]
+    data_uri = spec.data or primary.meta.manifest_uri
     if spec.input:
-        source = spec.source or manifest["source"]
+        source = spec.source or manifest.source
         journeys = load_journeys(source, spec.input, manifest, progress=progress)
         where = f"raw logs {spec.input} ({source}), preprocessed with the checkpoint's manifest"
     else:
@@ -161,7 +162,7 @@ def run_evaluate(spec: EvaluateSpec, progress: Any = print) -> dict[str, Any]:
     for key, p in all_preds.items():
         results[key] = evaluate_predictions(p, spec.budget_fractions, n_boot=spec.bootstrap, seed=spec.seed,
                                             behaviour_probs=behaviour_probs, decision=decision)
-    history = primary.meta.get("history") or None
+    history = primary.meta.history or None
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) if spec.output.startswith("s3://") else Path(spec.output)
         paths = write_report(str(local), results, primary=primary_key, notes=notes, history=history)

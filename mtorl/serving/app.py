@@ -200,24 +200,16 @@ class MtorlPredictor:
             "model_version": self.version,
             "checkpoint": self.predictor.uri,
             "model": self.predictor.name,
-            "mtorl_version": meta.get("mtorl_version"),
-            "epoch": meta.get("epoch"),
-            "step": meta.get("step"),
-            "spec": meta.get("spec"),
-            "metrics": meta.get("metrics", {}),
+            "mtorl_version": meta.mtorl_version,
+            "epoch": meta.epoch,
+            "step": meta.step,
+            "spec": meta.spec,
+            "metrics": meta.metrics,
             "data": {
-                "version": man.get("version"),
-                "source": man.get("source"),
-                "created_at": man.get("created_at"),
-                "channels": man.get("channels"),
-                "step_features": man.get("step_features"),
-                "user_features": man.get("user_features"),
-                "categorical": man.get("categorical", {}),
-                "gain": man.get("gain"),
-                "gain_binary": man.get("gain_binary"),
-                "cost": man.get("cost"),
-                "penalty": man.get("penalty"),
-                "splits": {s: {"users": v.get("users"), "steps": v.get("steps")} for s, v in (man.get("splits") or {}).items()},
+                **man.model_dump(mode="json", include={"version", "source", "created_at", "channels", "step_features",
+                                                       "user_features", "categorical", "gain", "gain_binary", "cost",
+                                                       "penalty"}),
+                "splits": {s: {"users": v.users, "steps": v.steps} for s, v in man.splits.items()},
             },
             "decision": self.service.decision.model_dump(),  # the decision layer recommend/allocate act by
             "serving": {k: getattr(self.args, k) for k in ("max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests",
@@ -384,7 +376,7 @@ def run_serve(job: ServeJob, address: Optional[str] = None, config_out: Optional
     for line in _examples(url, pre, args.auth_token_env):
         progress(f"  {line}")
     result = {"url": url, "docs": f"{url}/docs", "app_name": args.app_name, "checkpoint": loaded.uri,
-              "model_version": str(loaded.meta.get("sha256", {}).get("model.safetensors", ""))[:12],
+              "model_version": loaded.meta.sha256.get("model.safetensors", "")[:12],
               "serve_config": config, "config_out": config_out}
     if blocking:
         _block_until_interrupted(progress)

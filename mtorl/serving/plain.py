@@ -13,15 +13,13 @@ Nothing runs at import time.
 
 from __future__ import annotations
 
-import argparse
-import os
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from mtorl.serving.schemas import Limits, RequestError
-from mtorl.serving.service import Answer, Job, MicroBatcher, Service, is_loopback, token_digest
+from mtorl.serving.service import Answer, Job, MicroBatcher, Service
 
 
 def _error(e: RequestError) -> JSONResponse:
@@ -59,37 +57,24 @@ def build_plain_app(service: Service, max_batch_size: int = 32, batch_wait_timeo
     return app
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mtorl.serving.plain", description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8100)
-    ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
-    ap.add_argument("--max-body-bytes", type=int, default=4_000_000)
-    ap.add_argument("--auth-token-env", help="env var holding the bearer token (required off loopback)")
-    a = ap.parse_args(argv)
+def run_plain_server(checkpoint: str, host: str = "127.0.0.1", port: int = 8100, max_batch_size: int = 32,
+                     batch_wait_timeout_s: float = 0.005, max_body_bytes: int = 4_000_000,
+                     token_sha256: Optional[str] = None) -> None:
+    """Serve ``checkpoint`` until interrupted (``token_sha256``: the bearer token's digest, if any)."""
     import torch
     import uvicorn
 
     from mtorl.serving.predictor import Predictor
 
-    digest = None
-    if a.auth_token_env:
-        token = os.environ.get(a.auth_token_env)
-        if not token:
-            ap.error(f"--auth-token-env: environment variable {a.auth_token_env} is not set")
-        digest = token_digest(token)
-    elif not is_loopback(a.host):
-        ap.error(f"--host {a.host}: not a loopback address; set --auth-token-env")
     torch.set_num_threads(1)
-    service = Service(Predictor.from_checkpoint(a.checkpoint), Limits(), a.max_body_bytes, digest)
+    service = Service(Predictor.from_checkpoint(checkpoint), Limits(), max_body_bytes, token_sha256)
     service.warm_up()
-    app = build_plain_app(service, a.max_batch_size, a.batch_wait_timeout_s)
-    uvicorn.run(app, host=a.host, port=a.port, workers=1, loop="uvloop", http="httptools", access_log=False,
+    app = build_plain_app(service, max_batch_size, batch_wait_timeout_s)
+    uvicorn.run(app, host=host, port=port, workers=1, loop="uvloop", http="httptools", access_log=False,
                 log_level="warning")
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from mtorl.cli import plain_server_main
+
+    raise SystemExit(plain_server_main())

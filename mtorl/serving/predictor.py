@@ -7,7 +7,7 @@ training: the checkpoint's own manifest (vocabulary, normalisation, reward scale
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -15,7 +15,8 @@ import torch
 from mtorl.data.windows import Journey, pad_journeys
 from mtorl.models import Batch, build_model
 from mtorl.spec import ModelSpec
-from mtorl.training.checkpoint import LoadedCheckpoint, load_checkpoint
+from mtorl.data.manifest import Manifest
+from mtorl.training.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 
 
 @dataclass
@@ -39,13 +40,15 @@ class Predictor:
             torch.set_num_threads(threads)
         self.loaded = loaded
         self.meta = loaded.meta
-        self.manifest: dict[str, Any] = loaded.manifest
-        self.channels: list[str] = list(self.manifest["channels"])
-        args = self.meta["model_args"]
-        self.binary = bool(args["binary"])
-        self.model_spec = ModelSpec.model_validate(self.meta["spec"]["spec"]["model"])
+        self.manifest: Manifest = loaded.manifest
+        self.channels: list[str] = list(self.manifest.channels)
+        args = self.meta.model_args
+        if args is None:
+            raise CheckpointError(f"{loaded.uri}/meta.json: lacks model_args: not a trained model's checkpoint")
+        self.binary = args.binary
+        self.model_spec = ModelSpec.model_validate(self.meta.spec["spec"]["model"])
         self.device = torch.device(device)
-        model = build_model(self.model_spec, state_dim=int(args["state_dim"]), n_channels=int(args["n_channels"]), binary=self.binary)
+        model = build_model(self.model_spec, state_dim=args.state_dim, n_channels=args.n_channels, binary=self.binary)
         model.load_state_dict(loaded.state_dict)
         self.model = model.to(self.device).eval()
 

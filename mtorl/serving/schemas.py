@@ -1,8 +1,8 @@
 """HTTP request/response models of the Serve endpoints and request preprocessing. No Ray, no torch.
 
 A request is turned into model inputs with the checkpoint's manifest only, exactly as the data pipeline
-does for training (``mtorl.data.windows``): step features are put in ``manifest["step_features"]`` order,
-user features in ``manifest["user_features"]`` order, the state is ``normalise_state(q, f, manifest)`` and
+does for training (``mtorl.data.windows``): step features are put in ``manifest.step_features`` order,
+user features in ``manifest.user_features`` order, the state is ``normalise_state(q, f, manifest)`` and
 the reward of each logged step is ``compute_reward(gain, cost, manifest)``.
 
 Input rules (every violation is a ``RequestError`` whose ``detail`` starts with the field's path,
@@ -35,6 +35,7 @@ from typing import Annotated, Any, Iterable, Mapping, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mtorl.data.manifest import Manifest
 from mtorl.data.windows import Journey, compute_reward, normalise_state
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -198,22 +199,22 @@ class Prepared:
 class Preprocessor:
     """Requests -> model inputs, with the checkpoint's manifest as the only source of preprocessing."""
 
-    def __init__(self, manifest: Mapping[str, Any], limits: Limits = Limits()):
+    def __init__(self, manifest: Manifest, limits: Limits = Limits()):
         self.manifest = manifest
         self.limits = limits
-        self.channels: list[str] = [str(c) for c in manifest["channels"]]
+        self.channels: list[str] = list(manifest.channels)
         self.channel_index = {c: i for i, c in enumerate(self.channels)}
-        self.step_features: list[str] = [str(f) for f in manifest["step_features"]]
-        self.user_features: list[str] = [str(f) for f in manifest["user_features"]]
-        onehot = {f"{col}={v}" for col, vocab in (manifest.get("categorical") or {}).items() for v in vocab}
+        self.step_features: list[str] = list(manifest.step_features)
+        self.user_features: list[str] = list(manifest.user_features)
+        onehot = manifest.onehot_features
         self.optional_step = {f for f in self.step_features if f in onehot}
         self.default_cost = self._default_costs(manifest)  # (C,)
         self._index = {id(names): {n: i for i, n in enumerate(names)} for names in (self.step_features, self.user_features)}
         self._step_set = frozenset(self.step_features)
 
-    def _default_costs(self, manifest: Mapping[str, Any]) -> np.ndarray:
+    def _default_costs(self, manifest: Manifest) -> np.ndarray:
         c = len(self.channels)
-        rec = manifest.get("channel_cost_mean")
+        rec = manifest.channel_cost_mean
         out = np.ones(c, dtype=np.float64)
         if isinstance(rec, Mapping):
             for name, v in rec.items():

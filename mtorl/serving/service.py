@@ -84,10 +84,10 @@ class Service:
     def __init__(self, predictor: Any, limits: Limits, max_body_bytes: int, digest: Optional[str] = None):
         self.predictor = predictor
         self.pre = Preprocessor(predictor.manifest, limits)
-        self.decision = DecisionSpec.of_job(predictor.meta.get("spec"))  # the checkpoint's decision: block
+        self.decision = DecisionSpec.of_job(predictor.meta.spec)  # the checkpoint's decision: block
         self.max_body_bytes = max_body_bytes
         self.digest = digest
-        self.version = str(predictor.meta.get("sha256", {}).get("model.safetensors", ""))[:12] or "unknown"
+        self.version = predictor.meta.sha256.get("model.safetensors", "")[:12] or "unknown"
         self._head = b'{"model_version":' + _dumps(self.version) + b","
         self.stats = {"requests": 0, "users": 0, "batches": 0}
 

@@ -15,7 +15,6 @@ the logged test users against the logging policy's. Written: OUT.md and OUT.json
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -170,32 +169,18 @@ def markdown(res: dict[str, Any], command: str) -> str:
     return "\n".join(md)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m mtorl.sim.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--out", required=True, help="output path without extension (OUT.md, OUT.json)")
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.3, 0.5])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--users", type=int, default=2000)
-    ap.add_argument(
-        "--imitation-at",
-        type=float,
-        nargs="*",
-        default=[0.3],
-        help="budgets at which the same checkpoint's imitation policy gets a row too",
-    )
-    a = ap.parse_args(argv)
-    cmd = "python -m mtorl.sim.benchmark " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    res = run_benchmark(a.checkpoint, a.budgets, a.seeds, a.users, imitation_at=a.imitation_at)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(markdown(res, cmd))
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float))
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
-    return 0
+def write_benchmark(checkpoint: str, out: str, budgets: Sequence[float], seeds: Sequence[int], users: int,
+                    imitation_at: Sequence[float], command: str) -> tuple[Path, Path]:
+    """Run :func:`run_benchmark` and write ``OUT.md`` and ``OUT.json`` (``command`` heads the markdown)."""
+    res = run_benchmark(checkpoint, list(budgets), list(seeds), users, imitation_at=list(imitation_at))
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".md").write_text(markdown(res, command))
+    path.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float))
+    return path.with_suffix(".md"), path.with_suffix(".json")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from mtorl.cli import sim_benchmark_main
+
+    raise SystemExit(sim_benchmark_main())

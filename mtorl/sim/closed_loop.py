@@ -14,15 +14,15 @@ from typing import Any
 import numpy as np
 
 from mtorl import storage
+from mtorl.data.manifest import Manifest
 from mtorl.spec import EvaluateSpec, SimulateSpec
 
 
-def simulation_uri(manifest: dict[str, Any]) -> str:
+def simulation_uri(manifest: Manifest) -> str:
     """The ``mtorl simulate`` output a dataset was prepared from (ValueError when it was not)."""
     from mtorl.sim.generate import SIDECAR
 
-    src = manifest.get("input")
-    uri = src.get("uri") if isinstance(src, dict) else src
+    uri = manifest.input
     if not uri:
         raise ValueError("the checkpoint's manifest names no input: --online needs a model trained on simulated logs")
     if not storage.exists(storage.join(str(uri).rstrip("/"), SIDECAR)):
@@ -30,7 +30,7 @@ def simulation_uri(manifest: dict[str, Any]) -> str:
     return str(uri).rstrip("/")
 
 
-def simulator_for(manifest: dict[str, Any]) -> Any:
+def simulator_for(manifest: Manifest) -> Any:
     from mtorl.sim.generate import SIDECAR
     from mtorl.sim.model import Simulator
 
@@ -91,7 +91,7 @@ def checkpoint_policy(predictor: Any, sim: Any, decision: Any = None, history: s
     from mtorl.models import Batch
 
     man = predictor.manifest
-    names = list(man["step_features"]) + list(man["user_features"])
+    names = list(man.step_features) + list(man.user_features)
     from mtorl.sim.generate import user_feature_names
     from mtorl.sim.model import STEP_FEATURES
 
@@ -103,8 +103,8 @@ def checkpoint_policy(predictor: Any, sim: Any, decision: Any = None, history: s
     if history not in ("served", "all"):
         raise ValueError(f"history must be 'served' or 'all', got {history!r}")
     to_model = np.array([predictor.channels.index(c) for c in sim.spec.channels])  # sim channel -> model index
-    mean = np.asarray(man["normalization"]["mean"], dtype=np.float32)
-    std = np.asarray(man["normalization"]["std"], dtype=np.float32)
+    mean = np.asarray(man.normalization.mean, dtype=np.float32)
+    std = np.asarray(man.normalization.std, dtype=np.float32)
     costs_model = np.asarray(sim.costs, dtype=np.float64)[np.argsort(to_model)]
     prm = params_of(decision)
     rec_col = sim_cols.index("recency")
@@ -200,7 +200,7 @@ def ope_vs_truth(predictor: Any, sim: Any, spec: EvaluateSpec, decision: Any = N
     from mtorl.sim.online import ope_error, true_policy_value
 
     man = predictor.manifest
-    data_uri = spec.data or predictor.meta["manifest_uri"]
+    data_uri = spec.data or predictor.meta.manifest_uri
     journeys = read_split(data_uri, spec.split)
     want = {j.user_id: j for j in journeys}
     sim_channels = list(sim.spec.channels)

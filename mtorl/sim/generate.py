@@ -15,15 +15,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from mtorl.data.shards import UserPacker
 from mtorl.sim.model import STEP_FEATURES, Simulator
 from mtorl.spec.models import SimulateSpec
+
+if TYPE_CHECKING:
+    from mtorl.data.manifest import Manifest
 
 SIDECAR = "simulation.json"
 BLOCK_USERS = 10_000
@@ -55,40 +59,23 @@ class _ShardWriter:
     """Buffers user-contiguous tables and writes shards of at most ``max_rows`` rows, never splitting a user."""
 
     def __init__(self, fs: pafs.FileSystem, root: str, max_rows: int) -> None:
-        self.fs, self.root, self.max_rows = fs, root, max_rows
-        self.pending: list[pa.Table] = []
-        self.rows = self.users = 0
+        self.fs, self.root = fs, root
+        self.packer = UserPacker(max_rows, self._write)
         self.shards: list[dict[str, Any]] = []
 
     def add(self, table: pa.Table, lengths: np.ndarray) -> None:
-        ends = np.cumsum(lengths)
-        u0 = 0  # first user of the block not yet buffered
-        while u0 < len(lengths):
-            row0 = int(ends[u0 - 1]) if u0 else 0
-            room = self.max_rows - self.rows
-            # number of whole users that fit in the room
-            k = int(np.searchsorted(ends[u0:] - row0, room, side="right"))
-            if k == 0:
-                self.flush()
-                continue  # lengths <= max_rows, so an empty buffer always takes a user
-            row1 = int(ends[u0 + k - 1])
-            self.pending.append(table.slice(row0, row1 - row0))
-            self.rows += row1 - row0
-            self.users += k
-            u0 += k
-            if self.rows >= self.max_rows:
-                self.flush()
+        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (U + 1,) first row of each user
+        self.packer.add(lengths, lambda u, k: table.slice(int(starts[u]), int(starts[u + k] - starts[u])))
 
     def flush(self) -> None:
-        if not self.rows:
-            return
+        self.packer.flush()
+
+    def _write(self, table: pa.Table, users: int, rows: int) -> None:
         name = f"part-{len(self.shards):05d}.parquet"
-        table = pa.concat_tables(self.pending)
         # dictionary-encode only the columns that repeat (per user / per channel): much faster to write
         repeat = [c for c in table.column_names if c in ("user_id", "channel", "cost") or c.startswith("f")]
         pq.write_table(table, f"{self.root}/{name}", filesystem=self.fs, use_dictionary=repeat)
-        self.shards.append({"path": name, "users": self.users, "steps": self.rows})
-        self.pending, self.rows, self.users = [], 0, 0
+        self.shards.append({"path": name, "users": users, "steps": rows})
 
 
 def _block_table(sim: Simulator, first_user: int, st_x: np.ndarray, lengths: np.ndarray, res: dict[str, np.ndarray],
@@ -304,18 +291,18 @@ def dataset_stats(journeys: Iterable[dict[str, np.ndarray]], n_channels: int | N
     return out
 
 
-def calibrate(manifest: dict[str, Any], stats: dict[str, Any] | None = None) -> dict[str, Any]:
+def calibrate(manifest: Manifest, stats: dict[str, Any] | None = None) -> dict[str, Any]:
     """``SimulateSpec`` overrides that fit a prepared dataset: channels, shares, rates, lengths (and costs).
 
     ``manifest``: a prepared dataset's manifest (``channels``, ``splits.train.steps/users``).
     ``stats``: ``dataset_stats`` of its train split; without it only channels and the mean length are fitted.
     """
-    channels = [str(c) for c in manifest["channels"]]
+    channels = list(manifest.channels)
     C = len(channels)
-    train = manifest["splits"]["train"]
+    train = manifest.splits["train"]
     out: dict[str, Any] = {
         "channels": channels,
-        "mean_steps": max(float(train["steps"]) / max(float(train["users"]), 1.0), 2.0),
+        "mean_steps": max(float(train.steps) / max(float(train.users), 1.0), 2.0),
     }
     if stats is None:
         return out
@@ -340,16 +327,15 @@ def calibrate(manifest: dict[str, Any], stats: dict[str, Any] | None = None) -> 
     return out
 
 
-def load_dataset_stats(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_dataset_stats(uri: str) -> tuple[Manifest, dict[str, Any]]:
     """Read a prepared dataset's manifest and compute ``dataset_stats`` over its train shards."""
     from mtorl import storage
+    from mtorl.data.manifest import load_manifest
 
-    manifest = storage.read_json(storage.join(uri, "manifest.json"))
+    manifest = load_manifest(uri)
 
     def chunks() -> Iterator[dict[str, np.ndarray]]:
-        for shard in manifest["splits"]["train"]["shards"]:
-            p = shard["path"]
-            full = p if ("://" in p or p.startswith("/")) else storage.join(uri, p)
+        for full in manifest.shard_uris(uri, "train"):
             fs, path = storage.resolve(full)
             tab = pq.read_table(path, columns=["channel", "gain", "cost"], filesystem=fs)
             ch, g, c = (tab.column(k).combine_chunks() for k in ("channel", "gain", "cost"))
@@ -357,4 +343,4 @@ def load_dataset_stats(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
             yield {"channel": ch.flatten().to_numpy(), "gain": g.flatten().to_numpy(),
                    "cost": c.flatten().to_numpy(), "lengths": lengths}
 
-    return manifest, dataset_stats(chunks(), n_channels=len(manifest["channels"]))
+    return manifest, dataset_stats(chunks(), n_channels=manifest.n_channels)

@@ -255,6 +255,13 @@ class TrainSpec(_Strict):
 
 # ----------------------------------------------------------------------------- evaluate
 
+class OnlineSpec(_Strict):
+    """Closed-loop evaluation in the simulator a checkpoint's logs came from (``mtorl simulate`` outputs only)."""
+
+    users: int = Field(2000, ge=1, le=10_000_000, description="Fresh simulated users.")
+    budget: float = Field(0.3, gt=0, le=10, description="Budget as a fraction of the logging policy's unconstrained spend.")
+
+
 class EvaluateSpec(_Strict):
     checkpoint: Uri = Field(description="Checkpoint URI (a checkpoint dir, or a run dir: its best checkpoint).")
     data: Uri | None = Field(None, description="Prepared dataset URI; default: the checkpoint's own dataset.")
@@ -268,6 +275,7 @@ class EvaluateSpec(_Strict):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
     decision: DecisionSpec | None = Field(None, description="Decision layer for every row of the report; None = the checkpoint's training spec's.")
+    online: OnlineSpec | None = Field(None, description="Set: evaluate in closed loop in the simulator instead of on logs.")
 
     @field_validator("budget_fractions")
     @classmethod

@@ -18,10 +18,12 @@ import subprocess
 import sys
 import sysconfig
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
+from mtorl.localhost import free_ports
 from mtorl.storage.errors import StorageError
 from mtorl.storage.settings import DEFAULT_REGION, S3Settings, store_dir
 
@@ -160,20 +162,6 @@ def _port_free(port: int) -> bool:
 
 class PortInUseError(StorageError):
     """The S3 port asked for (or the default) is taken by another process."""
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (held together while picking, so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _choose_ports(s3_port: int, previous: dict[str, int]) -> dict[str, int]:
@@ -391,38 +379,25 @@ def env_lines(state: StoreState) -> list[str]:
     return [f"export {k}={v}" for k, v in env_vars(state).items()]
 
 
-def store_command(action: str, dir: str | None = None, port: int | None = None) -> int:
-    """``mtorl store up|status|down``: human output and the exit code: 0 ok, 1 not running (``status``), and
-    for a failure the house's convention (``mtorl.cli.main``): ``error: <one line>`` on stderr, exit 2."""
-    try:
-        if action == "up":
-            t0 = time.monotonic()
-            st = up(dir, port)
-            if st.was_running:
-                print(f"store already running at {st.endpoint} (pid {st.pid}, dir {st.dir})")
-            else:
-                print(f"store running at {st.endpoint} (pid {st.pid}, dir {st.dir}, "
-                      f"ready in {time.monotonic() - t0:.1f}s)")
-            print("# mtorl finds it through its state file; other tools need:")
-            for line in env_lines(st):
-                print(line)
-            return 0
-        if action == "status":
-            s = status(dir)
-            if s["running"]:
-                print(f"running at {s['endpoint']} (pid {s['pid']}, dir {s['dir']}, "
-                      f"{'reachable' if s['reachable'] else 'NOT reachable'})")
-                return 0 if s["reachable"] else 1
-            print(f"not running (dir {s['dir']})")
-            return 1
-        if action == "down":
-            pid = down(dir)
-            print(f"stopped (pid {pid})" if pid else f"not running (dir {store_dir(dir)})")
-            return 0
-        print(f"error: unknown store action {action!r}; one of up, status, down", file=sys.stderr)
-        return 2
-    except StorageError as e:
-        from mtorl.errors import one_line
+# Variables that would point a client elsewhere than the store (cleared while it is in use), and those set.
+_CONFLICTING_ENV = ("AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE")
+_STORE_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "MTORL_STORE_DIR")
 
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
+
+@contextmanager
+def store_environment(state: StoreState, extra: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Point this process's clients at the store of ``state`` (``AWS_*``, ``MTORL_STORE_DIR``, and ``extra``)
+    for the block; the environment is restored as it was afterwards."""
+    extra = dict(extra or {})
+    saved = {k: os.environ.get(k) for k in (*_CONFLICTING_ENV, *_STORE_ENV, *extra)}
+    for k in _CONFLICTING_ENV:
+        os.environ.pop(k, None)
+    os.environ.update({**env_vars(state), "MTORL_STORE_DIR": str(state.dir), **extra})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

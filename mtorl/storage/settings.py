@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import urlparse
 
 from mtorl.storage import credentials
@@ -90,26 +90,14 @@ def s3_settings() -> S3Settings:
     env = os.environ
     endpoint = _check_endpoint(env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None)
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    sources: list[tuple[Mapping[str, str], str]] = []
     if env.get(credentials.FILE_ENV):
-        keys = credentials.read_file()
+        sources.append((credentials.read_file(), f"file:{env[credentials.FILE_ENV]}"))
+    sources.append((env, "env"))
+    for keys, source in sources:
         if keys.get("AWS_ACCESS_KEY_ID") and keys.get("AWS_SECRET_ACCESS_KEY"):
-            return S3Settings(
-                endpoint,
-                keys["AWS_ACCESS_KEY_ID"],
-                keys["AWS_SECRET_ACCESS_KEY"],
-                region or DEFAULT_REGION,
-                keys.get("AWS_SESSION_TOKEN") or None,
-                f"file:{env[credentials.FILE_ENV]}",
-            )
-    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
-        return S3Settings(
-            endpoint,
-            env["AWS_ACCESS_KEY_ID"],
-            env["AWS_SECRET_ACCESS_KEY"],
-            region or DEFAULT_REGION,
-            env.get("AWS_SESSION_TOKEN") or None,
-            "env",
-        )
+            return S3Settings(endpoint, keys["AWS_ACCESS_KEY_ID"], keys["AWS_SECRET_ACCESS_KEY"],
+                              region or DEFAULT_REGION, keys.get("AWS_SESSION_TOKEN") or None, source)
     state_path = store_dir() / "state.json"
     state = _read_state(state_path)
     if state and state.get("access_key") and state.get("secret_key"):

@@ -18,15 +18,17 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import mtorl
 from mtorl import storage
-from mtorl.errors import MtorlError
+from mtorl.data.manifest import Manifest
+from mtorl.errors import MtorlError, validation_line
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.pt"
@@ -40,6 +42,53 @@ class CheckpointError(MtorlError):
     """A checkpoint that can't be used: names the URI and the reason."""
 
 
+class ModelArgs(BaseModel):
+    """What rebuilds the network besides the model spec: the sizes the data fixed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    state_dim: int
+    n_channels: int
+    binary: bool
+
+
+class CheckpointMeta(BaseModel):
+    """``meta.json`` of a checkpoint, typed. Unknown keys are kept (``extra="allow"``, as for the
+    manifest): a newer mtorl of the same minor version may add informational keys; none is read."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    spec: dict[str, Any] = Field(description="The job document the run was started with ({kind, spec}).")
+    manifest: Manifest
+    sha256: dict[str, str] = Field(description="sha256 of every weights file, by file name.")
+    mtorl_version: str
+    model_args: ModelArgs | None = None
+    manifest_uri: str | None = None
+    manifest_sha256: str | None = None
+    epoch: int = 0
+    step: int = 0
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    history: list[dict[str, Any]] = Field(default_factory=list)
+
+    @classmethod
+    def parse(cls, obj: Any, where: str) -> CheckpointMeta:
+        """Parsed meta.json checked for its keys and types; one ``CheckpointError`` line naming ``where``."""
+        missing = [k for k in META_REQUIRED if not isinstance(obj, dict) or k not in obj]
+        if missing:
+            raise CheckpointError(f"{where}: lacks {', '.join(missing)}: not an mtorl checkpoint")
+        try:
+            return cls.model_validate(obj)
+        except ValidationError as e:
+            raise CheckpointError(f"{where}: {validation_line(e)}") from None
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def metric(self, name: str) -> float | None:
+        v = self.metrics.get(name)
+        return None if v is None else float(v)
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -48,9 +97,10 @@ def write_checkpoint_dir(
     directory: str | Path,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
-    meta: dict[str, Any],
+    meta: Mapping[str, Any],
 ) -> Path:
-    """Write a checkpoint into a local directory (Ray Train then uploads it)."""
+    """Write a checkpoint into a local directory (Ray Train then uploads it). ``meta``: the fields of
+    :class:`CheckpointMeta` but ``mtorl_version`` and ``sha256``, which are filled in here."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -61,8 +111,9 @@ def write_checkpoint_dir(
         blobs[OPTIM_FILE] = buf.getvalue()
     for name, data in blobs.items():
         (d / name).write_bytes(data)
-    meta = dict(meta, mtorl_version=mtorl.__version__, sha256={n: _sha256(b) for n, b in blobs.items()})
-    meta_bytes = json.dumps(meta, indent=1, default=str).encode()
+    full = CheckpointMeta.model_validate(
+        {**meta, "mtorl_version": mtorl.__version__, "sha256": {n: _sha256(b) for n, b in blobs.items()}})
+    meta_bytes = json.dumps(full.dump(), indent=1, default=str).encode()
     (d / META_FILE).write_bytes(meta_bytes)
     write_checksums(d, {**blobs, META_FILE: meta_bytes})  # written last
     return d
@@ -87,7 +138,7 @@ def write_checksums(directory: Path, blobs: dict[str, bytes]) -> None:
     (Path(directory) / CHECKSUM_FILE).write_text(json.dumps(body, indent=1))
 
 
-def verify_meta(uri: str, meta_bytes: bytes) -> dict[str, Any]:
+def verify_meta(uri: str, meta_bytes: bytes) -> CheckpointMeta:
     """meta.json's bytes checked against ``checksums.json``, parsed and checked for its keys; one line on failure."""
     try:
         sums = json.loads(storage.read_bytes(storage.join(uri, CHECKSUM_FILE)))
@@ -105,13 +156,11 @@ def verify_meta(uri: str, meta_bytes: bytes) -> dict[str, Any]:
         meta = json.loads(meta_bytes)
     except ValueError as e:
         raise CheckpointError(f"{uri}/{META_FILE}: not valid JSON ({e})") from None
-    missing = [k for k in META_REQUIRED if not isinstance(meta, dict) or k not in meta]
-    if missing:
-        raise CheckpointError(f"{uri}/{META_FILE}: lacks {', '.join(missing)}: not an mtorl checkpoint")
-    for name, digest in (meta.get("sha256") or {}).items():
+    parsed = CheckpointMeta.parse(meta, f"{uri}/{META_FILE}")
+    for name, digest in parsed.sha256.items():
         if sums["files"].get(name) != digest:
             raise CheckpointError(f"{uri}/{META_FILE}: sha256 of {name} disagrees with {CHECKSUM_FILE} (file altered)")
-    return dict(meta)
+    return parsed
 
 
 def check_weights(uri: str, state: dict[str, torch.Tensor]) -> None:
@@ -133,16 +182,16 @@ def load_optimizer_state(uri: str, data: bytes) -> dict[str, Any]:
 class LoadedCheckpoint:
     uri: str
     state_dict: dict[str, torch.Tensor]
-    meta: dict[str, Any]
+    meta: CheckpointMeta
     optimizer_state: dict[str, Any] | None = None
 
     @property
-    def manifest(self) -> dict[str, Any]:
-        return self.meta["manifest"]
+    def manifest(self) -> Manifest:
+        return self.meta.manifest
 
     @property
     def spec(self) -> dict[str, Any]:
-        return self.meta["spec"]
+        return self.meta.spec
 
 
 def resolve_checkpoint_uri(uri: str) -> str:
@@ -193,14 +242,14 @@ def load_checkpoint(uri: str, with_optimizer: bool = False) -> LoadedCheckpoint:
     except storage.StorageError as e:
         raise CheckpointError(f"{uri}: unreadable {META_FILE}: {e}") from None
     meta = verify_meta(uri, meta_bytes)
-    version = str(meta.get("mtorl_version", "?"))
+    version = meta.mtorl_version
     if not _compatible(version):
         raise CheckpointError(f"{uri}: written by mtorl {version}, this is {mtorl.__version__} (incompatible)")
-    names = [MODEL_FILE] + ([OPTIM_FILE] if with_optimizer and OPTIM_FILE in meta.get("sha256", {}) else [])
+    names = [MODEL_FILE] + ([OPTIM_FILE] if with_optimizer and OPTIM_FILE in meta.sha256 else [])
     blobs: dict[str, bytes] = {}
     for name in names:
         data = storage.read_bytes(storage.join(uri, name))
-        want = meta.get("sha256", {}).get(name)
+        want = meta.sha256.get(name)
         if want is None or _sha256(data) != want:
             raise CheckpointError(f"{uri}/{name}: checksum mismatch (file altered or truncated)")
         blobs[name] = data
@@ -226,16 +275,17 @@ def load_local_dir(directory: str | Path, with_optimizer: bool = True) -> Loaded
 LOCAL_PREFIX = "checkpoint_epoch_"
 
 
-def list_run_checkpoints(run_uri: str) -> list[tuple[str, dict[str, Any]]]:
-    """(checkpoint URI, meta) of the run's in-process checkpoints, oldest first."""
+def list_run_checkpoints(run_uri: str) -> list[tuple[str, CheckpointMeta]]:
+    """(checkpoint URI, meta) of the run's in-process checkpoints, oldest first (meta.json read as is:
+    :func:`load_checkpoint` verifies the one that is loaded)."""
     if not storage.exists(run_uri):
         return []
     out = []
     for f in storage.list_files(run_uri):
         parent, name = f.rsplit("/", 1)
         if name == META_FILE and parent.rsplit("/", 1)[-1].startswith(LOCAL_PREFIX):
-            out.append((parent, json.loads(storage.read_bytes(f))))
-    return sorted(out, key=lambda x: int(x[1]["epoch"]))
+            out.append((parent, CheckpointMeta.parse(json.loads(storage.read_bytes(f)), f)))
+    return sorted(out, key=lambda x: x[1].epoch)
 
 
 def persist_local(tmp_dir: str | Path, run_uri: str, epoch: int, keep: int, metric: str, mode: str) -> str:
@@ -251,14 +301,14 @@ def persist_local(tmp_dir: str | Path, run_uri: str, epoch: int, keep: int, metr
     return uri
 
 
-def _score(meta: dict[str, Any], metric: str, mode: str) -> float:
-    v = meta.get("metrics", {}).get(metric)
+def _score(meta: CheckpointMeta, metric: str, mode: str) -> float:
+    v = meta.metric(metric)
     if v is None:
         return float("inf")
-    return float(v) if mode == "min" else -float(v)
+    return v if mode == "min" else -v
 
 
-def best_run_checkpoint(run_uri: str, metric: str, mode: str) -> tuple[str, dict[str, Any]] | None:
+def best_run_checkpoint(run_uri: str, metric: str, mode: str) -> tuple[str, CheckpointMeta] | None:
     cks = list_run_checkpoints(run_uri)
     return min(cks, key=lambda x: _score(x[1], metric, mode)) if cks else None
 

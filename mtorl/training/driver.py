@@ -14,6 +14,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from mtorl import storage
+from mtorl.data.manifest import Manifest
 from mtorl.data.pipeline import load_manifest, manifest_sha256, window_dataset
 from mtorl.spec import TrainJob, job_to_dict
 from mtorl.training.checkpoint import (BEST_FILE, best_run_checkpoint, list_run_checkpoints,
@@ -80,7 +81,7 @@ def node_memory_bytes() -> float:
 
 def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: str | None = None,
                   storage_path_override: tuple[str, Any] | None = None,
-                  progress: Any = print, epoch_feed: Any = None) -> tuple[TorchTrainer, dict[str, Any]]:
+                  progress: Any = print, epoch_feed: Any = None) -> tuple[TorchTrainer, Manifest]:
     spec = job.spec
     manifest = load_manifest(spec.data)
     t = spec.trainer
@@ -88,10 +89,9 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: s
     cached: dict[str, list[list[Any]]] = {}
     max_cached = t.cache_windows_max_steps
     if max_cached is None:
-        max_cached = auto_cache_max_steps(len(manifest["step_features"]) + len(manifest["user_features"]),
-                                          node_memory_bytes())
+        max_cached = auto_cache_max_steps(manifest.state_dim, node_memory_bytes())
     for split in ("train", "val"):
-        steps = int(manifest["splits"][split]["steps"])
+        steps = manifest.split(spec.data, split).steps
         if steps <= max_cached:
             # Small split: windowed once into Ray's object store and split here into one equal part per
             # worker; each worker fetches its part's blocks (a local, zero-copy read on its node) and keeps
@@ -117,7 +117,7 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: s
     env.setdefault("WANDB_MODE", spec.tracking.wandb)
     trainer = TorchTrainer(
         _loop,
-        train_loop_config={"job": job_to_dict(job), "manifest": manifest, "manifest_sha256": manifest_sha256(spec.data),
+        train_loop_config={"job": job_to_dict(job), "manifest": manifest.dump(), "manifest_sha256": manifest_sha256(spec.data),
                            "cached_parts": cached, "epoch_feed": epoch_feed,
                            "local_run_uri": to_uri(spec.output, f"{storage_path.rstrip('/')}/{run_name or job.metadata.name}")
                            if t.workers == 0 else None},
@@ -184,7 +184,7 @@ def finish_run(job: TrainJob, result: Any, uri: str) -> tuple[str, dict[str, Any
             raise RuntimeError("training produced no checkpoint")
         best_uri, meta = found
         latest_uri, latest_meta = list_run_checkpoints(uri)[-1]
-        metrics, latest, final = meta["metrics"], latest_uri, latest_meta["metrics"]
+        metrics, latest, final = meta.metrics, latest_uri, latest_meta.metrics
     else:
         ck, metrics = best_of(result, spec.trainer.metric, spec.trainer.mode)
         best_uri = to_uri(spec.output, ck.path)

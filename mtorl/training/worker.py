@@ -13,6 +13,7 @@ import ray.train
 import ray.train.torch
 
 from mtorl import faults
+from mtorl.data.manifest import Manifest
 from mtorl.models import build_model
 from mtorl.spec import validate_doc
 from mtorl.training import checkpoint as ckpt
@@ -92,18 +93,17 @@ def _announce_epoch(config: dict[str, Any], epoch: int, epochs: int, eta: float,
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Per-worker loop. ``config``: {"job": TrainJob dict, "manifest": dict, "manifest_sha256": str}."""
+    """Per-worker loop. ``config``: {"job": TrainJob dict, "manifest": Manifest.dump(), "manifest_sha256": str}."""
     job = validate_doc(config["job"], "<train_loop_config>")
     spec = job.spec
-    manifest = config["manifest"]
+    manifest = Manifest.model_validate(config["manifest"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if spec.trainer.use_gpu else torch.device("cpu")
 
     torch.manual_seed(spec.trainer.seed)  # identical init on every rank (DDP also broadcasts)
-    binary = bool(manifest.get("gain_binary", True)) if spec.objective.reward_loss == "auto" else spec.objective.reward_loss == "bce"
-    state_dim = len(manifest["step_features"]) + len(manifest["user_features"])
-    n_channels = len(manifest["channels"])
+    binary = manifest.gain_binary if spec.objective.reward_loss == "auto" else spec.objective.reward_loss == "bce"
+    state_dim, n_channels = manifest.state_dim, manifest.n_channels
     model = build_model(spec.model, state_dim=state_dim, n_channels=n_channels, binary=binary)
 
     start_epoch, global_step, history = 0, 0, []
@@ -123,9 +123,9 @@ def train_loop(config: dict[str, Any]) -> None:
         lambda params: torch.optim.AdamW(params, lr=spec.trainer.lr, weight_decay=spec.trainer.weight_decay),
         loaded.optimizer_state if loaded is not None else None)
     if loaded is not None:
-        start_epoch = int(loaded.meta["epoch"]) + 1
-        global_step = int(loaded.meta["step"])
-        history = list(loaded.meta.get("history", []))
+        start_epoch = loaded.meta.epoch + 1
+        global_step = loaded.meta.step
+        history = list(loaded.meta.history)
         if rank == 0:
             print(f"[mtorl] resumed from epoch {start_epoch - 1} (step {global_step})", flush=True)
     maybe_compile(model, spec.trainer.compile)

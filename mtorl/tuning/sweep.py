@@ -24,7 +24,7 @@ from mtorl.console import as_console, current, tune_verbosity
 from mtorl.spec import TrainJob, TuneJob, job_to_dict, validate_doc
 from mtorl.spec.loader import apply_overrides
 from mtorl.spec.models import ParamSpace, TuneSpec
-from mtorl.training.checkpoint import BEST_FILE, META_FILE
+from mtorl.training.checkpoint import BEST_FILE, META_FILE, CheckpointMeta
 from mtorl.training.driver import build_trainer, finish_run, storage_args, to_uri
 
 SEP = "__"  # Tune config keys can't hold dots reliably: objective.reward_weight -> objective__reward_weight
@@ -110,13 +110,13 @@ def previous_history(run_dir: str) -> list[dict[str, Any]]:
     """Per-epoch metrics recorded in the run's latest checkpoint (empty for a fresh run)."""
     if not storage.exists(run_dir):
         return []
-    latest: dict[str, Any] | None = None
+    latest: CheckpointMeta | None = None
     for f in storage.list_files(run_dir):
         if f.endswith("/" + META_FILE):
-            meta = storage.read_json(f)
-            if latest is None or int(meta.get("epoch", -1)) > int(latest.get("epoch", -1)):
+            meta = CheckpointMeta.parse(storage.read_json(f), f)
+            if latest is None or meta.epoch > latest.epoch:
                 latest = meta
-    return list(latest.get("history", [])) if latest else []
+    return list(latest.history) if latest else []
 
 
 class TrialProgress(Callback):

@@ -75,8 +75,8 @@ def test_a_flipped_byte_in_a_shard_is_refused_naming_it(
     from mtorl.data.pipeline import read_split
 
     uri, m = small_dataset
-    assert read_split(uri, "train", m).count() == m["splits"]["train"]["users"]  # intact: reads fine
-    shard = storage.join(uri, m["splits"]["train"]["shards"][0]["path"])
+    assert read_split(uri, "train", m).count() == m.splits["train"].users  # intact: reads fine
+    shard = storage.join(uri, m.splits["train"].shards[0].path)
     data = bytearray(storage.read_bytes(shard))
     data[len(data) // 2] ^= 0x01
     storage.write_bytes(shard, bytes(data))
@@ -93,7 +93,7 @@ def test_a_missing_shard_is_one_line_naming_it(ray_session: None, small_dataset:
     from mtorl.errors import find_known
 
     uri, m = small_dataset
-    shard = storage.join(uri, m["splits"]["val"]["shards"][0]["path"])
+    shard = storage.join(uri, m.splits["val"].shards[0].path)
     bucket, key = shard[len("s3://") :].split("/", 1)
     storage.boto3_client().delete_object(Bucket=bucket, Key=key)
     assert not storage.exists(shard)

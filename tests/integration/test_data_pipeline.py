@@ -28,11 +28,11 @@ def test_prepare_to_s3_then_windows(shared_data: Path, s3_bucket: str, ray_sessi
         m = prepare(PrepareSpec(source=source, input=str(shared_data / name), output=uri, min_steps=1,
                                 shard_max_steps=20_000), progress=lambda _m: None)
     assert load_manifest(uri) == m and len(manifest_sha256(uri)) == 64
-    assert m["users_read"] == users and m["rows_written"] == rows
-    assert len(m["splits"]["train"]["shards"]) >= 2
+    assert m.users_read == users and m.rows_written == rows
+    assert len(m.splits["train"].shards) >= 2
 
     L = 16
-    D = len(m["step_features"]) + len(m["user_features"])
+    D = len(m.step_features) + len(m.user_features)
     import ray
 
     v2 = ray.data.DataContext.get_current().use_datasource_v2
@@ -50,9 +50,9 @@ def test_prepare_to_s3_then_windows(shared_data: Path, s3_bucket: str, ray_sessi
         n_windows += B
         valid += int(b["mask"].sum())
         done += int(b["done"].sum())
-    val = m["splits"]["val"]
-    assert valid == val["steps"] and done == val["users"] and n_windows >= val["users"]
+    val = m.splits["val"]
+    assert valid == val.steps and done == val.users and n_windows >= val.users
 
     js = list(iter_journeys(uri, "test", manifest=m))
-    assert len(js) == m["splits"]["test"]["users"] and sum(j.length for j in js) == m["splits"]["test"]["steps"]
+    assert len(js) == m.splits["test"].users and sum(j.length for j in js) == m.splits["test"].steps
     assert js[0].state.shape[1] == D

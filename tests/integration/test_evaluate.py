@@ -60,7 +60,7 @@ def test_evaluate_raw_held_back_logs_with_checkpoint_manifest(kuairand_checkpoin
 
     man = load_checkpoint(kuairand_checkpoint).manifest
     df = pd.read_csv(shared_data / "kuairand_sequence.csv.gz")
-    held = [u for u in df["user_id"].drop_duplicates() if split_of(str(u), man["split_salt"], 0.8, 0.1) == "test"][:6]
+    held = [u for u in df["user_id"].drop_duplicates() if split_of(str(u), man.split_salt, 0.8, 0.1) == "test"][:6]
     raw = df[df["user_id"].isin(held)]
     csv = f"{s3_bucket}/raw/held.csv"
     storage.write_bytes(csv, raw.to_csv(index=False).encode())

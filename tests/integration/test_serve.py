@@ -63,11 +63,11 @@ def served(ray_session: None, tiny_checkpoint: str, tmp_path_factory: pytest.Tem
 
 
 def _users(man: dict[str, Any], n: int, steps: int = 4, start: int = 0) -> list[dict[str, Any]]:
-    chans = man["channels"]
+    chans = man.channels
     return [{"user_id": f"u{start + i}",
              "journey": [{"channel": chans[(i + t) % len(chans)], "gain": float((i * t) % 2), "cost": 1.0 + (i + t) % 3,
-                          "features": {f: float((3 * t + i) % 24) for f in man["step_features"]}} for t in range(steps)],
-             "user_features": {f: 0.1 * (i % 7) - 0.3 for f in man["user_features"]}} for i in range(n)]
+                          "features": {f: float((3 * t + i) % 24) for f in man.step_features}} for t in range(steps)],
+             "user_features": {f: 0.1 * (i % 7) - 0.3 for f in man.user_features}} for i in range(n)]
 
 
 def test_health_docs_and_model(served: dict[str, Any]) -> None:
@@ -80,7 +80,7 @@ def test_health_docs_and_model(served: dict[str, Any]) -> None:
     assert "RecommendRequest" in spec["components"]["schemas"] and "StepIn" in spec["components"]["schemas"]
     m = _get(f"{url}/v1/model", headers=AUTH).json()
     assert m["checkpoint"] == served["checkpoint"] and m["model_version"] == served["model_version"]
-    assert m["data"]["channels"] == man["channels"] and m["data"]["step_features"] == man["step_features"]
+    assert m["data"]["channels"] == man.channels and m["data"]["step_features"] == man.step_features
     assert m["data"]["splits"]["train"]["users"] > 0 and m["spec"]["kind"] == "TrainJob"
     assert m["serving"]["max_journey_length"] == LIMITS["max_journey_length"]
 
@@ -104,9 +104,9 @@ def test_recommend(served: dict[str, Any]) -> None:
     RecommendResponse.model_validate(out)  # the documented response model, field for field
     assert out["model_version"] == served["model_version"] and [u["user_id"] for u in out["users"]] == ["u0", "u1", "u2"]
     for u in out["users"]:
-        assert set(u["channel_probs"]) == set(man["channels"]) == set(u["predicted_reward"])
+        assert set(u["channel_probs"]) == set(man.channels) == set(u["predicted_reward"])
         assert sum(u["channel_probs"].values()) == pytest.approx(1.0, abs=1e-4)
-        assert u["recommended_channel"] in man["channels"]
+        assert u["recommended_channel"] in man.channels
         assert u["expected_reward"] == pytest.approx(u["predicted_reward"][u["recommended_channel"]])
         assert all(math.isfinite(v) for v in u["predicted_reward"].values())
 
@@ -132,7 +132,7 @@ def _bad_cases(man: dict[str, Any]) -> list[tuple[str, Any, int, str]]:
         mut(b)
         return b
 
-    feat = man["step_features"][0]
+    feat = man.step_features[0]
     nan_body = json.dumps({"users": _users(man, 1)}).replace(f'"{feat}": 0.0', f'"{feat}": NaN', 1).encode()
     assert b"NaN" in nan_body
     return [
@@ -309,7 +309,7 @@ def test_zero_downtime_update(served: dict[str, Any], tiny_dataset: str) -> None
 def generated_bad_bodies(man: dict[str, Any]) -> list[tuple[str, bytes, dict[str, str]]]:
     """At least 200 bad requests, generated: (name, raw body, extra headers). Every one must be a 4xx
     whose detail names a field (or ``body``/``content-type``), and none a 5xx."""
-    feat, chan = man["step_features"][0], man["channels"][0]
+    feat, chan = man.step_features[0], man.channels[0]
     bad_numbers: list[Any] = ["1", "1.5", "", True, False, None, [], {}, [1.0], 1e39, -1e39, 1e308, -1e308,
                               3.5e38, "NaN", "abc"]
     raw_numbers = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1" * 5000]
@@ -320,10 +320,10 @@ def generated_bad_bodies(man: dict[str, Any]) -> list[tuple[str, bytes, dict[str
         ("users[1].journey[2].gain", lambda b, v: b["users"][1]["journey"][2].update(gain=v)),
         (f"users[1].journey[2].features.{feat}", lambda b, v: b["users"][1]["journey"][2]["features"].update({feat: v})),
         ("users[0].next_features." + feat, lambda b, v: b["users"][0].update(
-            next_features={**{f: 0.0 for f in man["step_features"]}, feat: v})),
+            next_features={**{f: 0.0 for f in man.step_features}, feat: v})),
     ]
-    if man["user_features"]:
-        uf = man["user_features"][0]
+    if man.user_features:
+        uf = man.user_features[0]
         spots.append((f"users[1].user_features.{uf}", lambda b, v: b["users"][1]["user_features"].update({uf: v})))
     out: list[tuple[str, bytes, dict[str, str]]] = []
     marker = 987654.125
@@ -396,7 +396,7 @@ def test_generated_bad_bodies_are_4xx_never_5xx(served: dict[str, Any]) -> None:
 def poisoned_bodies(man: dict[str, Any]) -> list[dict[str, Any]]:
     """Bodies that used to fail the whole batch they joined: values beyond float32 (``1e39``, ``1e308``), and
     values just inside it whose normalised state or model output can overflow float32."""
-    feat = man["step_features"][0]
+    feat = man.step_features[0]
     out = []
     for i, (where, v) in enumerate([("cost", 1e39), ("feature", 1e308), ("feature", 3.4e38), ("feature", -3.4e38),
                                     ("gain", 3.0e38), ("cost", 3.3e38)]):

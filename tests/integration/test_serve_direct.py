@@ -83,7 +83,7 @@ def test_direct_ingress_serves_from_the_replica(ray_session: None, tiny_checkpoi
         r = _post(f"{url}/v1/recommend", json={"users": _users(man, 3)}, headers=AUTH)
         assert r.status_code == 200, r.text
         rec = RecommendResponse.model_validate(r.json())
-        assert len(rec.users) == 3 and all(u.recommended_channel in man["channels"] for u in rec.users)
+        assert len(rec.users) == 3 and all(u.recommended_channel in man.channels for u in rec.users)
         a = _post(f"{url}/v1/allocate", json={"users": _users(man, 6), "budget": 3.0}, headers=AUTH)
         assert a.status_code == 200 and AllocateResponse.model_validate(a.json()).spend <= 3.0 + 1e-9, a.text
         for name, body, status, field in _bad_cases(man):  # same 4xx contract as through the proxy

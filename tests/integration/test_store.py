@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mtorl import storage
+from mtorl.cli import store_command
 from mtorl.storage import StorageError, seaweed
 
 pytestmark = pytest.mark.integration
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.integration
 def test_up_write_down_up_keeps_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = tmp_path / "own-store"
     port = seaweed.free_ports(1)[0]
-    assert seaweed.store_command("up", str(d), port) == 0
+    assert store_command("up", str(d), port) == 0
     up_out = capsys.readouterr().out
     st = seaweed._load(d)
     assert st is not None and f"export AWS_SECRET_ACCESS_KEY={st.secret_key}" in up_out
@@ -34,13 +35,13 @@ def test_up_write_down_up_keeps_data(tmp_path: Path, capsys: pytest.CaptureFixtu
         big = os.urandom(3 * 1024 * 1024 + 17)  # several chunks, written just before `down`
         c.put_object(Bucket="keep", Key="a/big.bin", Body=big)
         assert seaweed.up(d).was_running  # second up: already running, same pid
-        assert seaweed.store_command("status", str(d), None) == 0
+        assert store_command("status", str(d), None) == 0
         pid = st.pid
         assert pid is not None
-        assert seaweed.store_command("down", str(d), None) == 0
+        assert store_command("down", str(d), None) == 0
         assert seaweed._cmdline(pid) is None  # the process is really gone
         assert seaweed.status(d)["running"] is False
-        assert seaweed.store_command("status", str(d), None) == 1
+        assert store_command("status", str(d), None) == 1
         other_out = capsys.readouterr().out
 
         st2 = seaweed.up(d)  # same port and keys from state.json
@@ -129,7 +130,7 @@ def test_up_restarts_from_a_shell_holding_the_printed_env(tmp_path: Path, capsys
 
     d = tmp_path / "restart-store"
     port = seaweed.free_ports(1)[0]
-    assert seaweed.store_command("up", str(d), port) == 0
+    assert store_command("up", str(d), port) == 0
     out = capsys.readouterr().out
     try:
         for line in out.splitlines():
@@ -140,14 +141,14 @@ def test_up_restarts_from_a_shell_holding_the_printed_env(tmp_path: Path, capsys
         assert st is not None
         storage.boto3_client(st.settings()).create_bucket(Bucket="owned")
         storage.boto3_client(st.settings()).put_object(Bucket="owned", Key="k", Body=b"v")
-        assert seaweed.store_command("down", str(d), None) == 0
+        assert store_command("down", str(d), None) == 0
         t0 = time.monotonic()
-        assert seaweed.store_command("up", str(d), port) == 0, capsys.readouterr().err
+        assert store_command("up", str(d), port) == 0, capsys.readouterr().err
         assert time.monotonic() - t0 < 60
         st2 = seaweed._load(d)
         assert st2 is not None and st2.pid
         assert storage.boto3_client(st2.settings()).get_object(Bucket="owned", Key="k")["Body"].read() == b"v"
-        assert seaweed.store_command("up", str(d), port) == 0  # an up over a serving store leaves it alone
+        assert store_command("up", str(d), port) == 0  # an up over a serving store leaves it alone
         assert seaweed._load(d).pid == st2.pid and seaweed._cmdline(st2.pid) is not None  # type: ignore[union-attr]
     finally:
         seaweed.down(d)

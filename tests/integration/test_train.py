@@ -25,7 +25,7 @@ def _job(name: str, data: str, out: str, **trainer: Any) -> Any:
 
 
 def _history(uri: str) -> list[dict[str, Any]]:
-    return list(load_checkpoint(uri).meta["history"])
+    return list(load_checkpoint(uri).meta.history)
 
 
 def test_two_workers_on_kuairand_checkpoint_to_object_store(ray_session: None, kuairand_dataset: str, s3_bucket: str) -> None:
@@ -37,9 +37,9 @@ def test_two_workers_on_kuairand_checkpoint_to_object_store(ray_session: None, k
     best = json.loads(storage.read_bytes(f"{s3_bucket}/runs/kuai-2w/best.json"))
     assert best["checkpoint"] == res["best_checkpoint"] and best["metric"] == "val/loss"
     ck = load_checkpoint(f"{s3_bucket}/runs/kuai-2w")  # the run dir resolves to its best
-    assert ck.meta["spec"]["metadata"]["name"] == "kuai-2w"
-    assert ck.meta["manifest"]["channels"] == ["short", "mid", "long"] or sorted(ck.meta["manifest"]["channels"]) == ["long", "mid", "short"]
-    assert ck.meta["manifest_sha256"] and ck.meta["mtorl_version"]
+    assert ck.meta.spec["metadata"]["name"] == "kuai-2w"
+    assert ck.meta.manifest.channels == ["short", "mid", "long"] or sorted(ck.meta.manifest.channels) == ["long", "mid", "short"]
+    assert ck.meta.manifest_sha256 and ck.meta.mtorl_version
     hist = _history(res["latest_checkpoint"])
     assert [h["epoch"] for h in hist] == [0, 1]
     for h in hist:

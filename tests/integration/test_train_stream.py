@@ -75,7 +75,7 @@ def test_file_order_is_reshuffled_every_execution(ray_session: None, s3_bucket: 
 
     uri = _sharded(s3_bucket, tmp_path, "sharded")
     m = load_manifest(uri)
-    assert len(m["splits"]["train"]["shards"]) >= 4
+    assert len(m.splits["train"].shards) >= 4
     ds = read_split(uri, "train", m, shuffle=FileShuffleConfig(seed=0, reseed_after_execution=True))
     orders = [[r["user_id"] for r in ds.select_columns(["user_id"]).iter_rows()] for _ in range(3)]
     assert all(sorted(o) == sorted(orders[0]) for o in orders)  # every journey once per pass
@@ -91,7 +91,7 @@ def test_split_above_the_threshold_streams_and_says_so(ray_session: None, tiny_d
     )
     modes = [s for s in said if s.startswith("data: ")]
     assert len(modes) == 2 and all("streaming from object storage every epoch" in s for s in modes), said
-    hist = load_checkpoint(res["latest_checkpoint"]).meta["history"]
+    hist = load_checkpoint(res["latest_checkpoint"]).meta.history
     assert [h["epoch"] for h in hist] == [0, 1] and all(h["train/loss"] > 0 for h in hist)
 
 

@@ -33,11 +33,11 @@ def test_negative_cost_and_duplicate_rows_are_bad_rows(tmp_path: Path) -> None:
         prepare(spec(tmp_path, "journeys", inp, journeys=JFMT), progress=quiet)
     m = prepare(spec(tmp_path, "journeys", inp, journeys=JFMT, on_bad_rows="quarantine"), progress=quiet)
     _invariant(m)
-    assert {k: v for k, v in m["rows_dropped"].items() if k.startswith("bad_row")} == {
+    assert {k: v for k, v in m.rows_dropped.items() if k.startswith("bad_row")} == {
         "bad_row:cost": 1,
         "bad_row:duplicate_row": 2,
     }
-    q = pq.read_table(tmp_path / "ds" / m["quarantine"]["files"][0])
+    q = pq.read_table(tmp_path / "ds" / m.quarantine.files[0])
     assert sorted(zip(q.column("_row").to_pylist(), q.column("_field").to_pylist())) == [
         (4, "cost"),
         (9, "duplicate_row"),

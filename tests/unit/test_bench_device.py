@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from mtorl import bench
+from mtorl.cli import bench_main
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_bench_fails_with_one_line_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench"
-    rc = bench.main(
+    rc = bench_main(
         ["--device", "cuda", "--stages", "train", "--no-markdown", "--out", str(out), "--work", str(tmp_path / "w")]
     )
     err = capsys.readouterr().err.strip()

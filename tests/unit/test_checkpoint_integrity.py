@@ -21,6 +21,11 @@ from mtorl.training.checkpoint import (
 )
 
 
+MANIFEST = {"schema_version": 1, "version": "v1", "channels": ["search", "video"], "step_features": ["x"],
+            "user_features": [], "normalization": {"mean": [0.0], "std": [1.0]},
+            "reward_norm": {"min": 0.0, "max": 1.0}, "penalty": 0.0, "splits": {}}
+
+
 def _ckpt(d: Path, nan: bool = False) -> Path:
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
@@ -31,7 +36,7 @@ def _ckpt(d: Path, nan: bool = False) -> Path:
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
     return write_checkpoint_dir(
-        d, model, opt, {"spec": {"kind": "TrainJob"}, "manifest": {"channels": ["search", "video"]}, "epoch": 1}
+        d, model, opt, {"spec": {"kind": "TrainJob"}, "manifest": MANIFEST, "epoch": 1}
     )
 
 
@@ -43,7 +48,7 @@ def _edit_meta(d: Path, fn) -> None:  # type: ignore[no-untyped-def]
 
 def test_intact_checkpoint_loads(tmp_path: Path) -> None:
     ck = load_checkpoint(str(_ckpt(tmp_path / "ck")), with_optimizer=True)
-    assert ck.manifest["channels"] == ["search", "video"] and ck.optimizer_state is not None
+    assert ck.manifest.channels == ["search", "video"] and ck.optimizer_state is not None and ck.meta.epoch == 1
     sums = json.loads((tmp_path / "ck" / CHECKSUM_FILE).read_text())["files"]
     assert set(sums) == {META_FILE, MODEL_FILE, OPTIM_FILE}
 
@@ -58,7 +63,7 @@ def test_edited_channel_name_is_refused(tmp_path: Path) -> None:
 def test_swapped_weights_with_updated_digest_in_meta_is_refused(tmp_path: Path) -> None:
     d, other = _ckpt(tmp_path / "ck"), _ckpt(tmp_path / "other", nan=False)
     torch.manual_seed(1)
-    write_checkpoint_dir(other, torch.nn.Linear(3, 2), None, {"spec": {}, "manifest": {}})
+    write_checkpoint_dir(other, torch.nn.Linear(3, 2), None, {"spec": {}, "manifest": MANIFEST})
     (d / MODEL_FILE).write_bytes((other / MODEL_FILE).read_bytes())
     new = json.loads((other / META_FILE).read_text())["sha256"][MODEL_FILE]
     _edit_meta(d, lambda m: m["sha256"].update({MODEL_FILE: new}))
@@ -158,3 +163,17 @@ def test_an_uploaded_but_unregistered_checkpoint_is_removed_on_resume(tmp_path: 
         RAY_SNAPSHOT_FILE,
     ]
     assert unregistered_checkpoints(str(tmp_path / "no-run")) == []
+
+
+def test_a_consistent_meta_json_with_a_wrong_field_is_one_line(tmp_path: Path) -> None:
+    from mtorl.training.checkpoint import write_checksums
+
+    cases = (("e", lambda m: m.update(epoch="last"), r"meta\.json: field epoch: "),
+             ("f", lambda m: m["manifest"].pop("channels"), r"meta\.json: field manifest\.channels: "))
+    for name, edit, expect in cases:
+        d = _ckpt(tmp_path / name)
+        _edit_meta(d, edit)
+        write_checksums(d, {n: (d / n).read_bytes() for n in (META_FILE, MODEL_FILE)})
+        with pytest.raises(CheckpointError, match=expect) as e:
+            load_checkpoint(str(d))
+        assert "\n" not in str(e.value)

@@ -138,8 +138,8 @@ def quiet(_: str) -> None:
 
 
 def _invariant(m: dict[str, Any]) -> None:
-    assert m["rows_read"] == m["rows_written"] + sum(m["rows_dropped"].values())
-    assert m["rows_written"] == sum(s["steps"] for s in m["splits"].values())
+    assert m.rows_read == m.rows_written + sum(m.rows_dropped.values())
+    assert m.rows_written == sum(s.steps for s in m.splits.values())
 
 
 # ----------------------------------------------------------------------------- kuairand
@@ -149,20 +149,20 @@ def test_kuairand_fixture(tmp_path: Path) -> None:
     inp = write_table(tmp_path / "k.csv.gz", KUAI_COLS, rows)
     m = prepare(spec(tmp_path, "kuairand-sequence", inp), progress=quiet)
     _invariant(m)
-    assert m["rows_read"] == len(rows)
-    assert m["channels"] == ["short", "mid", "long"]
-    assert m["step_features"] == ["hourmin", "time_ms"]  # no long_view / play_time_ms: outcomes (leak)
-    assert "long_view" not in m["user_features"] and "play_time_ms" not in m["user_features"]
-    assert m["user_features"] == [*KUAI_USER, "onehot_feat0", "onehot_feat1"]
-    assert m["rows_dropped"] == {"short_journey": 5} and m["users_dropped"] == 5 and m["users_read"] == 30
-    assert m["gain_binary"] is True and m["cost"] == "1 per exposure"
-    t = pq.read_table(tmp_path / "ds" / m["splits"]["train"]["shards"][0]["path"])
+    assert m.rows_read == len(rows)
+    assert m.channels == ["short", "mid", "long"]
+    assert m.step_features == ["hourmin", "time_ms"]  # no long_view / play_time_ms: outcomes (leak)
+    assert "long_view" not in m.user_features and "play_time_ms" not in m.user_features
+    assert m.user_features == [*KUAI_USER, "onehot_feat0", "onehot_feat1"]
+    assert m.rows_dropped == {"short_journey": 5} and m.users_dropped == 5 and m.users_read == 30
+    assert m.gain_binary is True and m.cost == "1 per exposure"
+    t = pq.read_table(tmp_path / "ds" / m.splits["train"].shards[0].path)
     row = t.slice(0, 1).to_pylist()[0]
     T = row["length"]
     assert (
         len(row["channel"]) == T
         and len(row["features"]) == 2 * T
-        and len(row["user_features"]) == len(m["user_features"])
+        and len(row["user_features"]) == len(m.user_features)
     )
     assert row["cost"] == [1.0] * T
     assert np.isnan(row["propensity"]).all()
@@ -185,8 +185,8 @@ def test_kuairand_bad_values(tmp_path: Path, col: str, value: str, field: str) -
     assert "k.csv" in msg and "row 8" in msg and repr(field) in msg, msg
     m = prepare(spec(tmp_path, "kuairand-sequence", inp, on_bad_rows="quarantine"), progress=quiet)
     _invariant(m)
-    assert m["rows_dropped"][f"bad_row:{field}"] == 1
-    q = pq.read_table(tmp_path / "ds" / m["quarantine"]["files"][0])
+    assert m.rows_dropped[f"bad_row:{field}"] == 1
+    q = pq.read_table(tmp_path / "ds" / m.quarantine.files[0])
     assert q.num_rows == 1 and q.column("_row").to_pylist() == [8] and q.column(col).to_pylist() == [value]
 
 
@@ -200,7 +200,7 @@ def test_kuairand_channel_count(tmp_path: Path, flags: tuple[int, int, int], pro
         prepare(spec(tmp_path, "kuairand-sequence", inp), progress=quiet)
     m = prepare(spec(tmp_path, "kuairand-sequence", inp, on_bad_rows="quarantine"), progress=quiet)
     _invariant(m)
-    assert m["rows_dropped"]["bad_row:channel"] == 1 and m["quarantine"]["rows"] == 1
+    assert m.rows_dropped["bad_row:channel"] == 1 and m.quarantine.rows == 1
 
 
 def test_missing_columns_named(tmp_path: Path) -> None:
@@ -218,13 +218,13 @@ def test_criteo_sequence_non_contiguous(tmp_path: Path) -> None:
     inp = write_table(tmp_path / "c.csv.gz", CRITEO_COLS, rows)
     m = prepare(spec(tmp_path, "criteo-sequence", inp, spill_partitions=3), progress=quiet)
     _invariant(m)
-    assert m["channels"] == ["11", "22", "33"] and m["users_read"] == 20 and m["rows_written"] == len(rows)
+    assert m.channels == ["11", "22", "33"] and m.users_read == 20 and m.rows_written == len(rows)
     # cat8 is the channel: excluded
-    assert m["step_features"] == ["campaign", *[f"cat{i}" for i in (1, 2, 3, 4, 5, 6, 7, 9)]]
+    assert m.step_features == ["campaign", *[f"cat{i}" for i in (1, 2, 3, 4, 5, 6, 7, 9)]]
     got = {}
-    for split in m["splits"].values():
-        for s in split["shards"]:
-            for r in pq.read_table(tmp_path / "ds" / s["path"]).to_pylist():
+    for split in m.splits.values():
+        for s in split.shards:
+            for r in pq.read_table(tmp_path / "ds" / s.path).to_pylist():
                 got[r["user_id"]] = r
     # each user's steps in file order, taken from anywhere in the file
     for u in range(20):
@@ -238,7 +238,7 @@ def test_criteo_sequence_non_contiguous(tmp_path: Path) -> None:
 def test_criteo_gain_choice(tmp_path: Path) -> None:
     inp = write_table(tmp_path / "c.csv", CRITEO_COLS, criteo_rows())
     m = prepare(spec(tmp_path, "criteo-sequence", inp, gain="click"), progress=quiet)
-    assert m["gain"] == "click" and m["reward_norm"] == {"min": 1.0, "max": 1.0}
+    assert m.gain == "click" and m.reward_norm.model_dump() == {"min": 1.0, "max": 1.0}
     with pytest.raises(DataError, match="gain must be one of"):
         prepare(spec(tmp_path, "criteo-sequence", inp, gain="cpo"), progress=quiet)
 
@@ -252,7 +252,7 @@ def test_criteo_bad_bool(tmp_path: Path) -> None:
         prepare(spec(tmp_path, "criteo-sequence", inp), progress=quiet)
     m = prepare(spec(tmp_path, "criteo-sequence", inp, on_bad_rows="quarantine"), progress=quiet)
     _invariant(m)
-    assert m["rows_dropped"]["bad_row:Type_22"] == 1 and m["rows_dropped"]["bad_row:cost"] == 1
+    assert m.rows_dropped["bad_row:Type_22"] == 1 and m.rows_dropped["bad_row:cost"] == 1
 
 
 # ----------------------------------------------------------------------------- criteo-attribution
@@ -265,12 +265,12 @@ def test_criteo_attribution_top_k_and_time_order(tmp_path: Path) -> None:
         progress=quiet,
     )
     _invariant(m)
-    assert m["channels"] == ["7", "8"]
-    assert m["rows_dropped"].get("channel_not_in_top_k") == sum(1 for r in rows if r[2] == 9)
-    assert m["step_features"] == ["time_since_last_click", *[f"cat{i}" for i in range(1, 10)]]
-    for split in m["splits"].values():
-        for s in split["shards"]:
-            for r in pq.read_table(tmp_path / "ds" / s["path"]).to_pylist():
+    assert m.channels == ["7", "8"]
+    assert m.rows_dropped.get("channel_not_in_top_k") == sum(1 for r in rows if r[2] == 9)
+    assert m.step_features == ["time_since_last_click", *[f"cat{i}" for i in range(1, 10)]]
+    for split in m.splits.values():
+        for s in split.shards:
+            for r in pq.read_table(tmp_path / "ds" / s.path).to_pylist():
                 f = np.array(r["features"]).reshape(r["length"], 10)
                 assert (np.diff(f[:, 0]) > 0).all()  # time_since_last_click = 2.5 t: time order restored
                 assert ((f[:, 1:] >= 0) & (f[:, 1:] < 1)).all()  # hashed categorical ids in [0, 1)
@@ -296,18 +296,18 @@ def test_journeys_csv_and_parquet(tmp_path: Path, fmt: str) -> None:
         pq.write_table(pa.Table.from_pylist(rows), inp)
     m = prepare(spec(tmp_path, "journeys", inp, journeys=JFMT), progress=quiet)
     _invariant(m)
-    assert m["channels"] == ["email", "search", "social"]
-    assert m["categorical"] == {"device": ["android", "ios"]}
-    assert m["step_features"] == ["price", "device=android", "device=ios"] and m["user_features"] == ["age"]
-    assert m["journeys_format"]["categorical_features"] == ["device"]
-    for split in m["splits"].values():
-        for s in split["shards"]:
-            for r in pq.read_table(tmp_path / "ds" / s["path"]).to_pylist():
+    assert m.channels == ["email", "search", "social"]
+    assert m.categorical == {"device": ["android", "ios"]}
+    assert m.step_features == ["price", "device=android", "device=ios"] and m.user_features == ["age"]
+    assert m.journeys_format["categorical_features"] == ["device"]
+    for split in m.splits.values():
+        for s in split.shards:
+            for r in pq.read_table(tmp_path / "ds" / s.path).to_pylist():
                 mine = sorted((x for x in rows if x["user_id"] == r["user_id"]), key=lambda x: x["timestamp"])
                 f = np.array(r["features"]).reshape(r["length"], 3)
                 np.testing.assert_allclose(f[:, 0], [x["price"] for x in mine], rtol=1e-5)
                 np.testing.assert_array_equal(f[:, 2], [x["device"] == "ios" for x in mine])
-                assert r["channel"] == [m["channels"].index(x["channel"]) for x in mine]
+                assert r["channel"] == [m.channels.index(x["channel"]) for x in mine]
                 assert r["user_features"] == [mine[0]["age"]]
 
 
@@ -322,11 +322,11 @@ def test_journeys_directory_of_shards(tmp_path: Path) -> None:
     (d / "simulation.json").write_text("{}")
     m = prepare(spec(tmp_path, "journeys", d, journeys=JFMT), progress=quiet)
     _invariant(m)
-    assert m["rows_read"] == len(rows)
+    assert m.rows_read == len(rows)
     whole = tmp_path / "w.parquet"
     pq.write_table(pa.Table.from_pylist(rows), whole)
     m2 = prepare(spec(tmp_path / "b", "journeys", whole, journeys=JFMT), progress=quiet)
-    assert {k: v["steps"] for k, v in m["splits"].items()} == {k: v["steps"] for k, v in m2["splits"].items()}
+    assert {k: v.steps for k, v in m.splits.items()} == {k: v.steps for k, v in m2.splits.items()}
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no data files"):
         prepare(spec(tmp_path, "journeys", tmp_path / "empty", journeys=JFMT), progress=quiet)
@@ -345,8 +345,8 @@ def test_journeys_propensity_and_bad_rows(tmp_path: Path) -> None:
         prepare(spec(tmp_path, "journeys", inp, journeys=fmt), progress=quiet)
     m = prepare(spec(tmp_path, "journeys", inp, journeys=fmt, on_bad_rows="quarantine"), progress=quiet)
     _invariant(m)
-    assert m["has_propensity"] is True
-    assert {k: v for k, v in m["rows_dropped"].items() if k.startswith("bad_row")} == {
+    assert m.has_propensity is True
+    assert {k: v for k, v in m.rows_dropped.items() if k.startswith("bad_row")} == {
         "bad_row:prop": 1, "bad_row:channel": 1, "bad_row:timestamp": 1}
-    q = pq.read_table(tmp_path / "ds" / m["quarantine"]["files"][0])
+    q = pq.read_table(tmp_path / "ds" / m.quarantine.files[0])
     assert sorted(q.column("_row").to_pylist()) == [3, 5, 7]

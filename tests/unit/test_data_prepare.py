@@ -25,7 +25,7 @@ def _kuai(tmp_path: Path, n_users: int = 60, name: str = "k.csv") -> Path:
 
 
 def _read_split(root: Path, m: dict[str, Any], split: str) -> list[dict[str, Any]]:
-    return [r for s in m["splits"][split]["shards"] for r in pq.read_table(root / s["path"]).to_pylist()]
+    return [r for s in m.splits[split].shards for r in pq.read_table(root / s.path).to_pylist()]
 
 
 def test_split_is_stable_and_disjoint(tmp_path: Path) -> None:
@@ -39,7 +39,7 @@ def test_split_is_stable_and_disjoint(tmp_path: Path) -> None:
     for s in ("train", "val", "test"):
         ua = {r["user_id"] for r in _read_split(tmp_path / "a", a, s)}
         ub = {r["user_id"] for r in _read_split(tmp_path / "b", b, s)}
-        assert ua == ub and len(ua) == a["splits"][s]["users"]
+        assert ua == ub and len(ua) == a.splits[s].users
         users[s] = ua
         assert all(split_of(u, "mtorl", 0.8, 0.1) == s for u in ua)
     assert (
@@ -47,7 +47,7 @@ def test_split_is_stable_and_disjoint(tmp_path: Path) -> None:
         and not (users["train"] & users["test"])
         and not (users["val"] & users["test"])
     )
-    assert a["normalization"] == b["normalization"]
+    assert a.normalization == b.normalization
     other = prepare(PrepareSpec(source="kuairand-sequence", input=str(inp), output=str(tmp_path / "c"),
                                 splits=SplitSpec(salt="other")), progress=quiet)
     assert {r["user_id"] for r in _read_split(tmp_path / "c", other, "train")} != users["train"]
@@ -62,14 +62,14 @@ def test_normalisation_and_reward_range_fitted_on_train_only(tmp_path: Path) -> 
     u = np.array([r["user_features"] for r in train], dtype=np.float64)
     want_mean = np.concatenate([q.mean(0), u.mean(0)])
     want_std = np.maximum(np.concatenate([q.std(0), u.std(0)]), 1e-6)
-    np.testing.assert_allclose(m["normalization"]["mean"], want_mean, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(m["normalization"]["std"], want_std, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(m.normalization.mean, want_mean, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m.normalization.std, want_std, rtol=1e-4, atol=1e-7)
     g = np.concatenate([r["gain"] for r in train])
     r = g - 0.3  # cost 1 per exposure
-    assert m["reward_norm"] == pytest.approx({"min": r.min(), "max": r.max()})
+    assert m.reward_norm.model_dump() == pytest.approx({"min": r.min(), "max": r.max()})
     everything = np.concatenate([np.array(x["features"]).reshape(x["length"], 2)
                                  for s in ("train", "val", "test") for x in _read_split(tmp_path / "ds", m, s)])
-    assert not np.allclose(m["normalization"]["mean"][:2], everything.mean(0), rtol=1e-7, atol=0)
+    assert not np.allclose(m.normalization.mean[:2], everything.mean(0), rtol=1e-7, atol=0)
 
 
 def test_shards_bounded_and_hashed(tmp_path: Path) -> None:
@@ -80,14 +80,14 @@ def test_shards_bounded_and_hashed(tmp_path: Path) -> None:
         PrepareSpec(source="kuairand-sequence", input=str(inp), output=str(tmp_path / "ds"), shard_max_steps=100),
         progress=quiet,
     )
-    shards = m["splits"]["train"]["shards"]
+    shards = m.splits["train"].shards
     assert len(shards) > 2
     for s in shards:
-        data = (tmp_path / "ds" / s["path"]).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == s["sha256"]
-        t = pq.read_table(tmp_path / "ds" / s["path"])
-        assert t.num_rows == s["users"] and sum(t.column("length").to_pylist()) == s["steps"] <= 100
-        assert s["path"].startswith(m["version"] + "/train/part-")
+        data = (tmp_path / "ds" / s.path).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == s.sha256
+        t = pq.read_table(tmp_path / "ds" / s.path)
+        assert t.num_rows == s.users and sum(t.column("length").to_pylist()) == s.steps <= 100
+        assert s.path.startswith(m.version + "/train/part-")
 
 
 def test_max_journey_length_cuts_in_the_same_split(tmp_path: Path) -> None:
@@ -100,7 +100,7 @@ def test_max_journey_length_cuts_in_the_same_split(tmp_path: Path) -> None:
         for r in _read_split(tmp_path / "ds", m, s):
             assert r["length"] <= 2
             assert split_of(r["user_id"].split("#")[0], "mtorl", 0.8, 0.1) == s
-    assert m["rows_read"] == m["rows_written"] + sum(m["rows_dropped"].values())
+    assert m.rows_read == m.rows_written + sum(m.rows_dropped.values())
 
 
 def test_no_manifest_is_a_clear_error(tmp_path: Path) -> None:
@@ -119,10 +119,10 @@ def test_atomic_republish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     old_sha = manifest_sha256(str(out))
 
     # a re-prepare that dies just before the commit: the old manifest (and its shards) stay readable
-    real = prep_mod._io.write_json
+    real = prep_mod.storage.write_json
 
     def crash(uri: str, obj: Any) -> None:
-        assert load_manifest(str(out))["version"] == old["version"]  # readers still see the old version
+        assert load_manifest(str(out)).version == old.version  # readers still see the old version
         new_dir = out / obj["version"]
         for s in obj["splits"].values():  # the new version is complete before the swap
             for sh in s["shards"]:
@@ -130,18 +130,18 @@ def test_atomic_republish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         assert new_dir.exists()
         raise OSError("killed before commit")
 
-    monkeypatch.setattr(prep_mod._io, "write_json", crash)
+    monkeypatch.setattr(prep_mod.storage, "write_json", crash)
     with pytest.raises(OSError):
         prepare(sp, progress=quiet)
-    monkeypatch.setattr(prep_mod._io, "write_json", real)
+    monkeypatch.setattr(prep_mod.storage, "write_json", real)
     assert manifest_sha256(str(out)) == old_sha
-    for s in old["splits"].values():
-        for sh in s["shards"]:
-            assert (out / sh["path"]).exists()
+    for s in old.splits.values():
+        for sh in s.shards:
+            assert (out / sh.path).exists()
 
     new = prepare(sp, progress=quiet)
-    assert new["version"] != old["version"] and load_manifest(str(out))["version"] == new["version"]
-    assert all(sh["path"].startswith(new["version"]) for s in new["splits"].values() for sh in s["shards"])
+    assert new.version != old.version and load_manifest(str(out)).version == new.version
+    assert all(sh.path.startswith(new.version) for s in new.splits.values() for sh in s.shards)
     assert not list(out.glob(".tmp-*"))
 
 
@@ -161,17 +161,17 @@ def test_manifest_from_unknown_channel(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"j2\.csv: row 5 .*channel 'tv' is not in the vocabulary"):
         prepare(sp, progress=quiet)
     m = prepare(sp.model_copy(update={"on_bad_rows": "quarantine"}), progress=quiet)
-    assert m["rows_dropped"]["unknown_channel"] == 1 and m["quarantine"]["rows"] == 1
-    assert m["channels"] == base["channels"] and m["normalization"] == base["normalization"]
-    assert m["reward_norm"] == base["reward_norm"] and m["penalty"] == 0.2 and m["categorical"] == base["categorical"]
-    q = pq.read_table(tmp_path / "ds2" / m["quarantine"]["files"][0]).to_pylist()
+    assert m.rows_dropped["unknown_channel"] == 1 and m.quarantine.rows == 1
+    assert m.channels == base.channels and m.normalization == base.normalization
+    assert m.reward_norm == base.reward_norm and m.penalty == 0.2 and m.categorical == base.categorical
+    q = pq.read_table(tmp_path / "ds2" / m.quarantine.files[0]).to_pylist()
     assert q[0]["channel"] == "tv" and q[0]["_row"] == 5
 
     # a checkpoint directory: meta.json carries the manifest
     ck = tmp_path / "ckpt"
     ck.mkdir()
-    (ck / "meta.json").write_text(json.dumps({"manifest": base}))
-    js = load_journeys("journeys", str(inp), json.loads((tmp_path / "ds" / "manifest.json").read_text()))
+    (ck / "meta.json").write_text(json.dumps({"manifest": base.dump()}))
+    js = load_journeys("journeys", str(inp), load_manifest(str(tmp_path / "ds")))
     _, js2 = prepare_with_manifest(sp.model_copy(update={"manifest_from": str(ck), "on_bad_rows": "quarantine"}),
                                    write=False, progress=quiet)
     assert sum(j.length for j in js) == len(rows) and len(js) == 20

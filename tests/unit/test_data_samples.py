@@ -23,10 +23,10 @@ def test_sample(
     m = prepare(PrepareSpec(source=source, input=str(shared_data / name), output=str(tmp_path / "ds"), min_steps=1),
                 progress=lambda _m: None)
     assert load_manifest(str(tmp_path / "ds")) == m
-    assert m["users_read"] == users and m["rows_read"] == rows
-    assert m["rows_read"] == m["rows_written"] + sum(m["rows_dropped"].values())
-    assert m["rows_written"] == rows and m["rows_dropped"] == {}
-    assert sum(s["users"] for s in m["splits"].values()) == users
-    assert sum(s["steps"] for s in m["splits"].values()) == rows
-    assert len(m["channels"]) == channels and m["gain_binary"]
-    assert 0.7 < m["splits"]["train"]["users"] / users < 0.9
+    assert m.users_read == users and m.rows_read == rows
+    assert m.rows_read == m.rows_written + sum(m.rows_dropped.values())
+    assert m.rows_written == rows and m.rows_dropped == {}
+    assert sum(s.users for s in m.splits.values()) == users
+    assert sum(s.steps for s in m.splits.values()) == rows
+    assert len(m.channels) == channels and m.gain_binary
+    assert 0.7 < m.splits["train"].users / users < 0.9

@@ -4,10 +4,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from mtorl.data.manifest import Manifest
 from mtorl.data.windows import Journey, compute_reward, journeys_from_table, make_windows, normalise_state, pad_journeys
 
-MANIFEST = {"penalty": 0.5, "reward_norm": {"min": -1.0, "max": 1.0}, "step_features": ["a"], "user_features": ["u"],
-            "normalization": {"mean": [1.0, 2.0], "std": [2.0, 4.0]}}
+BASE = {"schema_version": 1, "version": "v1", "channels": ["x", "y", "z"], "splits": {},
+        "penalty": 0.5, "reward_norm": {"min": -1.0, "max": 1.0}, "step_features": ["a"], "user_features": ["u"],
+        "normalization": {"mean": [1.0, 2.0], "std": [2.0, 4.0]}}
+MANIFEST = Manifest.model_validate(BASE)
 
 
 def _journey(uid: str, T: int, base: int) -> Journey:
@@ -26,7 +29,7 @@ def test_compute_reward_formula_and_clip() -> None:
 
 
 def test_compute_reward_degenerate_range() -> None:
-    m = {**MANIFEST, "penalty": 0.0, "reward_norm": {"min": 1.0, "max": 1.0}}
+    m = Manifest.model_validate({**BASE, "penalty": 0.0, "reward_norm": {"min": 1.0, "max": 1.0}})
     np.testing.assert_allclose(compute_reward(np.array([1.0, 1.5]), np.zeros(2), m), [0.0, 0.5])
 
 

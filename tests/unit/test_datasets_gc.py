@@ -25,8 +25,8 @@ def _inp(tmp_path: Path) -> Path:
 
 def test_gc_lists_then_removes_only_uncommitted_versions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ds = tmp_path / "ds"
-    old = prepare(spec(tmp_path, "journeys", _inp(tmp_path), journeys=JFMT), progress=quiet)["version"]
-    cur = prepare(spec(tmp_path, "journeys", _inp(tmp_path), journeys=JFMT), progress=quiet)["version"]
+    old = prepare(spec(tmp_path, "journeys", _inp(tmp_path), journeys=JFMT), progress=quiet).version
+    cur = prepare(spec(tmp_path, "journeys", _inp(tmp_path), journeys=JFMT), progress=quiet).version
     killed = ds / "v20200101T000000Z-abcdef" / "train"   # what a SIGKILL mid-write leaves
     killed.mkdir(parents=True)
     (killed / "part-00000.parquet").write_bytes(b"partial")

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from mtorl.data.manifest import Manifest
 from mtorl.data.windows import journeys_from_table
 from mtorl.evaluation.allocation import allocate_requests
 from mtorl.evaluation.decision import decide
@@ -15,7 +16,8 @@ from mtorl.serving.schemas import (
     AllocateRequest, Limits, Preprocessor, RecommendRequest, RequestError, allocation, parse_request, recommend_scores, recommendations,
 )
 
-MANIFEST: dict[str, Any] = {
+BASE: dict[str, Any] = {
+    "schema_version": 1, "version": "v1", "splits": {},
     "channels": ["search", "social", "video"],
     "step_features": ["hour", "depth", "device=ios", "device=web"],
     "user_features": ["age"],
@@ -24,10 +26,11 @@ MANIFEST: dict[str, Any] = {
     "penalty": 0.1,
     "reward_norm": {"min": -0.3, "max": 0.9},
 }
+MANIFEST = Manifest.model_validate(BASE)
 
 
 def _user(uid: str = "u1", steps: int = 3, **kw: Any) -> dict[str, Any]:
-    j = [{"channel": MANIFEST["channels"][t % 3], "gain": float(t % 2), "cost": 1.0 + t,
+    j = [{"channel": MANIFEST.channels[t % 3], "gain": float(t % 2), "cost": 1.0 + t,
           "features": {"hour": 3.0 * t, "depth": 1.0 + t, "device=ios": float(t % 2)}} for t in range(steps)]
     return {"user_id": uid, "journey": j, "user_features": {"age": 41.0}, **kw}
 
@@ -48,7 +51,7 @@ def test_state_and_reward_equal_the_data_pipeline() -> None:
     req = parse_request(RecommendRequest, {"users": [u]})
     p = _pre().prepare(req.users)
     # the same journey as a prepared-dataset row (features row-major in step_features order)
-    feats = [[s["features"].get(f, 0.0) for f in MANIFEST["step_features"]] for s in u["journey"]]
+    feats = [[s["features"].get(f, 0.0) for f in MANIFEST.step_features] for s in u["journey"]]
     row = {"user_id": ["u1"], "channel": [np.array([0, 1, 2, 0])], "gain": [np.array([s["gain"] for s in u["journey"]])],
            "cost": [np.array([s["cost"] for s in u["journey"]])], "propensity": [np.full(4, np.nan)],
            "features": [np.array(feats).reshape(-1)], "user_features": [np.array([41.0])]}
@@ -83,7 +86,7 @@ def test_complete_and_partial_feature_sets_give_the_same_states() -> None:
     for t, s in enumerate(b["journey"]):
         if t % 2 == 0:
             s["features"] = {"device=web": 0.0, **dict(reversed(list(s["features"].items())))}
-            assert set(s["features"]) == set(MANIFEST["step_features"])
+            assert set(s["features"]) == set(MANIFEST.step_features)
     pa = _pre().prepare(parse_request(RecommendRequest, {"users": [a]}).users)
     pb = _pre().prepare(parse_request(RecommendRequest, {"users": [b]}).users)
     np.testing.assert_array_equal(pa.journeys[0].state, pb.journeys[0].state)
@@ -100,8 +103,8 @@ def test_recommendations_scored_for_a_batch_equal_per_request() -> None:
     s = 0
     for p in reqs:
         sl = slice(s, s + len(p))
-        together = recommendations(p, probs[sl], reward[sl], MANIFEST["channels"], scored=(scored[0][sl], scored[1][sl]))
-        assert together == recommendations(p, probs[sl], reward[sl], MANIFEST["channels"])
+        together = recommendations(p, probs[sl], reward[sl], MANIFEST.channels, scored=(scored[0][sl], scored[1][sl]))
+        assert together == recommendations(p, probs[sl], reward[sl], MANIFEST.channels)
         s += len(p)
 
 
@@ -116,7 +119,7 @@ def test_channel_costs_most_recent_then_manifest_mean_then_one() -> None:
     u["journey"].append({"channel": "search", "gain": 0.0, "cost": 5.0, "features": {"hour": 1.0, "depth": 1.0}})
     req = parse_request(RecommendRequest, {"users": [u]})
     np.testing.assert_array_equal(_pre().prepare(req.users).costs[0], [5.0, 2.0, 1.0])
-    man = dict(MANIFEST, channel_cost_mean={"video": 3.5})
+    man = Manifest.model_validate(dict(BASE, channel_cost_mean={"video": 3.5}))
     np.testing.assert_array_equal(Preprocessor(man).prepare(req.users).costs[0], [5.0, 2.0, 3.5])
 
 
@@ -172,15 +175,15 @@ def test_recommendation_and_allocation_use_the_evaluation_code() -> None:
     users = [_user(f"u{i}", steps=1 + i % 3) for i in range(6)]
     p = _pre().prepare(parse_request(RecommendRequest, {"users": users}).users)
     probs, reward = _fake_outputs(6)
-    recs = recommendations(p, probs, reward, MANIFEST["channels"])
+    recs = recommendations(p, probs, reward, MANIFEST.channels)
     for b, r in enumerate(recs):
         c = int(decide(reward[b:b + 1], probs[b:b + 1], p.costs[b:b + 1]).channel[0])  # the decision layer
-        assert r["recommended_channel"] == MANIFEST["channels"][c]
+        assert r["recommended_channel"] == MANIFEST.channels[c]
         assert r["expected_reward"] == pytest.approx(reward[b, c])
         assert sum(r["channel_probs"].values()) == pytest.approx(1.0)
-    res = allocation(p, probs, reward, MANIFEST["channels"], budget=4.0, penalty=None)
+    res = allocation(p, probs, reward, MANIFEST.channels, budget=4.0, penalty=None)
     ref = allocate_requests([(u, reward[b], probs[b], p.costs[b]) for b, u in enumerate(p.user_ids)], 4.0, None,
-                            MANIFEST["channels"])
+                            MANIFEST.channels)
     assert [s["user_id"] for s in res["selected"]] == [s["user_id"] for s in ref["selected"]]
     assert res["spend"] == pytest.approx(ref["spend"]) and res["spend"] <= 4.0
     assert res["total_expected_reward"] == pytest.approx(sum(s["expected_reward"] for s in res["selected"]))
@@ -189,7 +192,7 @@ def test_recommendation_and_allocation_use_the_evaluation_code() -> None:
     at_s = decide(reward, probs, p.costs, penalty=res["multiplier"]).channel
     row = {u: b for b, u in enumerate(p.user_ids)}
     for s in res["selected"]:
-        assert s["channel"] == MANIFEST["channels"][at_s[row[s["user_id"]]]]
+        assert s["channel"] == MANIFEST.channels[at_s[row[s["user_id"]]]]
 
 
 def test_serving_imports_leave_out_the_evaluation_reports() -> None:

@@ -15,6 +15,7 @@ import pytest
 from mtorl.sim import (Simulator, calibrate, dataset_stats, journeys_format, logging_policy, observable_oracle_policy, ope_error,
                        oracle_policy, random_policy,
                        read_journeys, run_online, simulate, true_policy_value)
+from mtorl.data.manifest import load_manifest
 from mtorl.spec.models import JourneysFormat, SimulateSpec
 
 
@@ -260,7 +261,9 @@ def _prepared_dataset(root: Path, rng: np.random.Generator) -> tuple[list[float]
     (root / "v1" / "train").mkdir(parents=True)
     pq.write_table(table, root / "v1" / "train" / "part-00000.parquet")
     steps = int(lengths.sum())
-    manifest = {"channels": ["a", "b", "c"], "splits": {"train": {"users": len(lengths), "steps": steps,
+    manifest = {"schema_version": 1, "version": "v1", "step_features": [], "user_features": [], "penalty": 0.0,
+                "normalization": {"mean": [], "std": []}, "reward_norm": {"min": 0.0, "max": 1.0},
+                "channels": ["a", "b", "c"], "splits": {"train": {"users": len(lengths), "steps": steps,
                 "shards": [{"path": "v1/train/part-00000.parquet", "users": len(lengths), "steps": steps}]}}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return shares, rates, float(lengths.mean())
@@ -268,7 +271,7 @@ def _prepared_dataset(root: Path, rng: np.random.Generator) -> tuple[list[float]
 
 def test_calibration_hits_target_shares_rates_lengths(tmp_path: Path) -> None:
     shares, rates, mean_len = _prepared_dataset(tmp_path / "ds", np.random.default_rng(0))
-    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    manifest = load_manifest(str(tmp_path / "ds"))
     assert calibrate(manifest)["mean_steps"] == pytest.approx(mean_len)  # manifest only
     meta = simulate(_spec(tmp_path / "sim", users=3000, calibrate_from=str(tmp_path / "ds")), progress=None)
     over = meta["calibration"]["overrides"]
@@ -293,10 +296,10 @@ def test_prepare_takes_the_mapping_of_simulated_logs(generated: tuple[SimulateSp
     spec, meta, _ = generated
     man = prepare(make_job("PrepareJob", "p", {"source": "journeys", "input": spec.output, "output": str(tmp_path / "ds")}).spec,
                   progress=lambda *_: None)
-    assert man["step_features"] == list(meta["journeys"]["numeric_features"])
-    assert man["user_features"] == list(meta["journeys"]["user_features"])
-    assert man["journeys_format"]["propensity_col"] == "propensity"
-    assert man["rows_read"] == meta["steps"]
+    assert man.step_features == list(meta["journeys"]["numeric_features"])
+    assert man.user_features == list(meta["journeys"]["user_features"])
+    assert man.journeys_format["propensity_col"] == "propensity"
+    assert man.rows_read == meta["steps"]
 
 
 def test_served_history_drops_unserved_steps_and_carries_their_time() -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from mtorl.cli import store_command
 from mtorl.storage import StorageError, s3_settings, seaweed
 
 
 def test_port_out_of_range_and_unusable_dir_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(StorageError, match=r"^--port 70000: not a TCP port \(1-65535\)$"):
         seaweed.up("/nonexistent-never", 70000)
-    assert seaweed.store_command("up", "/proc/mtorl-x", None) == 2
+    assert store_command("up", "/proc/mtorl-x", None) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: /proc/mtorl-x: cannot use this store directory:") and "\n" not in err
 

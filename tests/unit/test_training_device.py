@@ -18,6 +18,12 @@ from mtorl.training import checkpoint as ckpt
 from mtorl.training.step import autocast, dist_backend, place_for_training, to_device
 
 
+# The smallest valid data manifest (checkpoint metadata carries one).
+MANIFEST = {"schema_version": 1, "version": "v1", "channels": ["a", "b"], "step_features": [], "user_features": [],
+            "normalization": {"mean": [], "std": []}, "reward_norm": {"min": 0.0, "max": 1.0}, "penalty": 0.0,
+            "splits": {}}
+
+
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
@@ -182,7 +188,7 @@ def test_gpu_tagged_optimizer_state_loads_on_cpu(tmp_path: Path, cuda_tagged_sav
             torch.load(io.BytesIO(data), weights_only=True)
     d = tmp_path / "ck"
     model = _model()
-    ckpt.write_checkpoint_dir(d, model, None, {"epoch": 0, "step": 1, "manifest": {}, "spec": {}})
+    ckpt.write_checkpoint_dir(d, model, None, {"epoch": 0, "step": 1, "manifest": MANIFEST, "spec": {}})
     (d / ckpt.OPTIM_FILE).write_bytes(data)
     meta = json.loads((d / ckpt.META_FILE).read_text())
     meta["sha256"][ckpt.OPTIM_FILE] = ckpt._sha256(data)
@@ -205,7 +211,8 @@ def test_checkpoint_files_hold_cpu_tensors_only(tmp_path: Path) -> None:
     opt = _adamw(model.parameters())
     model(torch.randn(5, 4)).sum().backward()
     opt.step()
-    d = ckpt.write_checkpoint_dir(tmp_path / "ck", model, opt, {"epoch": 0, "step": 1})
+    meta = {"epoch": 0, "step": 1, "manifest": MANIFEST, "spec": {}}
+    d = ckpt.write_checkpoint_dir(tmp_path / "ck", model, opt, meta)
     # No map_location: every storage must say "cpu" in the file itself.
     raw = torch.load(d / ckpt.OPTIM_FILE, weights_only=True)
     tensors = [v for s in raw["state"].values() for v in s.values() if isinstance(v, torch.Tensor)]

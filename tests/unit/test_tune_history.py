@@ -12,7 +12,12 @@ def _checkpoint(run: Path, name: str, epoch: int) -> None:
     d = run / name
     d.mkdir(parents=True)
     history = [{"epoch": e, "val/loss": 1.0 - 0.1 * e} for e in range(epoch + 1)]
-    (d / "meta.json").write_text(json.dumps({"epoch": epoch, "history": history}))
+    manifest = {"schema_version": 1, "version": "v1", "channels": ["a", "b"], "step_features": [], "user_features": [],
+                "normalization": {"mean": [], "std": []}, "reward_norm": {"min": 0.0, "max": 1.0}, "penalty": 0.0,
+                "splits": {}}
+    meta = {"epoch": epoch, "history": history, "spec": {}, "manifest": manifest, "sha256": {},
+            "mtorl_version": "0.1.0"}
+    (d / "meta.json").write_text(json.dumps(meta))
 
 
 def test_history_comes_from_the_latest_checkpoint(tmp_path: Path) -> None:
