@@ -309,7 +309,7 @@ def test_serving_acts_by_the_checkpoints_decision_block() -> None:
     free, _ = recommend_scores(probs, reward, p.costs, DecisionSpec(support_threshold=0.0))
     assert list(free) == list(decide(reward, None, p.costs, DecisionSpec(support_threshold=0.0)).channel)
     assert list(free) != list(best)  # the fake outputs make the two rules disagree somewhere
-    res = allocation(p, probs, reward, MANIFEST["channels"], budget=2.0, penalty=0.0, decision=strict)
+    res = allocation(p, probs, reward, MANIFEST.channels, budget=2.0, penalty=0.0, decision=strict)
     ref = decide(reward, probs, p.costs, strict, budget=2.0)
     assert res["penalty"] == pytest.approx(ref.penalty) and res["penalty"] == res["multiplier"] and res["penalty"] > 0
     assert {s["user_id"] for s in res["selected"]} == {p.user_ids[i] for i in np.flatnonzero(ref.served)}
