@@ -1094,6 +1094,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scale-epoch", action="store_true", help="time the training epoch at both scale points in --quick too")
     ap.add_argument("--compile", action="store_true", help="train stage: also time the plain loop under torch.compile")
     ap.add_argument("--requests", type=int, help="HTTP requests per concurrency level (overrides the mode)")
+    ap.add_argument("--epochs", type=int, help="Ray Train epochs per train-stage run (overrides the mode)")
     ap.add_argument("--work", help="scratch folder (default: a new temp folder, removed at the end)")
     return ap
 
@@ -1122,6 +1123,8 @@ def main(argv: list[str] | None = None) -> int:
         over["steps"] = args.steps
     if args.requests:
         over["requests"] = args.requests
+    if args.epochs:
+        over["epochs"] = args.epochs
     if args.scale_epoch:
         over["scale_epoch"] = True
     if args.scale_steps:
