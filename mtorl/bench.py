@@ -631,10 +631,10 @@ class Bench:
         torch.set_num_threads(saved)
 
         def levels(url: str) -> dict[str, Any]:
-            out = {f"c{c}": http_load(url, bodies, c, self.sizes.requests if c > 1 else max(8, self.sizes.requests // 2))
+            out = {f"c{c}": http_load(url, bodies, c, self.sizes.requests if c > 1 else max(50, self.sizes.requests // 2))
                    for c in CONCURRENCY}
             for n, bs in sized.items():  # many users per request, at the headline concurrency
-                r = http_load(url, bs, SIZE_CONCURRENCY, max(8, self.sizes.requests // 2))
+                r = http_load(url, bs, SIZE_CONCURRENCY, max(40, self.sizes.requests // 2))
                 out[f"users_{n}"] = {**r, "users_per_request": n,
                                      "journeys_per_s": round(r["requests_per_s"] * n, 1),
                                      "vs_raw": _ratio(r["requests_per_s"] * n, raw[f"batch_{n}"]["journeys_per_s"])}
