@@ -1108,6 +1108,7 @@ class SuiteOptions:
     scale_epoch: bool = False
     compile: bool = False
     requests: int | None = None
+    epochs: int | None = None
     work: str | None = None
 
 
@@ -1131,6 +1132,8 @@ def run_suite(opts: SuiteOptions, command: str) -> bool:
         over["steps"] = args.steps
     if args.requests:
         over["requests"] = args.requests
+    if args.epochs:
+        over["epochs"] = args.epochs
     if args.scale_epoch:
         over["scale_epoch"] = True
     if args.scale_steps:

@@ -363,6 +363,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale-epoch", action="store_true", help="time the training epoch at both scale points in --quick too")
     ap.add_argument("--compile", action="store_true", help="train stage: also time the plain loop under torch.compile")
     ap.add_argument("--requests", type=int, help="HTTP requests per concurrency level (overrides the mode)")
+    ap.add_argument("--epochs", type=int, help="Ray Train epochs per train-stage run (overrides the mode)")
     ap.add_argument("--work", help="scratch folder (default: a new temp folder, removed at the end)")
     a = ap.parse_args(argv)
     scale = None
@@ -372,7 +373,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     opts = bench.SuiteOptions(
         stages=tuple(x.strip() for x in a.stages.split(",") if x.strip()), quick=a.quick, device=a.device, out=a.out,
         markdown=a.markdown, no_markdown=a.no_markdown, steps=a.steps, scale_steps=scale, scale_epoch=a.scale_epoch,
-        compile=a.compile, requests=a.requests, work=a.work)
+        compile=a.compile, requests=a.requests, epochs=a.epochs, work=a.work)
     command = ("python -m mtorl.bench " + " ".join(x for x in argv if not x.startswith("--work"))).strip()
     return _known_errors_as_one_line(lambda: 0 if bench.run_suite(opts, command) else 1)
 

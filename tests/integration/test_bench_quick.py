@@ -23,7 +23,7 @@ def test_quick_bench_completes_and_writes_every_stage(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     md = tmp_path / "BENCHMARKS.md"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "MTORL_STORE_DIR"))}
-    tiny = ["--steps", "6000", "--requests", "16", "--scale-steps", "3000,12000"]
+    tiny = ["--steps", "6000", "--requests", "16", "--epochs", "1", "--scale-steps", "3000,12000"]
     proc = subprocess.run([sys.executable, "-m", "mtorl.bench", "--quick", *tiny, "--out", str(out),
                            "--markdown", str(md), "--work", str(tmp_path / "work")],
                           capture_output=True, text=True, env=env, timeout=900, cwd=Path(__file__).resolve().parents[2])
@@ -35,6 +35,7 @@ def test_quick_bench_completes_and_writes_every_stage(tmp_path: Path) -> None:
         assert "error" not in res["stages"][name], (name, res["stages"][name])
         assert "ratio" in res["stages"][name], name
     assert res["sizes"]["steps"] == 6000 and res["sizes"]["scale"] == [3000, 12000] and res["sizes"]["requests"] == 16
+    assert res["sizes"]["epochs"] == 1
     assert res["machine"]["cores"] and res["machine"]["torch"] and res["machine"]["ray"]
     text = md.read_text()
     assert "<!-- bench:cpu:start -->" in text and "| stage |" in text

@@ -67,12 +67,12 @@ def test_worker_crash_is_restarted_and_history_stays_continuous(ray_session: Non
     from mtorl.training.driver import run_train
 
     marker = tmp_path / "crashed"
-    # during epoch 2: epoch 1 has about 2-3 steps per worker
+    # during epoch 2 (of 2): epoch 1 has about 2-3 steps per worker, so the restart resumes its checkpoint
     monkeypatch.setenv(*faults.env({"train.crash_at_step": 4, "train.crash_marker": str(marker)}))
-    res = run_train(_job("crash", tiny_dataset, f"{s3_bucket}/runs", workers=2, epochs=3, batch_size=8, max_failures=2), progress=print)
+    res = run_train(_job("crash", tiny_dataset, f"{s3_bucket}/runs", workers=2, epochs=2, batch_size=8, max_failures=2), progress=print)
     assert marker.exists(), "the injected crash did not happen"
     hist = _history(res["latest_checkpoint"])
-    assert [h["epoch"] for h in hist] == [0, 1, 2]
+    assert [h["epoch"] for h in hist] == [0, 1]
     steps = [h["step"] for h in hist]
     assert steps == sorted(steps)
 

@@ -1,4 +1,7 @@
-"""Ray Tune sweeps of real Ray Train trials: a 4-trial sweep, ASHA early stopping, resume."""
+"""Ray Tune sweeps of real Ray Train trials: ASHA early stopping, and a 3-trial sweep killed then resumed.
+
+Sizes are the smallest that keep each assertion meaningful: a trial costs its actors' start-up far more
+than its steps, so trials and epochs are few and steps per epoch tiny."""
 
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def _sweep(name: str, data: str, out: str, **kw: Any) -> Any:
             "workers": 1,
             "epochs": kw.pop("epochs", 2),
             "batch_size": 32,
-            "max_steps_per_epoch": kw.pop("steps", 8),
+            "max_steps_per_epoch": kw.pop("steps", 3),
         },
         "tracking": {"wandb": "disabled"},
     }
@@ -45,13 +48,13 @@ def _sweep(name: str, data: str, out: str, **kw: Any) -> Any:
 def test_asha_stops_a_bad_trial_early(ray_session: None, tiny_dataset: str, s3_bucket: str) -> None:
     from mtorl.tuning.sweep import run_tune
 
-    # grid order: a good learning rate first, then one too small to learn -> cut at the first rung
+    # grid order: a good learning rate first, then one too small to learn -> cut at the first rung (epoch 1
+    # of 2: ASHA's rungs with grace period 1 and reduction factor 2), so it never reaches "completed"
     job = _sweep(
         "asha",
         tiny_dataset,
         f"{s3_bucket}/sweeps",
-        epochs=4,
-        steps=6,
+        epochs=2,
         algorithm="grid",
         early_stopping="asha",
         parameters={"trainer.lr": {"type": "categorical", "values": [0.03, 1e-9]}},
@@ -62,9 +65,9 @@ def test_asha_stops_a_bad_trial_early(ray_session: None, tiny_dataset: str, s3_b
     assert states[1e-9] == "stopped early"
 
 
-def test_four_trial_sweep_interrupted_then_resumed(ray_session: None, tiny_dataset: str, s3_bucket: str,
+def test_three_trial_sweep_interrupted_then_resumed(ray_session: None, tiny_dataset: str, s3_bucket: str,
                                                    tmp_path: Path) -> None:
-    """A 4-trial sweep whose driver is killed after its first trial wrote its result but before Tune
+    """A 3-trial sweep whose driver is killed after its first trial wrote its result but before Tune
     recorded it; re-running resumes it via Tuner.restore, completes it, re-runs no completed trial,
     and still reports the completed trial's epochs to Tune. On the generated tiny dataset: every trial
     builds (materialises) its splits, which on the KuaiRand sample was most of this test's time."""
@@ -73,12 +76,12 @@ def test_four_trial_sweep_interrupted_then_resumed(ray_session: None, tiny_datas
     from mtorl.tuning.sweep import run_tune
 
     job = _sweep(
-        "sweep4", tiny_dataset, f"{s3_bucket}/sweeps", max_trials=4, algorithm="random", early_stopping="none"
+        "sweep3", tiny_dataset, f"{s3_bucket}/sweeps", max_trials=3, algorithm="random", early_stopping="none"
     )
     spec_file = tmp_path / "tune.yaml"
     spec_file.write_text(yaml.safe_dump(job_to_dict(job)))
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
-    trials = storage.join(s3_bucket, "sweeps", "sweep4", "trials")
+    trials = storage.join(s3_bucket, "sweeps", "sweep3", "trials")
     # the driver dies right after the first trial writes its best.json, before Tune records it as done
     env.update([faults.env({"tune.kill_driver_after_trial": True})])
     proc = subprocess.Popen([sys.executable, "-m", "mtorl", "tune", str(spec_file)], env=env, start_new_session=True)
@@ -95,11 +98,11 @@ def test_four_trial_sweep_interrupted_then_resumed(ray_session: None, tiny_datas
 
     res = run_tune(job, progress=print)
     assert res["restored"] is True
-    assert res["trials"] == 4 and res["failed_trials"] == 0
+    assert res["trials"] == 3 and res["failed_trials"] == 0
     names = [r["trial"] for r in res["leaderboard"]]
     assert len(names) == len(set(names))
     assert all(r["state"] == "completed" and r["metric"] is not None for r in res["leaderboard"])
-    assert len({r["mu"] for r in res["leaderboard"]}) == 4
+    assert len({r["mu"] for r in res["leaderboard"]}) == 3
     for f, content in done_before.items():  # a completed trial is not re-run: its pointer is untouched
         assert storage.read_bytes(f) == content
     best = yaml.safe_load(storage.read_bytes(res["best"]["trainjob_yaml"]))
