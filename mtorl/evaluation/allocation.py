@@ -5,7 +5,7 @@ per-channel reward head (pessimistic where the logs give little support), users 
 order of the expected reward of the served channel per cost, and the penalty s is the budget's
 Lagrange multiplier, solved by bisection. The same function serves offline evaluation
 (`budget_curve`), the online `/v1/allocate` endpoint (`allocate_requests`), `/v1/recommend`
-(`score_steps` at s = 0) and the simulator's closed loop.
+(`decide` at the checkpoint's fixed penalty) and the simulator's closed loop.
 
 The pi-reweighted channel module of earlier versions is kept as the decision layer's "imitation"
 policy (per step / user, C channels, policy pi, predicted reward rhat, cost kappa, penalty s >= 0):
@@ -30,7 +30,7 @@ import numpy as np
 from mtorl.evaluation.decision import broadcast_cost
 from mtorl.evaluation.predictions import Predictions, outcome
 
-__all__ = ["channel_scores", "recommended_channel", "score_steps", "Allocation", "allocate_users",
+__all__ = ["channel_scores", "recommended_channel", "Allocation", "allocate_users",
            "allocate_requests", "budget_curve", "channel_costs"]
 
 
@@ -59,23 +59,6 @@ def recommended_channel(weights: np.ndarray, action_probs: np.ndarray) -> np.nda
     if np.any(dead):
         best = np.where(dead, np.argmax(action_probs, axis=1), best)
     return best
-
-
-def score_steps(action_probs: np.ndarray, reward_pred: np.ndarray, cost: Any,
-                penalty: float = 0.0, decision: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The decision layer at a fixed penalty s, for N items: (scores q (N,C), channel (N,), value (N,), cost (N,)).
-
-    channel c* = argmax_c q_c - s kappa_c, value = q_{c*} - s kappa_{c*} (`decision.decide` with
-    `decision` = DecisionParams / DecisionSpec, None = defaults; q = -inf on channels the policy
-    does not allow). The pi-reweighted rule is `decision` policy "imitation".
-    """
-    from mtorl.evaluation.decision import channel_values, decide, params_of
-
-    prm = params_of(decision)
-    r = np.asarray(reward_pred, dtype=np.float64)
-    k = broadcast_cost(cost, r.shape)
-    d = decide(r, action_probs, k, prm, penalty=penalty)
-    return channel_values(r, action_probs, prm, k, penalty), d.channel, d.value, d.cost
 
 
 class Allocation(NamedTuple):

@@ -27,7 +27,6 @@ from mtorl.evaluation.html import write_html
 from mtorl.evaluation.report import evaluate_predictions, to_jsonable, write_report
 from mtorl.serving.predictor import Predictor
 from mtorl.spec import DecisionSpec, EvaluateSpec
-from mtorl.training.checkpoint import CheckpointMeta
 
 BEHAVIOUR_MAX_STEPS = 200_000  # train steps used to fit the behaviour model (a uniform subsample)
 
@@ -74,11 +73,6 @@ def model_predictions(predictor: Predictor, journeys: Sequence[Journey], name: s
     preds = predictor.predict_journeys(journeys)
     return to_predictions(journeys, predictor.channels, predictor.binary, name,
                           (p.action_probs for p in preds), (p.reward for p in preds))
-
-
-def decision_of(explicit: Any, checkpoint_meta: CheckpointMeta) -> DecisionSpec:
-    """The decision layer to use: the explicit spec, else the checkpoint's training spec's, else the defaults."""
-    return DecisionSpec.of_job(checkpoint_meta.spec, explicit)
 
 
 def decision_label(d: Any) -> str:
@@ -154,7 +148,7 @@ def run_evaluate(spec: EvaluateSpec, progress: Any = print) -> dict[str, Any]:
         all_preds[key] = model_predictions(pr, journeys, key)
     primary_key = primary.name
 
-    decision = decision_of(spec.decision, primary.meta)
+    decision = DecisionSpec.of_job(primary.meta.spec, spec.decision)
     notes.append(f"Decision layer (every row, heuristics included): {decision_label(decision)}; budget curves solve the "
                  "penalty s for each budget (the budget's Lagrange multiplier); the OPE greedy policy is the channel choice "
                  f"at s = {decision.penalty or 0.0:g}.")

@@ -43,7 +43,8 @@ def run_benchmark(
     progress: Any = print,
 ) -> dict[str, Any]:
     from mtorl.evaluation.decision import DecisionParams
-    from mtorl.evaluation.run import decision_label, decision_of
+    from mtorl.evaluation.run import decision_label
+    from mtorl.spec import DecisionSpec
     from mtorl.serving.predictor import Predictor
     from mtorl.sim.closed_loop import closed_loop_rows, ope_vs_truth, simulator_for
     from mtorl.spec import make_job
@@ -51,7 +52,7 @@ def run_benchmark(
     t0 = time.time()
     predictor = Predictor.from_checkpoint(checkpoint)
     sim = simulator_for(predictor.manifest)
-    dec = decision_of(decision, predictor.meta)
+    dec = DecisionSpec.of_job(predictor.meta.spec, decision)
     extra = (
         {}
         if dec.policy == "imitation"

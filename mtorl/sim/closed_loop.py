@@ -15,7 +15,7 @@ import numpy as np
 
 from mtorl import storage
 from mtorl.data.manifest import Manifest
-from mtorl.spec import EvaluateSpec, SimulateSpec
+from mtorl.spec import DecisionSpec, EvaluateSpec, SimulateSpec
 
 
 def simulation_uri(manifest: Manifest) -> str:
@@ -159,13 +159,13 @@ def closed_loop_rows(predictor: Any, sim: Any, users: int, budget: float, seed: 
 
 
 def run_online_evaluation(spec: EvaluateSpec, users: int = 2000, budget: float = 0.3, progress: Any = print) -> dict[str, Any]:
-    from mtorl.evaluation.run import decision_label, decision_of
+    from mtorl.evaluation.run import decision_label
     from mtorl.serving.predictor import Predictor
 
     t0 = time.time()
     predictor = Predictor.from_checkpoint(spec.checkpoint)
     sim = simulator_for(predictor.manifest)
-    decision = decision_of(spec.decision, predictor.meta)
+    decision = DecisionSpec.of_job(predictor.meta.spec, spec.decision)
     W, rows = closed_loop_rows(predictor, sim, users, budget, spec.seed, decision, n_boot=spec.bootstrap)
     progress(f"closed loop: {users} fresh simulated users, budget {W:.1f} = {budget:.0%} of the logging policy's unconstrained spend; "
              f"decision layer: {decision_label(decision)}")

@@ -16,7 +16,7 @@ import pytest
 from mtorl.serving.schemas import AllocateResponse, RecommendResponse
 from tests.integration.test_serve import (
     AUTH, TOKEN, TOKEN_ENV, _bad_cases, _get, _job, _post, _users, assert_no_5xx_for_bad_bodies, assert_poison_fails_alone,
-    assert_serve_binds_loopback_only,
+    assert_serve_binds_loopback_only, listening_sockets,
 )
 
 pytestmark = pytest.mark.integration
@@ -40,24 +40,14 @@ def _two_free_ports() -> int:
 
 
 def _listener_cmdline(port: int) -> str:
-    """Command line of the process listening on 127.0.0.1:``port`` (Linux /proc)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for ln in lines:
-            f = ln.split()
-            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # state LISTEN
-                inodes.add(f[9])
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in {f"socket:[{i}]" for i in inodes} for fd in fds):
+    """Command line of the process listening on ``port`` (Linux /proc)."""
+    pids = {int(p) for p in os.listdir("/proc") if p.isdigit()}
+    for _, p, pid in listening_sockets(pids):
+        if p == port:
+            try:
                 return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
-        except OSError:
-            continue
+            except OSError:
+                continue
     return ""
 
 
