@@ -25,10 +25,12 @@ from mtorl.evaluation.ope import fit_behaviour_model
 from mtorl.evaluation.predictions import Predictions, outcome
 from mtorl.evaluation.html import write_html
 from mtorl.evaluation.report import evaluate_predictions, to_jsonable, write_report
+from mtorl.evaluation.streaming import MetricSums, TrainStats, UserSample, behaviour_features, split_batches
 from mtorl.serving.predictor import Predictor
 from mtorl.spec import DecisionSpec, EvaluateSpec
 
 BEHAVIOUR_MAX_STEPS = 200_000  # train steps used to fit the behaviour model (a uniform subsample)
+STREAM_MEMORY_FRACTION = 1 / 8  # the in-memory path may take this share of the machine's memory
 
 
 def read_split(dataset_uri: str, split: str, manifest: Manifest | None = None) -> list[Journey]:
@@ -56,17 +58,6 @@ def to_predictions(journeys: Sequence[Journey], channels: Sequence[str], binary:
         reward=cat(j.reward for j in journeys), propensity=cat(j.propensity for j in journeys),
         action_probs=ap, reward_pred=rp, channels=list(channels), binary=binary, name=name,
     )
-
-
-def behaviour_features(journeys: Sequence[Journey], n_channels: int) -> np.ndarray:
-    """Context of the logging decision at t: s_t and one-hot(a_{t−1})."""
-    rows = []
-    for j in journeys:
-        prev = np.zeros((j.length, n_channels), dtype=np.float32)
-        if j.length > 1:
-            prev[np.arange(1, j.length), j.channel[:-1]] = 1.0
-        rows.append(np.concatenate([j.state, prev], axis=1))
-    return np.concatenate(rows) if rows else np.zeros((0, n_channels))
 
 
 def model_predictions(predictor: Predictor, journeys: Sequence[Journey], name: str) -> Predictions:
@@ -97,11 +88,107 @@ def _write_out(local_dir: Path, output: str) -> str:
     return output
 
 
+def auto_stream_min_steps(state_dim: int, n_channels: int, n_rows: int, memory_bytes: float,
+                          fraction: float = STREAM_MEMORY_FRACTION) -> int:
+    """The default ``stream_min_steps``: the most steps (evaluated split + train) whose in-memory evaluation
+    fits in ``fraction`` of ``memory_bytes``: a journey step (state D float32 + 5 fields) plus, per report row
+    and the logged arrays, a `Predictions` step (7 + 2 C float64), twice over for the metrics' temporaries."""
+    per_step = 4 * state_dim + 32 + 2 * 8 * (7 + 2 * n_channels) * (n_rows + 1)
+    return int(fraction * memory_bytes // per_step)
+
+
+def _memory_bytes() -> float:
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _predictors(primary: Predictor, compare: Sequence[str]) -> list[tuple[str, Predictor]]:
+    """[(report row key, predictor)]: the primary first; a name taken by a heuristic or an earlier row
+    gets its run's label (never let two compared checkpoints overwrite each other)."""
+    from mtorl.evaluation.heuristics import HEURISTICS
+
+    out: list[tuple[str, Predictor]] = []
+    taken = set(HEURISTICS)
+    for pr in [primary] + [Predictor.from_checkpoint(uri) for uri in compare]:
+        if pr.channels != primary.channels:
+            raise ValueError(f"{pr.uri}: channel vocabulary {pr.channels} differs from {primary.channels}")
+        key = pr.name if pr.name not in taken else f"{pr.name}@{run_label(pr.uri)}"
+        while key in taken:
+            key += "'"
+        taken.add(key)
+        out.append((key, pr))
+    return out
+
+
+def _mode(spec: EvaluateSpec, data_uri: str, primary: Predictor, n_rows: int) -> tuple[bool, str]:
+    """(stream?, the line saying which mode runs and why)."""
+    m = load_manifest(data_uri)
+    ev, tr = m.split(data_uri, spec.split).steps, m.split(data_uri, "train").steps
+    limit = spec.stream_min_steps
+    if limit is None:
+        limit = auto_stream_min_steps(m.state_dim, len(primary.channels), n_rows, _memory_bytes())
+    if ev > spec.exact_max_steps:
+        return True, (f"streaming in batches of users ({spec.split} split {ev:,} steps > exact_max_steps "
+                      f"{spec.exact_max_steps:,}: exact sufficient statistics, a uniform user sample for AUC, "
+                      "budget curve and OPE)")
+    if ev + tr > limit:
+        return True, (f"streaming in batches of users ({spec.split} + train {ev + tr:,} steps > {limit:,}; "
+                      "every number exact)")
+    return False, f"in memory ({spec.split} + train {ev + tr:,} steps <= {limit:,})"
+
+
 def run_evaluate(spec: EvaluateSpec, progress: Any = print) -> dict[str, Any]:
     t0 = time.time()
     primary = Predictor.from_checkpoint(spec.checkpoint)
-    manifest = primary.manifest
     data_uri = spec.data or primary.meta.manifest_uri
+    predictors = _predictors(primary, spec.compare)
+    decision = DecisionSpec.of_job(primary.meta.spec, spec.decision)
+    stream, mode = (False, "in memory (raw logs)") if spec.input else _mode(spec, data_uri, primary, len(predictors) + 2)
+    progress(f"evaluation: {mode}")
+    evaluate = _evaluate_streaming if stream else _evaluate_in_memory
+    where, results, notes = evaluate(spec, data_uri, primary, predictors, decision, progress)
+    primary_key = predictors[0][0]
+    history = primary.meta.history or None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) if spec.output.startswith("s3://") else Path(spec.output)
+        paths = write_report(str(local), results, primary=primary_key, notes=notes, history=history)
+        paths.append(write_html(str(local)))  # report.html: the same report as one self-contained page
+        out = _write_out(local, spec.output)
+    top = results[primary_key]
+    summary = {
+        "kind": "EvaluateJob", "checkpoint": primary.uri, "evaluated_on": where, "output": out, "mode": mode,
+        "files": [os.path.basename(p) for p in paths], "wall_s": round(time.time() - t0, 2),
+        "metrics": to_jsonable({k: top[k] for k in ("n_users", "n_steps", "channel", "reward", "base_rate", "budget")}),
+        "compare": {k: to_jsonable({"channel_accuracy": r["channel"]["accuracy"], "macro_f1": r["channel"]["macro_f1"],
+                                    "mean_auc": r["channel"]["mean_auc"], "reward_auc": r["reward"].get("auc")})
+                    for k, r in results.items()},
+    }
+    progress(f"report: {storage.join(out, 'report.md')} (one page: {storage.join(out, 'report.html')})")
+    for k, r in summary["compare"].items():
+        progress(f"  {k:<12} acc {r['channel_accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}  "
+                 f"mean AUC {_f(r['mean_auc'])}  reward AUC {_f(r['reward_auc'])}")
+    return summary
+
+
+def _notes(where: str) -> list[str]:
+    return [f"Evaluated on {where}. Splits are by user (stable hash of the user id): these users were never seen in training.",
+            "Predictions at step t use only the journey before t and the current state s_t."]
+
+
+def _behaviour_note(fitted: bool) -> str:
+    return ("Behaviour policy for OPE: multinomial logistic regression fitted on the train split (no logged propensities)."
+            if fitted else "Behaviour policy for OPE: the logged propensities.")
+
+
+def _decision_note(decision: Any) -> str:
+    return (f"Decision layer (every row, heuristics included): {decision_label(decision)}; budget curves solve the "
+            "penalty s for each budget (the budget's Lagrange multiplier); the OPE greedy policy is the channel choice "
+            f"at s = {decision.penalty or 0.0:g}.")
+
+
+def _evaluate_in_memory(spec: EvaluateSpec, data_uri: str, primary: Predictor, predictors: list[tuple[str, Predictor]],
+                        decision: Any, progress: Any) -> tuple[str, dict[str, Any], list[str]]:
+    """Both splits read whole: the reference the streaming path must equal."""
+    manifest = primary.manifest
     if spec.input:
         source = spec.source or manifest.source
         journeys = load_journeys(source, spec.input, manifest, progress=progress)
@@ -119,8 +206,7 @@ def run_evaluate(spec: EvaluateSpec, progress: Any = print) -> dict[str, Any]:
     prior = HistoryPrior.fit(train_p.channel, outcome(train_p), len(primary.channels))
 
     behaviour_probs = None
-    notes = [f"Evaluated on {where}. Splits are by user (stable hash of the user id): these users were never seen in training.",
-             "Predictions at step t use only the journey before t and the current state s_t."]
+    notes = _notes(where)
     if not np.isfinite(logged.propensity).all():
         X = behaviour_features(train, len(primary.channels))
         c = train_p.channel
@@ -129,53 +215,94 @@ def run_evaluate(spec: EvaluateSpec, progress: Any = print) -> dict[str, Any]:
             X, c = X[keep], c[keep]
         bm = fit_behaviour_model(X, c, n_channels=len(primary.channels), seed=spec.seed)
         behaviour_probs = bm.predict_proba(behaviour_features(journeys, len(primary.channels)))
-        notes.append("Behaviour policy for OPE: multinomial logistic regression fitted on the train split (no logged propensities).")
-    else:
-        notes.append("Behaviour policy for OPE: the logged propensities.")
+    notes.append(_behaviour_note(behaviour_probs is not None))
+    del train, train_p
 
     all_preds: dict[str, Predictions] = dict(heuristic_predictions(logged, prior))
-    predictors = [(primary.name, primary)]
-    for uri in spec.compare:
-        pr = Predictor.from_checkpoint(uri)
-        if pr.channels != primary.channels:
-            raise ValueError(f"{uri}: channel vocabulary {pr.channels} differs from {primary.channels}")
-        predictors.append((pr.name, pr))
-    for name, pr in predictors:
-        key = name if name not in all_preds else f"{name}@{run_label(pr.uri)}"
-        while key in all_preds:  # never let two compared checkpoints overwrite each other
-            key += "'"
+    for key, pr in predictors:
         progress(f"scoring {key} ({pr.uri})")
         all_preds[key] = model_predictions(pr, journeys, key)
-    primary_key = primary.name
+    notes.append(_decision_note(decision))
+    results = {key: evaluate_predictions(p, spec.budget_fractions, n_boot=spec.bootstrap, seed=spec.seed,
+                                         behaviour_probs=behaviour_probs, decision=decision)
+               for key, p in all_preds.items()}
+    return where, results, notes
 
-    decision = DecisionSpec.of_job(primary.meta.spec, spec.decision)
-    notes.append(f"Decision layer (every row, heuristics included): {decision_label(decision)}; budget curves solve the "
-                 "penalty s for each budget (the budget's Lagrange multiplier); the OPE greedy policy is the channel choice "
-                 f"at s = {decision.penalty or 0.0:g}.")
+
+def _take(p: Predictions, keep: np.ndarray) -> Predictions:
+    """The steps ``keep`` (N,) bool of ``p``."""
+    if keep.all():
+        return p
+    arrays = {k: getattr(p, k)[keep] for k in ("user", "t", "channel", "gain", "cost", "reward", "propensity",
+                                               "action_probs", "reward_pred")}
+    return Predictions(**arrays, channels=p.channels, binary=p.binary, name=p.name)
+
+
+def _evaluate_streaming(spec: EvaluateSpec, data_uri: str, primary: Predictor, predictors: list[tuple[str, Predictor]],
+                        decision: Any, progress: Any) -> tuple[str, dict[str, Any], list[str]]:
+    """Both splits read in batches of whole users (see `mtorl.evaluation.streaming`)."""
+    from mtorl.evaluation.heuristics import HEURISTICS
+
+    m = load_manifest(data_uri)
+    where = f"the {spec.split} split of {data_uri}"
+    ev, tr = m.split(data_uri, spec.split), m.split(data_uri, "train")
+    if not ev.users:
+        raise ValueError(f"nothing to evaluate in {where}")
+    channels, binary, C = primary.channels, primary.binary, len(primary.channels)
+    progress(f"evaluating on {where}: {ev.users} users, {ev.steps} steps (train: {tr.steps} steps, read for the "
+             "heuristics' priors and the behaviour model)")
+
+    ts = TrainStats(C, binary, tr.steps, BEHAVIOUR_MAX_STEPS, spec.seed)
+    for batch in split_batches(data_uri, m, "train"):
+        ts.add(batch)
+    prior = ts.prior()
+
+    rate = 1.0 if ev.steps <= spec.exact_max_steps else spec.exact_max_steps / ev.steps
+    sample = UserSample(rate, spec.seed)
+    keys = [*HEURISTICS, *(k for k, _ in predictors)]
+    sums = {k: MetricSums(C, binary) for k in keys}
+    parts: dict[str, list[Predictions]] = {k: [] for k in keys}
+    behaviour: list[np.ndarray | None] = []
+    bm = None
+    done_users = 0
+    for batch in split_batches(data_uri, m, spec.split):
+        logged = to_predictions(batch, channels, binary, "logged")
+        if bm is None and not np.isfinite(logged.propensity).all():
+            X, c = ts.behaviour_rows(where)
+            bm = fit_behaviour_model(X, c, n_channels=C, seed=spec.seed)
+        rows: dict[str, Predictions] = dict(heuristic_predictions(logged, prior))
+        for key, pr in predictors:
+            rows[key] = model_predictions(pr, batch, key)
+        keep_user = sample.keep(len(batch))
+        keep = np.repeat(keep_user, [j.length for j in batch])
+        for k in keys:
+            sums[k].add(rows[k])
+            parts[k].append(_take(rows[k], keep))
+        kept = [j for j, y in zip(batch, keep_user) if y]
+        if bm is not None and kept:
+            behaviour.append(bm.predict_proba(behaviour_features(kept, C)))
+        else:  # a batch before the behaviour model was needed: its propensities are all logged (never read)
+            behaviour.append(np.full((int(keep.sum()), C), 1.0 / C))
+        done_users += len(batch)
+        progress(f"  scored {done_users:,} / {ev.users:,} users ({', '.join(keys)})")
+    behaviour_probs = np.concatenate(behaviour) if bm is not None else None
+    notes = _notes(where)
+    notes.append(_behaviour_note(bm is not None))
+    notes.append(_decision_note(decision))
+    if rate < 1.0:
+        notes.append(f"The {spec.split} split has {ev.steps:,} steps (> exact_max_steps {spec.exact_max_steps:,}): "
+                     "accuracy, macro precision/recall/F1, logloss, Brier, ECE, reliability, MSE/MAE, base rate and "
+                     f"counts are exact over every step; AUCs, Spearman, the budget curve and OPE (values and "
+                     f"intervals) are computed on a seeded uniform sample of {sample.kept_users:,} users "
+                     f"({sum(p.n_steps for p in parts[keys[0]]):,} steps).")
     results: dict[str, Any] = {}
-    for key, p in all_preds.items():
-        results[key] = evaluate_predictions(p, spec.budget_fractions, n_boot=spec.bootstrap, seed=spec.seed,
-                                            behaviour_probs=behaviour_probs, decision=decision)
-    history = primary.meta.history or None
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) if spec.output.startswith("s3://") else Path(spec.output)
-        paths = write_report(str(local), results, primary=primary_key, notes=notes, history=history)
-        paths.append(write_html(str(local)))  # report.html: the same report as one self-contained page
-        out = _write_out(local, spec.output)
-    top = results[primary_key]
-    summary = {
-        "kind": "EvaluateJob", "checkpoint": primary.uri, "evaluated_on": where, "output": out,
-        "files": [os.path.basename(p) for p in paths], "wall_s": round(time.time() - t0, 2),
-        "metrics": to_jsonable({k: top[k] for k in ("n_users", "n_steps", "channel", "reward", "base_rate", "budget")}),
-        "compare": {k: to_jsonable({"channel_accuracy": r["channel"]["accuracy"], "macro_f1": r["channel"]["macro_f1"],
-                                    "mean_auc": r["channel"]["mean_auc"], "reward_auc": r["reward"].get("auc")})
-                    for k, r in results.items()},
-    }
-    progress(f"report: {storage.join(out, 'report.md')} (one page: {storage.join(out, 'report.html')})")
-    for k, r in summary["compare"].items():
-        progress(f"  {k:<12} acc {r['channel_accuracy']:.3f}  macro-F1 {r['macro_f1']:.3f}  "
-                 f"mean AUC {_f(r['mean_auc'])}  reward AUC {_f(r['reward_auc'])}")
-    return summary
+    for k in keys:
+        p = Predictions.concat(parts[k], name=k, renumber_users=True)
+        parts[k] = []
+        r = evaluate_predictions(p, spec.budget_fractions, n_boot=spec.bootstrap, seed=spec.seed,
+                                 behaviour_probs=behaviour_probs, decision=decision)
+        results[k] = sums[k].apply(r) if rate < 1.0 else r
+    return where, results, notes
 
 
 def _f(v: Any) -> str:
