@@ -70,3 +70,47 @@ def test_evaluate_raw_held_back_logs_with_checkpoint_manifest(kuairand_checkpoin
     m = json.loads(storage.read_bytes(f"{s3_bucket}/report/metrics.json"))
     assert m["n_users"] == 6 and m["n_steps"] == len(raw)
     assert "raw logs" in res["evaluated_on"]
+
+
+def _close(a: object, b: object, where: str = "") -> None:
+    """Equal, floats to a relative 1e-9 (sums taken in another order)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert set(a) == set(b), (where, set(a) ^ set(b))
+        for k in a:
+            _close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
+def test_streaming_evaluation_equals_the_in_memory_one(kuairand_checkpoint: str, tmp_path: Path) -> None:
+    """The same report whether the splits are read whole or in batches of users (streaming forced by
+    threshold 0); above exact_max_steps the sufficient-statistic metrics stay exact."""
+    from mtorl.evaluation.run import run_evaluate
+
+    runs = {"memory": {"stream_min_steps": 10**12}, "stream": {"stream_min_steps": 0},
+            "sample": {"stream_min_steps": 0, "exact_max_steps": 2_000}}
+    m, res = {}, {}
+    for name, over in runs.items():
+        spec = make_job("EvaluateJob", f"ev-{name}", {"checkpoint": kuairand_checkpoint, "output": str(tmp_path / name),
+                                                       "bootstrap": 20, **over}).spec
+        res[name] = run_evaluate(spec, progress=print)
+        m[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert res["memory"]["mode"].startswith("in memory") and res["stream"]["mode"].startswith("streaming")
+    _close(m["memory"], m["stream"])
+    assert (tmp_path / "memory" / "report.md").read_text() == (tmp_path / "stream" / "report.md").read_text()
+
+    s, ref = m["sample"], m["memory"]
+    assert s["n_steps"] == ref["n_steps"] > 2_000 and s["n_users"] == ref["n_users"]
+    for row in ref["compare"]:
+        for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall"):
+            assert s["compare"][row]["channel"][k] == pytest.approx(ref["compare"][row]["channel"][k], rel=1e-9), (row, k)
+        for k in ("logloss", "ece"):
+            assert s["compare"][row]["reward"][k] == pytest.approx(ref["compare"][row]["reward"][k], rel=1e-9), (row, k)
+        assert abs(s["compare"][row]["reward"]["auc"] - ref["compare"][row]["reward"]["auc"]) < 0.1, row
+    assert any("uniform sample" in n for n in s["notes"]) and not any("uniform sample" in n for n in ref["notes"])
