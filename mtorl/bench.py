@@ -17,9 +17,10 @@ Stages (ratio = ours / plain reference, same machine, same data, same run):
   per request) of each Ray Serve ingress mode vs the plain reference server (the same request code on one
   uvicorn worker, ``mtorl.serving.plain``), and journeys/s of requests carrying 8 and 32 users vs the raw
   ``Predictor`` forward at the same batch size.
-- ``scale``: peak memory and wall time of ``prepare`` and of one 2-worker training epoch (streaming forced) at two sizes, each in its own
-  subprocess (its own Ray); peak memory is the subprocess's VmHWM and, for the epoch, the sampled peak of the
-  summed RSS of its whole process tree (Ray's raylet, workers and object store included).
+- ``scale``: peak memory and wall time of ``prepare``, of one 2-worker training epoch (streaming forced) and of
+  one evaluation (streaming forced; the default ``exact_max_steps``) at two sizes, each in its own
+  subprocess (its own Ray); peak memory is the subprocess's VmHWM and, for the epoch and the evaluation, the
+  sampled peak of the summed RSS of its whole process tree (Ray's raylet, workers and object store included).
 
 The bench starts its own embedded object store (in a temp dir, on free ports) and its own local Ray, and
 stops both at the end (the store by PID). Nothing here runs at import time.
@@ -90,6 +91,7 @@ class Sizes:
     raw_repeats: int            # Predictor forward passes timed
     scale: tuple[int, int]      # simulated steps of the two scale points (small, large)
     scale_epoch: bool = True    # also time one training epoch at both scale points
+    scale_eval: bool = True     # also time one evaluation at both scale points
 
 
 QUICK = Sizes(steps=60_000, epochs=3, requests=160, raw_repeats=30, scale=(100_000, 1_000_000), scale_epoch=False)
@@ -698,6 +700,9 @@ class Bench:
     def stage_scale(self) -> dict[str, Any]:
         import ray
 
+        # the evaluation rows score a small checkpoint of the main dataset (the same simulator: same channels
+        # and features) on each scale dataset
+        checkpoint = self._ensure_checkpoint() if self.sizes.scale_eval else None
         if ray.is_initialized():
             ray.shutdown()  # each subprocess starts its own local Ray
         points: dict[str, Any] = {}
@@ -713,6 +718,11 @@ class Bench:
                 points[str(steps)]["epoch"] = e
                 self.say(f"bench: scale {steps:,} steps: epoch {e['wall_s']}s peak {e['peak_mb']:.0f} MiB "
                          f"(tree {e['tree_peak_mb']:.0f} MiB)")
+            if checkpoint:
+                v = _child(["evaluate", "--dataset", uri, "--checkpoint", checkpoint], self.say)
+                points[str(steps)]["evaluate"] = v
+                self.say(f"bench: scale {steps:,} steps: evaluate {v['wall_s']}s peak {v['peak_mb']:.0f} MiB "
+                         f"(tree {v['tree_peak_mb']:.0f} MiB), {v['rows_per_s']:,.0f} steps/s; {v['mode']}")
         small, large = (points[str(s)] for s in self.sizes.scale)
         mem = {"prepare": _ratio(large["prepare"]["peak_mb"], small["prepare"]["peak_mb"])}
         wall = {"prepare": _ratio(large["prepare"]["wall_s"], small["prepare"]["wall_s"])}
@@ -720,6 +730,10 @@ class Bench:
             mem["epoch"] = _ratio(large["epoch"]["peak_mb"], small["epoch"]["peak_mb"])
             mem["epoch_tree"] = _ratio(large["epoch"]["tree_peak_mb"], small["epoch"]["tree_peak_mb"])
             wall["epoch"] = _ratio(large["epoch"]["wall_s"], small["epoch"]["wall_s"])
+        if checkpoint:
+            mem["evaluate"] = _ratio(large["evaluate"]["peak_mb"], small["evaluate"]["peak_mb"])
+            mem["evaluate_tree"] = _ratio(large["evaluate"]["tree_peak_mb"], small["evaluate"]["tree_peak_mb"])
+            wall["evaluate"] = _ratio(large["evaluate"]["wall_s"], small["evaluate"]["wall_s"])
         return {"sizes": list(self.sizes.scale), "ours": points, "memory_ratio": mem, "wall_ratio": wall,
                 "ratio": max(v for v in mem.values() if v is not None) if any(v is not None for v in mem.values()) else None,
                 "steps_ratio": round(self.sizes.scale[1] / self.sizes.scale[0], 1), "target": TARGETS["scale"],
@@ -931,13 +945,33 @@ def _child(args: list[str], say: Callable[[str], Any]) -> dict[str, Any]:
     raise RuntimeError(f"scale subprocess {args[0]} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}\n{tail}")
 
 
-def run_child(what: str, dataset: str, csv: str | None = None, fmt: str | None = None, device: str = "cpu") -> None:
-    """One scale-stage measurement in this (fresh) process: ``prepare`` or ``epoch``; prints ``BENCH {json}``."""
+def run_child(what: str, dataset: str, csv: str | None = None, fmt: str | None = None, device: str = "cpu",
+              checkpoint: str | None = None) -> None:
+    """One scale-stage measurement in this (fresh) process: ``prepare``, ``epoch`` or ``evaluate``; prints
+    ``BENCH {json}``."""
     from types import SimpleNamespace
 
     from mtorl.spec import make_job
 
     a = SimpleNamespace(what=what, dataset=dataset, csv=csv, fmt=fmt, device=device)
+    if what == "evaluate":
+        from mtorl.data.manifest import load_manifest
+        from mtorl.evaluation.run import run_evaluate
+
+        with TreePeak() as tree, tempfile.TemporaryDirectory(prefix="mtorl-bench-eval-") as out_dir:
+            # streaming forced (stream_min_steps 0): this row shows that its memory stays bounded
+            spec = make_job("EvaluateJob", "bench-scale-eval", {"checkpoint": checkpoint, "data": dataset,
+                                                                 "output": out_dir, "stream_min_steps": 0}).spec
+            t0 = time.perf_counter()
+            res = run_evaluate(spec, progress=lambda _m: None)
+            wall = time.perf_counter() - t0
+        m = load_manifest(dataset)
+        read = m.splits["test"].steps + m.splits["train"].steps
+        out = {"wall_s": round(wall, 2), "peak_mb": round(_vmhwm_mb(), 1), "tree_peak_mb": round(tree.peak_mb, 1),
+               "test_steps": m.splits["test"].steps, "steps_read": read, "rows_per_s": round(_rate(read, wall)),
+               "mode": res["mode"]}
+        print("BENCH " + json.dumps(out), flush=True)
+        return
 
     if a.what == "prepare":
         from mtorl.data.prepare import prepare
@@ -1048,15 +1082,17 @@ def table_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]
                                  else met({"met": d["met_direct"]}) if k == "c8" and key == "direct" else ""))
         elif name == "scale":
             small, large = (d["ours"][str(s)] for s in d["sizes"])
-            for part in ("prepare", "epoch"):
+            for part in ("prepare", "epoch", "evaluate"):
                 if part not in small:
                     rows.append((f"scale {part}", "skipped in --quick (see note)", "", "", "", ""))
                     continue
-                extra = lambda p: f", tree {_fmt(p['tree_peak_mb'])}" if "tree_peak_mb" in p else ""  # noqa: E731
+                extra = lambda p: (f", tree {_fmt(p['tree_peak_mb'])}" if "tree_peak_mb" in p else "") + (  # noqa: E731
+                    f", {_fmt(p['rows_per_s'])} steps/s" if "steps_read" in p else "")
                 rows.append((f"scale {part}: {_fmt(d['sizes'][1])} vs {_fmt(d['sizes'][0])} steps (peak MiB; s)",
                              f"{_fmt(large[part]['peak_mb'])}{extra(large[part])}; {_fmt(large[part]['wall_s'])}",
                              f"{_fmt(small[part]['peak_mb'])}{extra(small[part])}; {_fmt(small[part]['wall_s'])}",
-                             f"mem {_fmt(d['memory_ratio'][part])}" + (f" (tree {_fmt(d['memory_ratio']['epoch_tree'])})" if part == "epoch" else "")
+                             f"mem {_fmt(d['memory_ratio'][part])}"
+                             + (f" (tree {_fmt(d['memory_ratio'][part + '_tree'])})" if part + "_tree" in d["memory_ratio"] else "")
                              + f", time {_fmt(d['wall_ratio'][part])}",
                              d["target"] if part == "prepare" else "", met(d) if part == "prepare" else ""))
     return rows

@@ -343,13 +343,14 @@ def bench_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
         ap = argparse.ArgumentParser(prog="mtorl.bench --child")
-        ap.add_argument("what", choices=["prepare", "epoch"])
+        ap.add_argument("what", choices=["prepare", "epoch", "evaluate"])
+        ap.add_argument("--checkpoint")
         ap.add_argument("--csv")
         ap.add_argument("--fmt")
         ap.add_argument("--dataset", required=True)
         ap.add_argument("--device", default="cpu")
         c = ap.parse_args(argv[1:])
-        bench.run_child(c.what, c.dataset, c.csv, c.fmt, c.device)
+        bench.run_child(c.what, c.dataset, c.csv, c.fmt, c.device, c.checkpoint)
         return 0
     ap = argparse.ArgumentParser(prog="mtorl bench", description="Benchmarks: ratios against plain baselines in the same run.")
     ap.add_argument("--stages", default=",".join(bench.STAGES), help=f"comma-separated subset of {','.join(bench.STAGES)}")

@@ -252,7 +252,9 @@ def _evaluate_streaming(spec: EvaluateSpec, data_uri: str, primary: Predictor, p
     progress(f"evaluating on {where}: {ev.users} users, {ev.steps} steps (train: {tr.steps} steps, read for the "
              "heuristics' priors and the behaviour model)")
 
-    ts = TrainStats(C, binary, tr.steps, BEHAVIOUR_MAX_STEPS, spec.seed)
+    # the behaviour rows are kept in this pass only when no propensity is logged; a split that logs some but
+    # lacks one on a step reads train a second time for them (rare)
+    ts = TrainStats(C, binary, tr.steps, BEHAVIOUR_MAX_STEPS, spec.seed, collect=not m.has_propensity)
     for batch in split_batches(data_uri, m, "train"):
         ts.add(batch)
     prior = ts.prior()
@@ -268,12 +270,16 @@ def _evaluate_streaming(spec: EvaluateSpec, data_uri: str, primary: Predictor, p
     for batch in split_batches(data_uri, m, spec.split):
         logged = to_predictions(batch, channels, binary, "logged")
         if bm is None and not np.isfinite(logged.propensity).all():
+            if not ts.collect:
+                ts = TrainStats(C, binary, tr.steps, BEHAVIOUR_MAX_STEPS, spec.seed)
+                for train_batch in split_batches(data_uri, m, "train"):
+                    ts.add(train_batch)
             X, c = ts.behaviour_rows(where)
             bm = fit_behaviour_model(X, c, n_channels=C, seed=spec.seed)
         rows: dict[str, Predictions] = dict(heuristic_predictions(logged, prior))
         for key, pr in predictors:
             rows[key] = model_predictions(pr, batch, key)
-        keep_user = sample.keep(len(batch))
+        keep_user = sample.keep([j.user_id for j in batch])
         keep = np.repeat(keep_user, [j.length for j in batch])
         for k in keys:
             sums[k].add(rows[k])

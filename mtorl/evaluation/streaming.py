@@ -30,6 +30,7 @@ Memory is bounded by one batch of users plus the sample (``exact_max_steps`` ste
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -100,6 +101,7 @@ class TrainStats:
     n_total: int
     max_behaviour: int
     seed: int = 0
+    collect: bool = True          # keep the behaviour rows (False: the prior's statistics only)
     counts: np.ndarray = field(init=False)
     y_sum: float = 0.0
     n: int = 0
@@ -122,6 +124,9 @@ class TrainStats:
         self.counts += np.bincount(ch, minlength=self.n_channels)
         self.y_sum += float(y.sum())
         lo, hi = self.n, self.n + ch.size
+        self.n = hi
+        if not self.collect:
+            return
         X = behaviour_features(journeys, self.n_channels)
         if self._keep is None:
             self._rows.append(X)
@@ -131,7 +136,6 @@ class TrainStats:
             idx = self._keep[a:b] - lo
             self._rows.append(X[idx])
             self._ch.append(ch[idx])
-        self.n = hi
 
     def prior(self, smoothing: float = 1.0) -> HistoryPrior:
         """The same `HistoryPrior` as `HistoryPrior.fit` over the whole split."""
@@ -140,6 +144,8 @@ class TrainStats:
 
     def behaviour_rows(self, where: str) -> tuple[np.ndarray, np.ndarray]:
         """(X, c): the behaviour model's fitting rows, in the in-memory path's order."""
+        if not self.collect:
+            raise ValueError("TrainStats(collect=False) keeps no behaviour rows")
         if self.n != self.n_total:
             raise DataError(f"{where}: the manifest lists {self.n_total} train steps, its shards hold {self.n}")
         X = np.concatenate(self._rows) if self._rows else np.zeros((0, self.n_channels))
@@ -229,19 +235,22 @@ class MetricSums:
 
 
 class UserSample:
-    """A seeded uniform sample of users of a split: each user kept with probability ``rate``
-    (1 keeps every user, and then the kept predictions are the whole split's)."""
+    """A seeded uniform sample of users: a user is kept when a stable hash of (seed, user id) falls below
+    ``rate``, so the sample is the same whatever the batches or their order (rate 1 keeps every user)."""
 
     def __init__(self, rate: float, seed: int = 0) -> None:
         self.rate = min(max(float(rate), 0.0), 1.0)
-        self.rng = np.random.default_rng([seed, 0x5EED])
+        self.seed = int(seed)
         self.kept_users = 0
 
-    def keep(self, n_users: int) -> np.ndarray:
-        """(n_users,) bool: which users of the next batch are kept."""
+    def keep(self, user_ids: Sequence[str]) -> np.ndarray:
+        """(U,) bool: which of these users are kept."""
         if self.rate >= 1.0:
-            k = np.ones(n_users, dtype=bool)
+            k = np.ones(len(user_ids), dtype=bool)
         else:
-            k = self.rng.random(n_users) < self.rate
+            salt = f"{self.seed}:".encode()
+            u = np.array([int.from_bytes(hashlib.blake2b(salt + str(x).encode(), digest_size=8).digest(), "little")
+                          for x in user_ids], dtype=np.uint64)
+            k = u < np.uint64(min(int(self.rate * 2.0**64), 2**64 - 1))
         self.kept_users += int(k.sum())
         return k

@@ -49,8 +49,12 @@ def test_train_stats_equal_the_in_memory_prior_and_behaviour_rows(dataset: str, 
     train = read_split(dataset, "train", m)
     tp = to_predictions(train, m.channels, m.gain_binary, "train")
     ts = TrainStats(C, m.gain_binary, m.splits["train"].steps, max_behaviour, seed=3)
+    light = TrainStats(C, m.gain_binary, m.splits["train"].steps, max_behaviour, seed=3, collect=False)
     for b in split_batches(dataset, m, "train", batch_steps=25):
         ts.add(b)
+        light.add(b)
+    np.testing.assert_array_equal(light.prior().channel_prior, ts.prior().channel_prior)
+    assert light.prior().rate == ts.prior().rate
     ref = HistoryPrior.fit(tp.channel, outcome(tp), C)
     got = ts.prior()
     np.testing.assert_allclose(got.channel_prior, ref.channel_prior, rtol=1e-12)
