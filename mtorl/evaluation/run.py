@@ -25,7 +25,8 @@ from mtorl.evaluation.ope import fit_behaviour_model
 from mtorl.evaluation.predictions import Predictions, outcome
 from mtorl.evaluation.html import write_html
 from mtorl.evaluation.report import evaluate_predictions, to_jsonable, write_report
-from mtorl.evaluation.streaming import MetricSums, TrainStats, UserSample, behaviour_features, split_batches
+from mtorl.evaluation.streaming import (BatchScore, MetricSums, TrainStats, UserSample, behaviour_features,
+                                        split_batches)
 from mtorl.serving.predictor import Predictor
 from mtorl.spec import DecisionSpec, EvaluateSpec
 
@@ -238,6 +239,26 @@ def _take(p: Predictions, keep: np.ndarray) -> Predictions:
     return Predictions(**arrays, channels=p.channels, binary=p.binary, name=p.name)
 
 
+def score_batch(batch: Sequence[Journey], channels: Sequence[str], binary: bool, prior: HistoryPrior,
+                predictors: Sequence[tuple[str, Predictor]], sample: UserSample) -> BatchScore:
+    """One batch of whole users scored by the heuristics and every model: exact metric sums over all its steps,
+    the predictions of its sampled users, and their behaviour features when a propensity is missing."""
+    logged = to_predictions(batch, channels, binary, "logged")
+    rows: dict[str, Predictions] = dict(heuristic_predictions(logged, prior))
+    for key, pr in predictors:
+        rows[key] = model_predictions(pr, batch, key)
+    keep_user = sample.keep([j.user_id for j in batch])
+    keep = np.repeat(keep_user, [j.length for j in batch])
+    sums = {}
+    for k, p in rows.items():
+        sums[k] = MetricSums(len(channels), binary)
+        sums[k].add(p)
+    kept = [j for j, y in zip(batch, keep_user) if y]
+    features = None if np.isfinite(logged.propensity).all() else behaviour_features(kept, len(channels))
+    return BatchScore(users=len(batch), kept_users=len(kept), sums=sums,
+                      parts={k: _take(p, keep) for k, p in rows.items()}, features=features)
+
+
 def _evaluate_streaming(spec: EvaluateSpec, data_uri: str, primary: Predictor, predictors: list[tuple[str, Predictor]],
                         decision: Any, progress: Any) -> tuple[str, dict[str, Any], list[str]]:
     """Both splits read in batches of whole users (see `mtorl.evaluation.streaming`)."""
@@ -264,32 +285,36 @@ def _evaluate_streaming(spec: EvaluateSpec, data_uri: str, primary: Predictor, p
     keys = [*HEURISTICS, *(k for k, _ in predictors)]
     sums = {k: MetricSums(C, binary) for k in keys}
     parts: dict[str, list[Predictions]] = {k: [] for k in keys}
-    behaviour: list[np.ndarray | None] = []
+    behaviour: list[np.ndarray] = []
     bm = None
-    done_users = 0
-    for batch in split_batches(data_uri, m, spec.split):
-        logged = to_predictions(batch, channels, binary, "logged")
-        if bm is None and not np.isfinite(logged.propensity).all():
-            if not ts.collect:
-                ts = TrainStats(C, binary, tr.steps, BEHAVIOUR_MAX_STEPS, spec.seed)
-                for train_batch in split_batches(data_uri, m, "train"):
-                    ts.add(train_batch)
-            X, c = ts.behaviour_rows(where)
-            bm = fit_behaviour_model(X, c, n_channels=C, seed=spec.seed)
-        rows: dict[str, Predictions] = dict(heuristic_predictions(logged, prior))
-        for key, pr in predictors:
-            rows[key] = model_predictions(pr, batch, key)
-        keep_user = sample.keep([j.user_id for j in batch])
-        keep = np.repeat(keep_user, [j.length for j in batch])
+    done_users = kept_users = 0
+    if ev.steps > spec.ray_min_steps:
+        from mtorl.evaluation.distributed import score_split_ray
+
+        progress(f"scoring with Ray Data ({spec.split} split {ev.steps:,} steps > ray_min_steps {spec.ray_min_steps:,}: "
+                 "one map_batches task per shard, the models loaded once per worker)")
+        scored: Iterable[BatchScore] = score_split_ray(data_uri, m, spec.split, [(k, pr.uri) for k, pr in predictors],
+                                                       channels, binary, prior, sample)
+    else:
+        progress(f"scoring on this process ({spec.split} split {ev.steps:,} steps <= ray_min_steps {spec.ray_min_steps:,})")
+        scored = (score_batch(b, channels, binary, prior, predictors, sample) for b in split_batches(data_uri, m, spec.split))
+    for bs in scored:
         for k in keys:
-            sums[k].add(rows[k])
-            parts[k].append(_take(rows[k], keep))
-        kept = [j for j, y in zip(batch, keep_user) if y]
-        if bm is not None and kept:
-            behaviour.append(bm.predict_proba(behaviour_features(kept, C)))
-        else:  # a batch before the behaviour model was needed: its propensities are all logged (never read)
-            behaviour.append(np.full((int(keep.sum()), C), 1.0 / C))
-        done_users += len(batch)
+            sums[k].merge(bs.sums[k])
+            parts[k].append(bs.parts[k])
+        if bs.features is not None:  # a step of this batch has no logged propensity
+            if bm is None:
+                if not ts.collect:
+                    ts = TrainStats(C, binary, tr.steps, BEHAVIOUR_MAX_STEPS, spec.seed)
+                    for train_batch in split_batches(data_uri, m, "train"):
+                        ts.add(train_batch)
+                X, c = ts.behaviour_rows(where)
+                bm = fit_behaviour_model(X, c, n_channels=C, seed=spec.seed)
+            behaviour.append(bm.predict_proba(bs.features) if len(bs.features) else np.zeros((0, C)))
+        else:  # every propensity of the batch is logged: the fitted ones are never read
+            behaviour.append(np.full((bs.parts[keys[0]].n_steps, C), 1.0 / C))
+        done_users += bs.users
+        kept_users += bs.kept_users
         progress(f"  scored {done_users:,} / {ev.users:,} users ({', '.join(keys)})")
     behaviour_probs = np.concatenate(behaviour) if bm is not None else None
     notes = _notes(where)
@@ -299,7 +324,7 @@ def _evaluate_streaming(spec: EvaluateSpec, data_uri: str, primary: Predictor, p
         notes.append(f"The {spec.split} split has {ev.steps:,} steps (> exact_max_steps {spec.exact_max_steps:,}): "
                      "accuracy, macro precision/recall/F1, logloss, Brier, ECE, reliability, MSE/MAE, base rate and "
                      f"counts are exact over every step; AUCs, Spearman, the budget curve and OPE (values and "
-                     f"intervals) are computed on a seeded uniform sample of {sample.kept_users:,} users "
+                     f"intervals) are computed on a seeded uniform sample of {kept_users:,} users "
                      f"({sum(p.n_steps for p in parts[keys[0]]):,} steps).")
     results: dict[str, Any] = {}
     for k in keys:

@@ -45,20 +45,21 @@ from mtorl.data.windows import Journey, journeys_from_table
 from mtorl.evaluation.heuristics import HistoryPrior
 from mtorl.evaluation.predictions import Predictions, outcome
 
-__all__ = ["split_batches", "behaviour_features", "TrainStats", "MetricSums", "UserSample", "BATCH_STEPS"]
+__all__ = ["split_batches", "behaviour_features", "BatchScore", "TrainStats", "MetricSums", "UserSample", "BATCH_STEPS"]
 
 BATCH_STEPS = 200_000  # steps per batch of whole users (a longer journey goes alone)
 
 
-def split_batches(dataset_uri: str, manifest: Manifest, split: str,
-                  batch_steps: int = BATCH_STEPS) -> Iterator[list[Journey]]:
+def split_batches(dataset_uri: str, manifest: Manifest, split: str, batch_steps: int = BATCH_STEPS,
+                  shards: Sequence[int] | None = None) -> Iterator[list[Journey]]:
     """Journeys of one split in batches of whole users of about ``batch_steps`` steps, in split order.
 
-    Shards are the manifest's (one version), read one at a time and checked against its sha256: a
-    missing, altered or unreadable shard is a `DataError` naming the shard's URI.
+    Shards are the manifest's (one version; ``shards``: only those, by index), read one at a time and checked
+    against its sha256: a missing, altered or unreadable shard is a `DataError` naming the shard's URI.
     """
     sp = manifest.split(dataset_uri, split)
-    for shard, uri in zip(sp.shards, manifest.shard_uris(dataset_uri, split)):
+    pairs = list(zip(sp.shards, manifest.shard_uris(dataset_uri, split)))
+    for shard, uri in (pairs if shards is None else [pairs[i] for i in shards]):
         fs, path = storage.resolve(uri)
         table = parse_shard(uri, read_shard_bytes(fs, path, uri), shard.sha256)
         try:
@@ -191,6 +192,14 @@ class MetricSums:
             s["se"] += float(((y - r) ** 2).sum())
             s["ae"] += float(np.abs(y - r).sum())
 
+    def merge(self, other: "MetricSums") -> None:
+        """Add another batch's sums."""
+        self.confusion += other.confusion
+        self.bins += other.bins
+        for k, v in other.s.items():
+            self.s[k] += v
+        self.users += other.users
+
     def channel(self) -> dict[str, float]:
         """accuracy and macro precision / recall / F1 (sklearn's: labels in truth or prediction, zero_division=0)."""
         m = self.confusion
@@ -232,6 +241,19 @@ class MetricSums:
         result["n_steps"], result["n_users"] = int(self.s["n"]), int(self.users)
         result["base_rate"] = self.s["y"] / self.s["n"] if self.s["n"] else None
         return result
+
+
+@dataclass
+class BatchScore:
+    """One scored batch of whole users: ``sums`` {row: exact metric sums over all its steps}, ``parts`` {row:
+    predictions of its sampled users}, ``features`` the sampled users' behaviour features (N, D + C) when a
+    step of the batch has no logged propensity, else None."""
+
+    users: int
+    kept_users: int
+    sums: dict[str, "MetricSums"]
+    parts: dict[str, Predictions]
+    features: np.ndarray | None
 
 
 class UserSample:

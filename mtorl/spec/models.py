@@ -277,6 +277,7 @@ class EvaluateSpec(_Strict):
     decision: DecisionSpec | None = Field(None, description="Decision layer for every row of the report; None = the checkpoint's training spec's.")
     online: OnlineSpec | None = Field(None, description="Set: evaluate in closed loop in the simulator instead of on logs.")
     stream_min_steps: int | None = Field(None, ge=0, description="Read the splits in batches of users (streaming: bounded memory) when the evaluated split plus train hold more steps than this; None = sized from this machine's memory; 0 = always stream. Changes memory, never results.")
+    ray_min_steps: int = Field(2_000_000, ge=0, description="A streamed split with more steps than this is scored with Ray Data (map_batches, one task per shard, the models loaded once per worker; starts Ray when none runs); below, on this process. Changes speed, never results.")
     exact_max_steps: int = Field(250_000, ge=1, description="The evaluated split's per-step predictions are kept whole up to this many steps, and every number is exact. Above it, the metrics with sufficient statistics (accuracy, macro-F1, logloss, ECE, ...) stay exact and those needing every point (AUC, budget curve, OPE) use a seeded uniform sample of users of about this many steps (the report says so).")
 
     @field_validator("budget_fractions")

@@ -90,10 +90,11 @@ def _close(a: object, b: object, where: str = "") -> None:
 
 def test_streaming_evaluation_equals_the_in_memory_one(kuairand_checkpoint: str, tmp_path: Path) -> None:
     """The same report whether the splits are read whole or in batches of users (streaming forced by
-    threshold 0); above exact_max_steps the sufficient-statistic metrics stay exact."""
+    threshold 0), scored here or by Ray Data; above exact_max_steps the sufficient-statistic metrics stay exact."""
     from mtorl.evaluation.run import run_evaluate
 
     runs = {"memory": {"stream_min_steps": 10**12}, "stream": {"stream_min_steps": 0},
+            "ray": {"stream_min_steps": 0, "ray_min_steps": 0},
             "sample": {"stream_min_steps": 0, "exact_max_steps": 2_000}}
     m, res = {}, {}
     for name, over in runs.items():
@@ -103,6 +104,7 @@ def test_streaming_evaluation_equals_the_in_memory_one(kuairand_checkpoint: str,
         m[name] = json.loads((tmp_path / name / "metrics.json").read_text())
     assert res["memory"]["mode"].startswith("in memory") and res["stream"]["mode"].startswith("streaming")
     _close(m["memory"], m["stream"])
+    _close(m["memory"], m["ray"])  # scored by Ray Data map_batches tasks, merged in shard order
     assert (tmp_path / "memory" / "report.md").read_text() == (tmp_path / "stream" / "report.md").read_text()
 
     s, ref = m["sample"], m["memory"]
