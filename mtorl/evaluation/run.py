@@ -26,7 +26,7 @@ from mtorl.evaluation.predictions import Predictions, outcome
 from mtorl.evaluation.html import write_html
 from mtorl.evaluation.report import evaluate_predictions, to_jsonable, write_report
 from mtorl.evaluation.streaming import (BatchScore, MetricSums, TrainStats, UserSample, behaviour_features,
-                                        split_batches)
+                                        split_batches, split_tables, step_columns)
 from mtorl.serving.predictor import Predictor
 from mtorl.spec import DecisionSpec, EvaluateSpec
 
@@ -276,8 +276,13 @@ def _evaluate_streaming(spec: EvaluateSpec, data_uri: str, primary: Predictor, p
     # the behaviour rows are kept in this pass only when no propensity is logged; a split that logs some but
     # lacks one on a step reads train a second time for them (rare)
     ts = TrainStats(C, binary, tr.steps, BEHAVIOUR_MAX_STEPS, spec.seed, collect=not m.has_propensity)
-    for batch in split_batches(data_uri, m, "train"):
-        ts.add(batch)
+    if ts.collect:
+        for batch in split_batches(data_uri, m, "train"):
+            ts.add(batch)
+    else:  # the prior needs two columns: no states are built
+        for uri, table in split_tables(data_uri, m, "train"):
+            ts.add_steps(*step_columns(uri, table, m, binary))
+            del table
     prior = ts.prior()
 
     rate = 1.0 if ev.steps <= spec.exact_max_steps else spec.exact_max_steps / ev.steps

@@ -45,7 +45,7 @@ from mtorl.data.windows import Journey, journeys_from_table
 from mtorl.evaluation.heuristics import HistoryPrior
 from mtorl.evaluation.predictions import Predictions, outcome
 
-__all__ = ["split_batches", "behaviour_features", "BatchScore", "TrainStats", "MetricSums", "UserSample", "BATCH_STEPS"]
+__all__ = ["split_batches", "split_tables", "step_columns", "behaviour_features", "BatchScore", "TrainStats", "MetricSums", "UserSample", "BATCH_STEPS"]
 
 BATCH_STEPS = 200_000  # steps per batch of whole users (a longer journey goes alone)
 
@@ -57,11 +57,7 @@ def split_batches(dataset_uri: str, manifest: Manifest, split: str, batch_steps:
     Shards are the manifest's (one version; ``shards``: only those, by index), read one at a time and checked
     against its sha256: a missing, altered or unreadable shard is a `DataError` naming the shard's URI.
     """
-    sp = manifest.split(dataset_uri, split)
-    pairs = list(zip(sp.shards, manifest.shard_uris(dataset_uri, split)))
-    for shard, uri in (pairs if shards is None else [pairs[i] for i in shards]):
-        fs, path = storage.resolve(uri)
-        table = parse_shard(uri, read_shard_bytes(fs, path, uri), shard.sha256)
+    for uri, table in split_tables(dataset_uri, manifest, split, shards):
         try:
             lengths = np.asarray(pc.list_value_length(table.column("channel")).to_numpy(zero_copy_only=False),
                                  dtype=np.int64)
@@ -75,6 +71,33 @@ def split_batches(dataset_uri: str, manifest: Manifest, split: str, batch_steps:
             yield journeys_from_table(table.slice(u0, u1 - u0), manifest)
             u0 = u1
         del table
+
+
+def split_tables(dataset_uri: str, manifest: Manifest, split: str,
+                 shards: Sequence[int] | None = None) -> Iterator[tuple[str, pa.Table]]:
+    """(URI, table) of each shard of a split (``shards``: only those, by index), checked against the manifest."""
+    sp = manifest.split(dataset_uri, split)
+    pairs = list(zip(sp.shards, manifest.shard_uris(dataset_uri, split)))
+    for shard, uri in (pairs if shards is None else [pairs[i] for i in shards]):
+        fs, path = storage.resolve(uri)
+        yield uri, parse_shard(uri, read_shard_bytes(fs, path, uri), shard.sha256)
+
+
+def step_columns(uri: str, table: pa.Table, manifest: Manifest, binary: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(channel (N,) int64, outcome y (N,) float64) of every step of a shard's table, computed as the
+    journeys' (`journeys_from_table`, `outcome`) without building states."""
+    from mtorl.data.windows import compute_reward
+
+    try:
+        flat = {k: pc.list_flatten(table.column(k)).to_numpy(zero_copy_only=False) for k in ("channel", "gain", "cost")}
+    except (KeyError, pa.ArrowException) as e:
+        raise DataError(f"{uri}: not a prepared shard ({' '.join(str(e).split())[:200]})") from None
+    gain = np.asarray(flat["gain"], dtype=np.float32)
+    if binary:
+        y = (gain > 0).astype(np.float64)
+    else:
+        y = compute_reward(gain, np.asarray(flat["cost"], dtype=np.float32), manifest).astype(np.float64)
+    return np.asarray(flat["channel"], dtype=np.int64), y
 
 
 def behaviour_features(journeys: Sequence[Journey], n_channels: int) -> np.ndarray:
@@ -116,16 +139,20 @@ class TrainStats:
             self._draw = np.random.default_rng(self.seed).choice(self.n_total, self.max_behaviour, replace=False)
             self._keep = np.sort(self._draw)
 
+    def add_steps(self, ch: np.ndarray, y: np.ndarray) -> None:
+        """The prior's statistics of some steps: channel (N,), outcome (N,) (see `step_columns`)."""
+        self.counts += np.bincount(ch, minlength=self.n_channels)
+        self.y_sum += float(y.sum())
+        self.n += ch.size
+
     def add(self, journeys: Sequence[Journey]) -> None:
         if not journeys:
             return
         ch = np.concatenate([j.channel for j in journeys]).astype(np.int64)
         y = np.concatenate([(j.gain > 0).astype(np.float64) if self.binary else j.reward.astype(np.float64)
                             for j in journeys])
-        self.counts += np.bincount(ch, minlength=self.n_channels)
-        self.y_sum += float(y.sum())
         lo, hi = self.n, self.n + ch.size
-        self.n = hi
+        self.add_steps(ch, y)
         if not self.collect:
             return
         X = behaviour_features(journeys, self.n_channels)

@@ -15,7 +15,8 @@ from mtorl.evaluation.heuristics import HistoryPrior
 from mtorl.evaluation.metrics import channel_metrics, reward_metrics
 from mtorl.evaluation.predictions import Predictions, outcome
 from mtorl.evaluation.run import read_split, to_predictions
-from mtorl.evaluation.streaming import MetricSums, TrainStats, behaviour_features, split_batches
+from mtorl.evaluation.streaming import (MetricSums, TrainStats, behaviour_features, split_batches, split_tables,
+                                       step_columns)
 from mtorl.spec.models import PrepareSpec
 from tests.unit.test_data_converters import KUAI_COLS, kuai_rows, quiet, write_table
 
@@ -53,6 +54,11 @@ def test_train_stats_equal_the_in_memory_prior_and_behaviour_rows(dataset: str, 
     for b in split_batches(dataset, m, "train", batch_steps=25):
         ts.add(b)
         light.add(b)
+    columns = TrainStats(C, m.gain_binary, m.splits["train"].steps, max_behaviour, collect=False)
+    for uri, table in split_tables(dataset, m, "train"):
+        columns.add_steps(*step_columns(uri, table, m, m.gain_binary))
+    np.testing.assert_array_equal(columns.prior().channel_prior, ts.prior().channel_prior)
+    assert columns.prior().rate == pytest.approx(ts.prior().rate, rel=1e-12)
     np.testing.assert_array_equal(light.prior().channel_prior, ts.prior().channel_prior)
     assert light.prior().rate == ts.prior().rate
     ref = HistoryPrior.fit(tp.channel, outcome(tp), C)
