@@ -507,12 +507,17 @@ def _alive_nodes(dashboard: str) -> int:
 NODE_START_RETRIES = 2
 
 
+SLOW_START_MARKS = (b"timed out during startup", b"Timed out while waiting for GCS to become available")
+
+
 def _slow_start(log: Path) -> bool:
-    """Ray's own "timed out during startup" (its fixed 30 s for a raylet to register) in a node's log."""
+    """Ray's own start-up timeouts in a node's log: its fixed 30 s for a raylet to register, or for the
+    GCS to answer (both run out on a busy machine)."""
     try:
-        return b"timed out during startup" in log.read_bytes()[-20_000:]
+        tail = log.read_bytes()[-20_000:]
     except OSError:
         return False
+    return any(m in tail for m in SLOW_START_MARKS)
 
 
 def local_cluster_up(workers: int, state_dir: str | Path | None = None, cpus_per_node: float = 1,

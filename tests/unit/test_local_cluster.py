@@ -13,6 +13,8 @@ def test_only_rays_startup_timeout_counts_as_a_slow_start(tmp_path: Path) -> Non
                     "become overloaded.\n")
     other = tmp_path / "worker1.log"
     other.write_text("ConnectionError: ray client connection timeout\nOSError: [Errno 98] Address already in use\n")
-    assert _slow_start(slow)
+    gcs = tmp_path / "worker2.log"
+    gcs.write_text("ray.exceptions.RpcError: Timed out while waiting for GCS to become available.\n")
+    assert _slow_start(slow) and _slow_start(gcs)
     assert not _slow_start(other)
     assert not _slow_start(tmp_path / "missing.log")
