@@ -46,8 +46,13 @@ test-deps:
 	      || echo "warning: could not install chromium; the HTML report's browser test will be skipped"; \
 	  else echo "note: chromium not found and not root: the HTML report's browser test will be skipped"; fi
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), each with its own store and Ray; a file stays in
+# one process (--dist loadfile) so module fixtures start once, and the slowest files start first
+# (tests/conftest.py orders them; --no-loadscope-reorder keeps that order). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 3
 test: $(STAMP) lint test-deps
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=25 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=25 \
+	  $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) tests
 
 # test-fast: the unit tests only (no Ray cluster, no object store).
 test-fast: $(STAMP)

@@ -504,6 +504,22 @@ def _alive_nodes(dashboard: str) -> int:
         return 0
 
 
+NODE_START_RETRIES = 2
+
+
+SLOW_START_MARKS = (b"timed out during startup", b"Timed out while waiting for GCS to become available")
+
+
+def _slow_start(log: Path) -> bool:
+    """Ray's own start-up timeouts in a node's log: its fixed 30 s for a raylet to register, or for the
+    GCS to answer (both run out on a busy machine)."""
+    try:
+        tail = log.read_bytes()[-20_000:]
+    except OSError:
+        return False
+    return any(m in tail for m in SLOW_START_MARKS)
+
+
 def local_cluster_up(workers: int, state_dir: str | Path | None = None, cpus_per_node: float = 1,
                      object_store_mb: int = 256, timeout_s: float = 120) -> dict[str, Any]:
     """Start a head and ``workers`` worker nodes on loopback, each ``ray start --block`` in its own
@@ -519,36 +535,52 @@ def local_cluster_up(workers: int, state_dir: str | Path | None = None, cpus_per
     if env["RAY_AUTH_MODE"] == "token":  # ray start refuses token mode without a token; never print it
         subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, check=False)
-    gcs = f"127.0.0.1:{free_port()}"
-    dash_port = free_port()
-    state: dict[str, Any] = {"gcs": gcs, "dashboard": f"http://127.0.0.1:{dash_port}",
-                             "auth_mode": env["RAY_AUTH_MODE"], "nodes": []}
+    state: dict[str, Any] = {"gcs": "", "dashboard": "", "auth_mode": env["RAY_AUTH_MODE"], "nodes": []}
 
-    def launch(role: str, head: bool) -> None:
+    def new_head_ports() -> None:
+        state["gcs"], state["dash_port"] = f"127.0.0.1:{free_port()}", free_port()
+        state["dashboard"] = f"http://127.0.0.1:{state['dash_port']}"
+
+    def launch(role: str, head: bool) -> dict[str, Any]:
         tmp = tempfile.mkdtemp(prefix=f"mtorl-ray-{role}-", dir="/tmp")  # short: unix socket paths
         log = d / f"{role}.log"
         with open(log, "wb") as fh:
-            proc = subprocess.Popen(_node_cmd(ray_bin, head, gcs, tmp, cpus_per_node, object_store_mb, dash_port),
+            proc = subprocess.Popen(_node_cmd(ray_bin, head, state["gcs"], tmp, cpus_per_node, object_store_mb,
+                                              state["dash_port"]),
                                     env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
-        state["nodes"].append({"role": role, "pid": proc.pid, "temp_dir": tmp, "log": str(log)})
+        node = {"role": role, "pid": proc.pid, "temp_dir": tmp, "log": str(log)}
+        state["nodes"].append(node)
         (d / STATE_FILE).write_text(json.dumps(state, indent=2))
+        return node
 
-    def wait_for(n: int, what: str) -> None:
+    def start(role: str, head: bool) -> None:
+        """Launch one node and wait until the dashboard counts it. Ray gives a node a fixed 30 s to
+        register with the GCS; on a busy machine that can run out, so such a node is started again."""
         end = time.time() + timeout_s
-        while _alive_nodes(state["dashboard"]) < n:
-            dead = [x for x in state["nodes"] if not pid_alive(x["pid"])]
-            if dead or time.time() > end:
-                local_cluster_down(d)
-                why = f"{dead[0]['role']} exited (see {dead[0]['log']})" if dead else f"not up after {timeout_s:.0f} s"
-                raise ClusterError(f"local cluster: {what} {why}")
-            time.sleep(1.0)
+        for attempt in range(1 + NODE_START_RETRIES):
+            if head:
+                new_head_ports()
+            node = launch(role, head)
+            while _alive_nodes(state["dashboard"]) < len(state["nodes"]):
+                if not pid_alive(node["pid"]):
+                    if attempt < NODE_START_RETRIES and _slow_start(Path(node["log"])):
+                        _signal_group(node["pid"], signal.SIGKILL)
+                        shutil.rmtree(node["temp_dir"], ignore_errors=True)
+                        state["nodes"].remove(node)
+                        break
+                    local_cluster_down(d)
+                    raise ClusterError(f"local cluster: {role} exited (see {node['log']})")
+                if time.time() > end:
+                    local_cluster_down(d)
+                    raise ClusterError(f"local cluster: {role} not up after {timeout_s:.0f} s")
+                time.sleep(1.0)
+            else:
+                return
 
-    launch("head", True)
-    wait_for(1, "head")
+    start("head", True)
     for i in range(workers):
-        launch(f"worker{i + 1}", False)
-    wait_for(1 + workers, "workers")
+        start(f"worker{i + 1}", False)
     return state
 
 

@@ -1,4 +1,5 @@
-"""The console of `mtorl train` off a terminal, and W&B offline runs: one per train run / per trial, resumable."""
+"""The console of `mtorl train` off a terminal, and its W&B offline run, resumable (one run per sweep
+trial: tests/integration/test_secrets.py)."""
 
 from __future__ import annotations
 
@@ -81,40 +82,3 @@ def test_cli_train_off_a_terminal_one_line_per_epoch_and_one_resumable_wandb_run
     assert len(runs) == 2 and {x.run_id for x in runs} == {"cli-console"}
     later = next(x for x in runs if x.file != run.file)
     assert [h["train/epoch"] for h in later.history if "train/loss" in h] == [2]
-
-
-def test_two_trial_sweep_one_wandb_run_per_trial(
-    ray_session: None, tiny_dataset: str, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from mtorl.tuning.sweep import run_tune
-
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    base = job_to_dict(_train_job("unused", tiny_dataset, f"{s3_bucket}/sweeps", epochs=1, workers=1))["spec"]
-    job = make_job(
-        "TuneJob",
-        "wb-sweep",
-        {
-            "base": base,
-            "output": f"{s3_bucket}/sweeps",
-            "max_trials": 2,
-            "algorithm": "random",
-            "early_stopping": "none",
-            "parameters": {"objective.reward_weight": {"type": "double", "min": 0.1, "max": 10.0, "log": True}},
-            "objective": {"metric": "val/loss", "mode": "min"},
-        },
-    )
-    lines: list[str] = []
-    res = run_tune(job, progress=lines.append)
-    assert res["trials"] == 2 and res["failed_trials"] == 0
-    runs = offline_runs(tmp_path / "wb")
-    trials = {f"wb-sweep-{r['trial']}".replace("_", "-"): r for r in res["leaderboard"]}
-    assert sorted(x.run_id for x in runs) == sorted(trials)  # exactly one run per trial, none from a callback
-    for x in runs:
-        assert x.group == "wb-sweep"
-        cfg = trials[x.run_id]["config"]
-        assert x.config["objective"]["reward_weight"] == pytest.approx(cfg["objective.reward_weight"])
-        (row,) = [h for h in x.history if "train/loss" in h]
-        assert {"val/loss", "train/epoch"} <= set(row)
-    done = [ln for ln in lines if ln.startswith("trials: ")]
-    assert [ln.split(" [")[0] for ln in done] == ["trials: 1/2", "trials: 2/2"] and "best val/loss" in done[-1]

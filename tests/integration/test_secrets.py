@@ -1,5 +1,5 @@
-"""No secret in any log: after a train, a 1-trial tune (a trial's actors get their environment the same way
-whatever the number of trials) and a serve run, Ray's session folder and the
+"""No secret in any log: after a train, a 2-trial W&B sweep (which also checks one W&B run per trial)
+and a serve run, Ray's session folder and the
 W&B folder hold no copy of the object-store secret key or the serve token (issue: runtime_env env_vars
 are written to runtime_env_agent.log)."""
 
@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.datasets import TINY_MODEL
+from tests.fixtures.wandb_files import offline_runs
 
 from mtorl.spec import make_job
 
@@ -32,7 +33,7 @@ def _hits(root: Path, needles: dict[str, bytes]) -> list[str]:
     return found
 
 
-def test_no_secret_or_token_under_the_ray_session_or_wandb_dirs(
+def test_sweep_has_one_wandb_run_per_trial_and_no_secret_or_token_reaches_the_logs(
     ray_session: None, s3_store: Any, tiny_dataset: str, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import ray
@@ -54,22 +55,35 @@ def test_no_secret_or_token_under_the_ray_session_or_wandb_dirs(
         "tracking": {"wandb": "offline"},
     }
     ckpt = run_train(make_job("TrainJob", "secrets-train", base), progress=print)["best_checkpoint"]
-    run_tune(
-        make_job(
-            "TuneJob",
-            "secrets-tune",
-            {
-                "base": {**base, "tracking": {"wandb": "disabled"}},
-                "output": f"{s3_bucket}/sweeps",
-                "max_trials": 1,
-                "algorithm": "random",
-                "early_stopping": "none",
-                "objective": {"metric": "val/loss", "mode": "min"},
-                "parameters": {"objective.pref_weight": {"type": "double", "min": 0.0, "max": 1.0}},
-            },
-        ),
-        progress=print,
+    # A 2-trial sweep with W&B offline: one W&B run per trial (and none from a callback). The same run
+    # is this test's tune step: a trial's actors get their environment whatever the number of trials.
+    sweep = make_job(
+        "TuneJob",
+        "wb-sweep",
+        {
+            "base": base,
+            "output": f"{s3_bucket}/sweeps",
+            "max_trials": 2,
+            "algorithm": "random",
+            "early_stopping": "none",
+            "parameters": {"objective.reward_weight": {"type": "double", "min": 0.1, "max": 10.0, "log": True}},
+            "objective": {"metric": "val/loss", "mode": "min"},
+        },
     )
+    lines: list[str] = []
+    res = run_tune(sweep, progress=lines.append)
+    assert res["trials"] == 2 and res["failed_trials"] == 0
+    trials = {f"wb-sweep-{r['trial']}".replace("_", "-"): r for r in res["leaderboard"]}
+    runs = [x for x in offline_runs(wandb_dir) if x.run_id != "secrets-train"]
+    assert sorted(x.run_id for x in runs) == sorted(trials)
+    for x in runs:
+        assert x.group == "wb-sweep"
+        cfg = trials[x.run_id]["config"]
+        assert x.config["objective"]["reward_weight"] == pytest.approx(cfg["objective.reward_weight"])
+        (row,) = [h for h in x.history if "train/loss" in h]
+        assert {"val/loss", "train/epoch"} <= set(row)
+    done = [ln for ln in lines if ln.startswith("trials: ")]
+    assert [ln.split(" [")[0] for ln in done] == ["trials: 1/2", "trials: 2/2"] and "best val/loss" in done[-1]
     with __import__("socket").socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
