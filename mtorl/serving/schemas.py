@@ -423,16 +423,11 @@ def recommendations(p: Prepared, probs: np.ndarray, reward: np.ndarray, channels
     """probs (B, C), reward (B, C) -> per-user recommendations (``recommend_scores``; ``scored`` passes
     them in when already computed for a larger batch)."""
     best, kb = scored if scored is not None else recommend_scores(probs, reward, p.costs)
-    out = []
-    for b, uid in enumerate(p.user_ids):
-        c = int(best[b])
-        out.append({"user_id": uid,
-                    "channel_probs": {ch: float(probs[b, k]) for k, ch in enumerate(channels)},
-                    "recommended_channel": channels[c],
-                    "predicted_reward": {ch: float(reward[b, k]) for k, ch in enumerate(channels)},
-                    "expected_reward": float(reward[b, c]),
-                    "cost": float(kb[b])})
-    return out
+    # one tolist() per array (Python floats of the same values) instead of a float() per element
+    rows = zip(p.user_ids, probs.tolist(), reward.tolist(), np.asarray(best).tolist(), np.asarray(kb, dtype=np.float64).tolist())
+    return [{"user_id": uid, "channel_probs": dict(zip(channels, pr)), "recommended_channel": channels[c],
+             "predicted_reward": dict(zip(channels, rw)), "expected_reward": rw[c], "cost": k}
+            for uid, pr, rw, c, k in rows]
 
 
 def allocation(p: Prepared, probs: np.ndarray, reward: np.ndarray, channels: Sequence[str], budget: float,

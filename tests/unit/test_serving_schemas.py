@@ -379,3 +379,20 @@ def test_batch_preprocessing_hands_bad_users_to_the_per_user_path(bad: str) -> N
     with pytest.raises(RequestError) as alone:
         pre.user(2, req.users[2])
     assert batch.value.detail == alone.value.detail and batch.value.detail.startswith("users[2]")
+
+
+def test_recommendations_equal_the_per_element_formula() -> None:
+    """The tolist() response rows equal the per-element float() ones they replaced, value for value."""
+    rng = np.random.default_rng(1)
+    req = parse_request(RecommendRequest, {"users": [_user(f"u{i}", steps=2) for i in range(5)]})
+    p = _pre().prepare(req.users)
+    probs = rng.dirichlet(np.ones(3), size=5).astype(np.float32)
+    reward = rng.uniform(0, 1, size=(5, 3)).astype(np.float32)
+    best, kb = recommend_scores(probs, reward, p.costs)
+    ch = MANIFEST.channels
+    want = [{"user_id": uid, "channel_probs": {c: float(probs[b, k]) for k, c in enumerate(ch)},
+             "recommended_channel": ch[int(best[b])],
+             "predicted_reward": {c: float(reward[b, k]) for k, c in enumerate(ch)},
+             "expected_reward": float(reward[b, int(best[b])]), "cost": float(kb[b])} for b, uid in enumerate(p.user_ids)]
+    got = recommendations(p, probs, reward, ch, scored=(best, kb))
+    assert got == want and json.dumps(got) == json.dumps(want)
