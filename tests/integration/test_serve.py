@@ -233,6 +233,7 @@ def test_refuses_to_start_without_auth_off_loopback(served: dict[str, Any]) -> N
         run_serve(job, blocking=False, progress=print)
 
 
+@functools.cache  # one per test process: the update tests of every ingress module share it
 def _train_other(data: str) -> str:
     """Another checkpoint of the same data (other seed, one step): different weights."""
     from mtorl.training.driver import run_train
