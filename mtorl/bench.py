@@ -664,7 +664,7 @@ class Bench:
         from mtorl.serving.app import run_serve
 
         self.ray()
-        for ingress in ("proxy", "direct"):
+        for ingress in SERVE_MODES:
             port = free_ports(1)[0]
             job = make_job("ServeJob", f"bench-serve-{ingress}", {"checkpoint": ck, "port": port, "ingress": ingress,
                                                                  "max_batch_size": SERVE_BATCH, "max_ongoing_requests": 64})
@@ -679,7 +679,7 @@ class Bench:
         plain = modes["plain"]
         vs_plain = {m: {k: {"requests_per_s": _ratio(v["requests_per_s"], plain[k]["requests_per_s"]),
                             "p50": _ratio(v["p50_ms"], plain[k]["p50_ms"]), "p99": _ratio(v["p99_ms"], plain[k]["p99_ms"])}
-                        for k, v in modes[m].items()} for m in ("proxy", "direct")}
+                        for k, v in modes[m].items()} for m in SERVE_MODES}
         top = f"users_{max(USERS_PER_REQUEST)}"
 
         def met(m: str) -> bool:
@@ -688,14 +688,16 @@ class Bench:
                         and (self.device != "cpu" or modes[m]["c8"]["p99_ms"] <= 50.0)
                         and (modes[m][top]["vs_raw"] or 0) >= 0.5)
 
-        return {"ours": modes["proxy"], "direct": modes["direct"], "plain": plain, "vs_plain": vs_plain,
+        return {"ours": modes["proxy"], "direct": modes["direct"], "haproxy": modes["haproxy"], "plain": plain,
+                "vs_plain": vs_plain,
                 "baseline": {"name": f"Predictor.predict_next, journeys of length {SERVE_LENGTH}, 1 torch thread", **raw},
                 "ratio": vs_plain["proxy"]["c8"]["requests_per_s"], "ratio_direct": vs_plain["direct"]["c8"]["requests_per_s"],
-                "target": TARGETS["serve"], "met": met("proxy"), "met_direct": met("direct"),
+                "ratio_haproxy": vs_plain["haproxy"]["c8"]["requests_per_s"],
+                "target": TARGETS["serve"], "met": met("proxy"), "met_direct": met("direct"), "met_haproxy": met("haproxy"),
                 "note": f"one journey of {SERVE_LENGTH} steps per request at concurrency 1/8/32, then {', '.join(map(str, sized))} "
                         f"users per request at concurrency {SIZE_CONCURRENCY}; ours = ingress 'proxy' (the default), "
-                        "direct = ingress 'direct', plain = the same request code on one uvicorn worker "
-                        "(mtorl.serving.plain); ratio = req/s at c=8 / plain's"}
+                        "direct = ingress 'direct', haproxy = ingress 'haproxy' (Ray Serve's HAProxy), plain = the same "
+                        "request code on one uvicorn worker (mtorl.serving.plain); ratio = req/s at c=8 / plain's"}
 
     def stage_scale(self) -> dict[str, Any]:
         import ray
@@ -761,6 +763,7 @@ def _epoch_history(checkpoint: str | None) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- serving load
 
 RECOMMEND_PATH = "/v1/recommend"
+SERVE_MODES = ("proxy", "direct", "haproxy")  # ServeSpec.ingress values, each against the plain server
 
 
 def serve_bodies(csv: Path, fmt: dict[str, Any], length: int, n: int) -> list[bytes]:
@@ -1062,7 +1065,7 @@ def table_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]
         elif name == "serve":
             raw = d["baseline"]
             labels = [("plain", "plain", "plain uvicorn (reference)"), ("ours", "proxy", "proxy ingress (default)"),
-                      ("direct", "direct", "direct ingress")]
+                      ("direct", "direct", "direct ingress"), ("haproxy", "haproxy", "HAProxy ingress")]
             for key, mode, label in labels:
                 if key not in d:
                     continue
@@ -1081,7 +1084,7 @@ def table_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]
                                  "" if key == "plain" else "plain uvicorn, same row", ratio,
                                  d["target"] if k == "c8" and key == "ours" else "",
                                  met({"met": d["met"]}) if k == "c8" and key == "ours"
-                                 else met({"met": d["met_direct"]}) if k == "c8" and key == "direct" else ""))
+                                 else met({"met": d[f"met_{key}"]}) if k == "c8" and f"met_{key}" in d else ""))
         elif name == "scale":
             small, large = (d["ours"][str(s)] for s in d["sizes"])
             for part in ("prepare", "epoch", "evaluate"):

@@ -4,7 +4,8 @@ git revision vs the working tree, the model forward left out (constant outputs),
 
     python scripts/serve_request_path.py [REV]     # REV default fdc4ca1 (before per-request checks moved)
 
-The old revision's ``mtorl/serving/schemas.py`` is loaded from git into a temp folder.
+The old revision's ``mtorl/serving/schemas.py`` (and ``service.py``, where it has one: then the old path is
+its ``Service``, as the replica ran it) is loaded from git into a temp folder.
 """
 
 import json
@@ -24,6 +25,11 @@ tmp = Path(tempfile.mkdtemp(prefix="mtorl-reqpath-"))
         ["git", "show", f"{rev}:mtorl/serving/schemas.py"], check=True, capture_output=True, text=True
     ).stdout
 )
+old_service_src = subprocess.run(["git", "show", f"{rev}:mtorl/serving/service.py"], capture_output=True, text=True)
+if old_service_src.returncode == 0:
+    (tmp / "old_service.py").write_text(
+        old_service_src.stdout.replace("from mtorl.serving.schemas import", "from old_schemas import")
+    )
 sys.path.insert(0, str(tmp))
 import old_schemas as old  # noqa: E402
 from fastapi.responses import JSONResponse
@@ -66,24 +72,32 @@ bodies = {
 
 class FakePred:
     manifest = Manifest.model_validate({**MAN, "schema_version": 1, "version": "v1", "splits": {}})
-    meta = SimpleNamespace(sha256={"model.safetensors": "abc"})
+    meta = SimpleNamespace(sha256={"model.safetensors": "abc"}, spec={})
 
     def predict_next(self, journeys, nxt):
         b = len(journeys)
         return np.full((b, 3), 1 / 3), np.full((b, 3), 0.2)
 
 
-pre_old = old.Preprocessor(MAN)
+if old_service_src.returncode == 0:
+    import old_service  # noqa: E402
 
+    svc_old = old_service.Service(FakePred(), old.Limits(), 4_000_000)
 
-def old_path(body):
-    req = old.parse_request(old.RecommendRequest, json.loads(body))
-    p = pre_old.prepare(req.users)
-    probs, reward = FakePred().predict_next(p.journeys, p.next_states)
-    best, kb = old.recommend_scores(probs, reward, p.costs)
-    return JSONResponse(
-        {"model_version": "abc", "users": old.recommendations(p, probs, reward, C, scored=(best, kb))}
-    ).body
+    def old_path(body):
+        return svc_old.run_batch([svc_old.parse("recommend", body)])[0]
+
+else:
+    pre_old = old.Preprocessor(MAN)
+
+    def old_path(body):
+        req = old.parse_request(old.RecommendRequest, json.loads(body))
+        p = pre_old.prepare(req.users)
+        probs, reward = FakePred().predict_next(p.journeys, p.next_states)
+        best, kb = old.recommend_scores(probs, reward, p.costs)
+        return JSONResponse(
+            {"model_version": "abc", "users": old.recommendations(p, probs, reward, C, scored=(best, kb))}
+        ).body
 
 
 svc = Service(FakePred(), new.Limits(), 4_000_000)

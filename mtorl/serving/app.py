@@ -30,7 +30,10 @@ token's SHA-256 digest. The token is never logged.
 import asyncio
 import json
 import os
+import shutil
 import signal
+import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -230,10 +233,80 @@ def direct_ingress_env(port: int) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_PORT_RETRY_COUNT": "3", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
 
 
+HAPROXY_SHIM = "mtorl-haproxy"  # the console script of mtorl.serving.haproxy_loopback
+HAPROXY_MAX_SOCKET_PATH = 97  # HAProxy 2.8: "socket path ... too long (max 97)"
+
+
+def haproxy_env(binary: Optional[str] = None, workdir: Optional[str] = None,
+                ports: Optional[tuple[int, int, int, int]] = None) -> dict[str, str]:
+    """Ray Serve's HAProxy-ingress switches for ``ingress: haproxy``: HAProxy listens on ``port`` (host from the
+    http options) and routes to each ingress replica's own HTTP server (direct ingress, which HAProxy mode
+    implies), with the throughput-optimized settings. The replicas need the first three; the rest are for the
+    Serve controller and the HAProxy manager it starts (they inherit its env):
+
+    * ``binary``: ``RAY_SERVE_HAPROXY_BINARY_PATH``, the ``mtorl-haproxy`` shim that rebinds HAProxy's stats
+      and Prometheus listeners to 127.0.0.1 (``mtorl.serving.haproxy_loopback``);
+    * ``workdir``: where HAProxy's config, admin socket and state files go (Ray's default is a fixed
+      ``/tmp/haproxy-serve``, which two Serve instances on one machine would share);
+    * ``ports``: the (stats, metrics) ports, loopback-only, and the (HTTP, gRPC) ports of the fallback proxy
+      (Serve's Python proxy on the head node, HAProxy's backup server; on ``http_options.host``), instead of
+      Ray's fixed defaults 8404, 9101, 8500 and 9500.
+
+    A replica being replaced keeps answering for 2 s after HAProxy was told it goes (Ray's default is 30 s,
+    for load balancers outside the cluster; HAProxy is reloaded within about 0.1 s and retries refused
+    connections). None of these is a secret."""
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+    if binary:
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = binary
+    if workdir:
+        env.update({"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{workdir}/haproxy.cfg",
+                    "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{workdir}/admin.sock",
+                    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": workdir,
+                    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{workdir}/server-state",
+                    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{workdir}/metrics.sock"})
+    if ports:
+        env.update({"RAY_SERVE_HAPROXY_STATS_PORT": str(ports[0]), "RAY_SERVE_HAPROXY_METRICS_PORT": str(ports[1]),
+                    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(ports[2]),
+                    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(ports[3])})
+    return env
+
+
+def haproxy_shim() -> str:
+    """Absolute path of the ``mtorl-haproxy`` console script: next to this interpreter, else on PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), HAPROXY_SHIM)
+    if os.path.isfile(here) and os.access(here, os.X_OK):
+        return here
+    found = shutil.which(HAPROXY_SHIM)
+    if found:
+        return os.path.abspath(found)
+    raise RuntimeError(f"ingress 'haproxy': the {HAPROXY_SHIM} command (installed with mtorl) is not found next to "
+                       f"{sys.executable} or on PATH: reinstall mtorl (pip install -e . / make install)")
+
+
+def haproxy_local_env() -> dict[str, str]:
+    """``haproxy_env`` for a Serve started here (``mtorl serve``): the shim, a fresh private folder (0700: it
+    holds HAProxy's admin socket) and free ports. HAProxy refuses unix socket paths over 97 bytes and Serve
+    puts a 56-character node id in them, so a long TMPDIR falls back to /tmp. The controller waits up to 30 s (Ray:
+    5 s) for the HAProxy manager and the fallback proxy to report ready: both start at once, and on a busy
+    2-core machine their worker processes took longer than 5 s, three times in a row, which had the
+    controller kill and restart them."""
+    from mtorl.localhost import free_ports
+
+    base = tempfile.gettempdir()
+    if len(base) + len("/hap-12345678/") + 56 + len("/metrics.sock") > HAPROXY_MAX_SOCKET_PATH:
+        base = "/tmp"
+    workdir = tempfile.mkdtemp(prefix="hap-", dir=base)
+    stats, metrics, http, grpc = free_ports(4)
+    return {**haproxy_env(haproxy_shim(), workdir, (stats, metrics, http, grpc)),
+            "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
+
+
 def proxy_port(args: ServeArgs) -> int:
-    """The port of Serve's own HTTP proxy: ``port`` itself, or with ``ingress: direct`` (where the replica
-    takes ``port``) the next one, which nothing is routed through."""
-    return args.port if args.ingress == "proxy" else (args.port + 1 if args.port < 65535 else args.port - 1)
+    """The port of Serve's own HTTP proxy: ``port`` itself (``proxy``; ``haproxy``, where HAProxy takes its
+    place), or with ``ingress: direct`` (where the replica takes ``port``) the next one, which nothing is
+    routed through."""
+    return args.port if args.ingress != "direct" else (args.port + 1 if args.port < 65535 else args.port - 1)
 
 
 # Replica settings (no secrets: Ray logs runtime_env env_vars). Serve's own log lines, the access log
@@ -246,15 +319,19 @@ def serve_env(args: ServeArgs) -> dict[str, str]:
     """The Serve switches of ``args`` for the controller and the replicas (none is a secret). Ray Serve's
     throughput-optimized mode without its direct ingress (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``,
     ``RAY_SERVE_ENABLE_DIRECT_INGRESS=0``) was measured for ``ingress: proxy`` and lost (BENCHMARKS.md)."""
-    return direct_ingress_env(args.port) if args.ingress == "direct" else {}
+    if args.ingress == "direct":
+        return direct_ingress_env(args.port)
+    return haproxy_env() if args.ingress == "haproxy" else {}
 
 
-def controller_env(args: ServeArgs) -> dict[str, str]:
+def controller_env(args: ServeArgs, local: Optional[dict[str, str]] = None) -> dict[str, str]:
     """The Serve controller's env vars (its proxies inherit them): the replica-loss guard of
-    ``mtorl.serving.proxy_guard`` (a lost replica is a 503 with Retry-After) plus ``serve_env(args)``."""
+    ``mtorl.serving.proxy_guard`` (a lost replica is a 503 with Retry-After; Serve's Python proxy only, so
+    not with ``haproxy``) plus ``serve_env(args)`` and ``local`` (``haproxy_local_env()``: this machine's
+    paths and ports)."""
     from mtorl.serving.proxy_guard import controller_env as guard_env
 
-    return {**guard_env(), **serve_env(args)}
+    return {**(guard_env() if args.ingress == "proxy" else {}), **serve_env(args), **(local or {})}
 
 
 def _bind(args: ServeArgs, digest: Optional[str] = None) -> Application:
@@ -288,12 +365,14 @@ def spec_args(spec: ServeSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json", exclude={"run_policy"})
 
 
-def serve_config(args: ServeArgs) -> dict[str, Any]:
-    """A Serve config (``serve deploy`` / ``serve run`` / KubeRay RayService ``serveConfigV2``)."""
+def serve_config(args: ServeArgs, local: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """A Serve config (``serve deploy`` / ``serve run`` / KubeRay RayService ``serveConfigV2``); ``local``:
+    extra controller env of a Serve started here (``haproxy_local_env``)."""
     config: dict[str, Any] = {
         "http_options": {"host": args.host, "port": proxy_port(args), "request_timeout_s": args.request_timeout_s}}
-    if controller_env(args):
-        config["controller_options"] = {"runtime_env": {"env_vars": controller_env(args)}}
+    env = controller_env(args, local)
+    if env:
+        config["controller_options"] = {"runtime_env": {"env_vars": env}}
     return {
         **config,
         "applications": [{
@@ -305,7 +384,7 @@ def serve_config(args: ServeArgs) -> dict[str, Any]:
     }
 
 
-def serve_config_yaml(args: ServeArgs) -> str:
+def serve_config_yaml(args: ServeArgs, local: Optional[dict[str, str]] = None) -> str:
     import yaml
 
     head = ("# Ray Serve config for mtorl (written by `mtorl serve --config-out`).\n"
@@ -313,7 +392,7 @@ def serve_config_yaml(args: ServeArgs) -> str:
             "# Not for a KubeRay RayService: `mtorl serve SPEC --for rayservice --config-out F` writes that one.\n")
     if args.auth_token_env:
         head += f"# The replicas read the bearer token from the environment variable {args.auth_token_env}.\n"
-    return head + yaml.safe_dump(serve_config(args), sort_keys=False)
+    return head + yaml.safe_dump(serve_config(args, local), sort_keys=False)
 
 
 def _examples(url: str, pre: Preprocessor, auth_env: Optional[str]) -> list[str]:
@@ -349,16 +428,17 @@ def run_serve(job: ServeJob, address: Optional[str] = None, config_out: Optional
         digest = token_digest(token)
     loaded = load_checkpoint(args.checkpoint)  # fail fast here (checksum, version) rather than in a replica
     args = ServeArgs.model_validate({**spec_args(args), "checkpoint": loaded.uri})  # pin a run dir to its best checkpoint
-    config = serve_config(args)
-    if config_out:
-        from mtorl import storage
-
-        storage.write_bytes(config_out, serve_config_yaml(args).encode())
-        progress(f"[serve] Serve config written to {config_out} (serve deploy / KubeRay serveConfigV2)")
-
     from mtorl.raycluster import init_ray
 
     init_ray(address, secret_env=(args.auth_token_env,) if args.auth_token_env else ())  # never in a runtime_env
+    # HAProxy's folder and ports for a new controller (a running one keeps its own: an update of the app)
+    local = haproxy_local_env() if args.ingress == "haproxy" and not _controller_running() else None
+    config = serve_config(args, local)
+    if config_out:
+        from mtorl import storage
+
+        storage.write_bytes(config_out, serve_config_yaml(args, local).encode())
+        progress(f"[serve] Serve config written to {config_out} (serve deploy / KubeRay serveConfigV2)")
     from mtorl.raycluster import check_resources
 
     check_resources({"CPU": args.num_cpus_per_replica}, max(1, args.autoscaling.min_replicas),
@@ -369,8 +449,8 @@ def run_serve(job: ServeJob, address: Optional[str] = None, config_out: Optional
     serve.run(_bind(args, digest), name=args.app_name, route_prefix="/")
     shown = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{shown}:{args.port}"
-    if args.ingress == "direct":
-        _await_direct_ingress(url, args.request_timeout_s)
+    if args.ingress != "proxy":
+        _await_direct_ingress(url, args.request_timeout_s, args.ingress)
     pre = Preprocessor(loaded.manifest)
     progress(f"[serve] {args.app_name} is up at {url} ({time.time() - t0:.1f}s); API docs: {url}/docs")
     for line in _examples(url, pre, args.auth_token_env):
@@ -383,9 +463,22 @@ def run_serve(job: ServeJob, address: Optional[str] = None, config_out: Optional
     return result
 
 
-def _await_direct_ingress(url: str, timeout_s: float) -> None:
-    """With ``ingress: direct`` the replica itself must answer on ``port``; Serve ignores the switches when a
-    controller was already running on the cluster without them, so say so instead of serving nothing."""
+def _controller_running() -> bool:
+    """Whether this Ray cluster has a Serve controller already (``serve.start`` then keeps its options)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+def _await_direct_ingress(url: str, timeout_s: float, ingress: str = "direct") -> None:
+    """With ``ingress: direct`` the replica itself (``haproxy``: HAProxy) must answer on ``port``; Serve ignores
+    the switches when a controller was already running on the cluster without them, so say so instead of
+    serving nothing."""
     import httpx
 
     deadline = time.time() + max(30.0, timeout_s)
@@ -398,7 +491,7 @@ def _await_direct_ingress(url: str, timeout_s: float) -> None:
         except httpx.HTTPError as e:
             last = f"{type(e).__name__}: {e}"
         time.sleep(0.5)
-    raise RuntimeError(f"ingress 'direct': no replica answers at {url} ({last}). Serve keeps the options of a controller "
+    raise RuntimeError(f"ingress '{ingress}': nothing answers at {url} ({last}). Serve keeps the options of a controller "
                        "that is already running: stop it first (serve shutdown), or use ingress 'proxy'")
 
 

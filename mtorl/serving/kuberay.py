@@ -6,7 +6,11 @@ port named ``serve`` (8000 by default) and probe every worker pod's Serve proxy 
 
 * ``http_options.host`` is ``0.0.0.0`` (a Service cannot reach a proxy on loopback), so the bearer token is
   required (``auth_token_env``, default ``MTORL_SERVE_TOKEN``, the variable the manifests set from a Secret);
-* ``ingress`` is ``proxy`` (``direct`` moves Serve's proxy off KubeRay's serve port and probe);
+* ``ingress`` is ``proxy`` or ``haproxy`` (``direct`` moves Serve's proxy off KubeRay's serve port and probe).
+  With ``haproxy`` HAProxy takes the serve port on every node and routes to the replicas' own HTTP servers;
+  its switches go in ``controller_options`` (the Serve controller, which the dashboard starts from this config,
+  and the HAProxy managers it starts inherit them) and in the replicas' ``runtime_env``, with
+  ``RAY_SERVE_HAPROXY_BINARY_PATH`` the image's ``mtorl-haproxy`` shim (stats and metrics on loopback);
 * ``checkpoint`` is one checkpoint URI, never a run directory: every replica, including replicas started
   later by autoscaling or after a failure, serves the same model until the config is changed.
 """
@@ -20,6 +24,7 @@ from pydantic import ValidationError
 from mtorl.spec import ServeJob, ServeSpec, SpecError
 
 KUBERAY_SERVE_PORT = 8000  # KubeRay's DefaultServingPort: the container port named "serve"
+IMAGE_HAPROXY_SHIM = "/usr/local/bin/mtorl-haproxy"  # the Dockerfile's `pip install .` (python image) puts it there
 DEFAULT_TOKEN_ENV = "MTORL_SERVE_TOKEN"
 CHECKPOINT_PREFIX = "checkpoint_"  # the last path segment of a checkpoint dir (Ray Train's and in-process runs')
 
@@ -30,14 +35,14 @@ def is_pinned(checkpoint: str) -> bool:
 
 
 def rayservice_args(spec: ServeSpec, checkpoint: str | None = None, pinned: bool = True) -> Any:
-    """ServeSpec -> the ``ServeArgs`` of a RayService (host 0.0.0.0, port 8000, proxy ingress, token on).
+    """ServeSpec -> the ``ServeArgs`` of a RayService (host 0.0.0.0, port 8000, proxy or haproxy ingress, token on).
 
     Raises ValueError naming the field when the spec can't be served by KubeRay as it is."""
     from mtorl.serving.app import ServeArgs, spec_args
 
-    if spec.ingress != "proxy":
-        raise ValueError("ingress: a RayService needs ingress 'proxy' (with 'direct' Serve's proxy leaves KubeRay's "
-                         "serve port and readiness probe)")
+    if spec.ingress == "direct":
+        raise ValueError("ingress: a RayService needs ingress 'proxy' or 'haproxy' (with 'direct' Serve's proxy leaves "
+                         "KubeRay's serve port and readiness probe)")
     args = {**spec_args(spec), "host": "0.0.0.0", "port": KUBERAY_SERVE_PORT,
             "auth_token_env": spec.auth_token_env or DEFAULT_TOKEN_ENV}
     if checkpoint is not None:
@@ -51,9 +56,11 @@ def rayservice_args(spec: ServeSpec, checkpoint: str | None = None, pinned: bool
 
 def rayservice_config(spec: ServeSpec, checkpoint: str | None = None) -> dict[str, Any]:
     """The ``serveConfigV2`` document (a dict) for ``spec``: Serve's proxy on every node at 0.0.0.0:8000."""
-    from mtorl.serving.app import serve_config
+    from mtorl.serving.app import haproxy_env, serve_config
 
-    config = serve_config(rayservice_args(spec, checkpoint))
+    args = rayservice_args(spec, checkpoint)
+    # ingress 'haproxy': Ray's default paths (/tmp/haproxy-serve, one Serve per pod) and ports, the image's shim
+    config = serve_config(args, haproxy_env(IMAGE_HAPROXY_SHIM) if args.ingress == "haproxy" else None)
     return {"proxy_location": "EveryNode", **config}
 
 

@@ -29,8 +29,10 @@ of that channel when the manifest records one (``channel_cost_mean``: a list per
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
-from typing import Annotated, Any, Iterable, Mapping, Sequence
+from itertools import chain
+from typing import Annotated, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -177,6 +179,10 @@ def parse_body(model: type[BaseModel], body: bytes | str) -> Any:
 
 # ------------------------------------------------------------------------------------------ preprocessing
 
+_CHANNEL, _FEATURES = operator.attrgetter("channel"), operator.attrgetter("features")
+_GAIN, _COST = operator.attrgetter("gain"), operator.attrgetter("cost")
+
+
 @dataclass(frozen=True)
 class Limits:
     max_users: int = 1000
@@ -211,6 +217,12 @@ class Preprocessor:
         self.default_cost = self._default_costs(manifest)  # (C,)
         self._index = {id(names): {n: i for i, n in enumerate(names)} for names in (self.step_features, self.user_features)}
         self._step_set = frozenset(self.step_features)
+        # a step's features in step_features order, as a tuple (itemgetter returns a bare value for one name)
+        self._step_values: Callable[[Mapping[str, float]], tuple[float, ...]] = (
+            operator.itemgetter(*self.step_features) if len(self.step_features) > 1
+            else (lambda f, n=self.step_features[0]: (f[n],)) if self.step_features else (lambda f: ()))
+        mean, std = manifest.normalization.mean, manifest.normalization.std
+        self._mean, self._std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)  # (D,)
 
     def _default_costs(self, manifest: Manifest) -> np.ndarray:
         c = len(self.channels)
@@ -318,10 +330,79 @@ class Preprocessor:
             if u.user_id in seen:
                 raise RequestError(f"users[{i}].user_id", f"duplicate user_id {u.user_id!r} (also users[{seen[u.user_id]}])")
             seen[u.user_id] = i
+        fast = self._prepare_batch(users)
+        if fast is not None:
+            return fast
+        # Some user is refused: the per-user path finds the first one and names its field.
         out = [self.user(i, u) for i, u in enumerate(users)]
         return Prepared(user_ids=[u.user_id for u in users], journeys=[o[0] for o in out],
                         next_states=np.stack([o[1] for o in out]).astype(np.float32),
                         costs=np.stack([o[2] for o in out]))
+
+    def _prepare_batch(self, users: Sequence[UserIn]) -> Prepared | None:
+        """``prepare`` over all the users' N steps at once (numpy over (N, D) instead of a loop per user), with
+        the same arithmetic as ``user``, so the same values to the bit; None when any user would be refused
+        (then ``user``, one by one, raises the error that names the field)."""
+        B = len(users)
+        lengths = np.fromiter((len(u.journey) for u in users), dtype=np.int64, count=B)   # (B,)
+        if lengths.min() == 0 or lengths.max() > self.limits.max_journey_length:
+            return None
+        steps = [s for u in users for s in u.journey]                                     # N
+        N = len(steps)
+        try:
+            ch = np.fromiter(map(self.channel_index.__getitem__, map(_CHANNEL, steps)), dtype=np.int64, count=N)  # (N,)
+        except KeyError:
+            return None
+        names, exact, Dq, Df = self.step_features, self._step_set, len(self.step_features), len(self.user_features)
+        feats = list(map(_FEATURES, steps))
+        try:
+            if all(f.keys() == exact for f in feats):  # every feature named once: no defaults to fill in
+                q = np.fromiter(chain.from_iterable(map(self._step_values, feats)), dtype=np.float64,
+                                count=N * Dq).reshape(N, Dq)                                     # (N, Dq)
+            else:
+                q = np.array([self._vector(f, names, self.optional_step, "", "feature") for f in feats],
+                             dtype=np.float64).reshape(N, Dq)
+            fu = np.array([self._vector(u.user_features, self.user_features, set(), "", "user feature")
+                           for u in users], dtype=np.float64).reshape(B, Df)                    # (B, Df)
+        except RequestError:
+            return None
+        gain = np.fromiter(map(_GAIN, steps), dtype=np.float32, count=N)                    # (N,)
+        cost = np.fromiter(map(_COST, steps), dtype=np.float32, count=N)                    # (N,)
+        mean, std = self._mean, self._std                                                   # (D,)
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = np.concatenate([q, np.repeat(fu, lengths, axis=0)], axis=1)                # (N, D)
+            if x.shape[1] != mean.shape[0]:
+                return None  # (normalise_state, in ``user``, says what is wrong with the manifest)
+            state = ((x - mean) / std).astype(np.float32)                                  # (N, D)
+        reward = compute_reward(gain, cost, self.manifest)                                  # (N,)
+        if not (np.isfinite(state).all() and np.isfinite(reward).all()):
+            return None
+        ends = np.cumsum(lengths)                                                           # (B,)
+        starts = ends - lengths
+        nxt = state[ends - 1]                                                               # (B, D) the last step's
+        given = [b for b, u in enumerate(users) if u.next_features is not None]
+        if given:
+            try:
+                qn = np.array([self._vector(users[b].next_features, names, self.optional_step, "", "feature")
+                               for b in given], dtype=np.float64).reshape(len(given), len(names))
+            except RequestError:
+                return None
+            with np.errstate(over="ignore", invalid="ignore"):
+                xn = np.concatenate([qn, fu[given]], axis=1)
+                sn = ((xn - mean) / std).astype(np.float32)                                # (G, D)
+            if not np.isfinite(sn).all():
+                return None
+            nxt[given] = sn
+        C = len(self.channels)
+        costs = np.tile(self.default_cost, (B, 1))                                          # (B, C)
+        key = np.repeat(np.arange(B, dtype=np.int64), lengths) * C + ch                    # (N,) user, channel
+        seen, first = np.unique(key[::-1], return_index=True)  # the most recent logged cost of each channel wins
+        costs.reshape(-1)[seen] = cost[::-1][first]
+        prop = np.full(N, np.nan, dtype=np.float32)
+        journeys = [Journey(user_id=u.user_id, channel=ch[a:e], gain=gain[a:e], cost=cost[a:e], propensity=prop[a:e],
+                            state=state[a:e], reward=reward[a:e])
+                    for u, a, e in zip(users, starts.tolist(), ends.tolist())]
+        return Prepared(user_ids=[u.user_id for u in users], journeys=journeys, next_states=nxt, costs=costs)
 
 
 # ------------------------------------------------------------------------------------------ responses
@@ -342,16 +423,11 @@ def recommendations(p: Prepared, probs: np.ndarray, reward: np.ndarray, channels
     """probs (B, C), reward (B, C) -> per-user recommendations (``recommend_scores``; ``scored`` passes
     them in when already computed for a larger batch)."""
     best, kb = scored if scored is not None else recommend_scores(probs, reward, p.costs)
-    out = []
-    for b, uid in enumerate(p.user_ids):
-        c = int(best[b])
-        out.append({"user_id": uid,
-                    "channel_probs": {ch: float(probs[b, k]) for k, ch in enumerate(channels)},
-                    "recommended_channel": channels[c],
-                    "predicted_reward": {ch: float(reward[b, k]) for k, ch in enumerate(channels)},
-                    "expected_reward": float(reward[b, c]),
-                    "cost": float(kb[b])})
-    return out
+    # one tolist() per array (Python floats of the same values) instead of a float() per element
+    rows = zip(p.user_ids, probs.tolist(), reward.tolist(), np.asarray(best).tolist(), np.asarray(kb, dtype=np.float64).tolist())
+    return [{"user_id": uid, "channel_probs": dict(zip(channels, pr)), "recommended_channel": channels[c],
+             "predicted_reward": dict(zip(channels, rw)), "expected_reward": rw[c], "cost": k}
+            for uid, pr, rw, c, k in rows]
 
 
 def allocation(p: Prepared, probs: np.ndarray, reward: np.ndarray, channels: Sequence[str], budget: float,

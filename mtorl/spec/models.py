@@ -367,10 +367,14 @@ class ServeSpec(_Strict):
                              "file under the Ray session's logs/serve/ (not streamed to the driver's stdout).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Replica log level.")
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
-    ingress: Literal["proxy", "direct"] = Field(
+    ingress: Literal["proxy", "direct", "haproxy"] = Field(
         "proxy", description="proxy: Serve's HTTP proxy routes requests to the replicas (autoscaling, zero-downtime "
         "updates). direct: the single replica serves HTTP on `port` itself (Ray Serve direct ingress), skipping the "
-        "proxy hop: several times the requests/s on a small CPU budget (BENCHMARKS.md); one replica, no rolling update.")
+        "proxy hop: several times the requests/s on a small CPU budget (BENCHMARKS.md); one replica, no rolling update. "
+        "haproxy: Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY) on `port`, routing to each replica's own HTTP "
+        "server (autoscaling and rolling updates like proxy, no Python proxy hop: about 3x proxy's requests/s on 2 "
+        "cores, BENCHMARKS.md); its stats and metrics listeners are kept on loopback by the mtorl-haproxy shim. A "
+        "replica that crashes drops its in-flight requests (no 503 + Retry-After as with proxy): use min_replicas 2.")
     max_surge_percent: int = Field(100, ge=0, le=100, description="Extra replicas a rolling update may start, in % of "
                                    "the replica count: with 100 the new replica starts, and becomes healthy, before the "
                                    "old one stops (no stall while the new model loads). 0: Serve's stop-then-start. "

@@ -233,6 +233,7 @@ def test_refuses_to_start_without_auth_off_loopback(served: dict[str, Any]) -> N
         run_serve(job, blocking=False, progress=print)
 
 
+@functools.cache  # one per test process: the update tests of every ingress module share it
 def _train_other(data: str) -> str:
     """Another checkpoint of the same data (other seed, one step): different weights."""
     from mtorl.training.driver import run_train
@@ -249,6 +250,12 @@ def test_zero_downtime_update(served: dict[str, Any], tiny_dataset: str) -> None
     """Redeploy with another checkpoint while a client loop sends requests: none is lost, and none waits for
     the new model to load (the new replica starts and becomes healthy before the old one stops:
     max_surge_percent)."""
+    assert_zero_downtime_update(served, tiny_dataset)
+
+
+def assert_zero_downtime_update(served: dict[str, Any], tiny_dataset: str, **job_extra: Any) -> None:
+    """``served``: run_serve's result plus ``manifest`` and ``port``; ``job_extra``: the ServeJob fields it was
+    started with beyond ``_job``'s (the update keeps them)."""
     from mtorl.serving.app import run_serve
 
     new_ckpt = _train_other(tiny_dataset)
@@ -280,7 +287,7 @@ def test_zero_downtime_update(served: dict[str, Any], tiny_dataset: str) -> None
     try:
         time.sleep(1.0)
         t_update = time.perf_counter()
-        res = run_serve(_job(new_ckpt, served["port"]), blocking=False, progress=print)
+        res = run_serve(_job(new_ckpt, served["port"], **job_extra), blocking=False, progress=print)
         t_done = time.perf_counter() - t_update
         deadline = time.time() + 120
         while time.time() < deadline and (not versions or versions[-1] != res["model_version"]):
@@ -483,16 +490,33 @@ def listening_sockets(pids: set[int]) -> list[tuple[str, int, int]]:
     return out
 
 
+def _children(pids: set[int]) -> set[int]:
+    """Processes whose parent is one of ``pids`` (Linux /proc)."""
+    out = set()
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) in pids:
+            out.add(int(p))
+    return out
+
+
 def serve_listeners() -> tuple[list[tuple[str, int, int]], set[int], set[int]]:
-    """The listening sockets of Serve's processes (controller, proxies, replicas) on this node, the ports
+    """The listening sockets of Serve's processes (controller, proxies or HAProxy, replicas) on this node, the ports
     of those actors' own Ray worker RPC servers (Ray's internal ports, not Serve's) and the replicas' pids."""
     from ray._private.state import actors
 
-    names = ("ServeController", "ProxyActor", "ServeReplica")
+    names = ("ServeController", "ProxyActor", "HAProxyManager", "ServeReplica")
     table = [a for a in actors().values() if a.get("State") == "ALIVE"
              and str(a.get("ActorClassName", "")).startswith(names)]
     pids = {int(a["Pid"]) for a in table if a.get("Pid")}
     assert pids, "no Serve process found"
+    pids |= _children(pids)  # the HAProxy processes of ingress 'haproxy'
+
     ray_rpc = {int(a["Address"]["Port"]) for a in table if a.get("Address", {}).get("Port")}
     replicas = {int(a["Pid"]) for a in table if str(a.get("ActorClassName", "")).startswith("ServeReplica")}
     return listening_sockets(pids), ray_rpc, replicas

@@ -361,8 +361,33 @@ def test_the_rayservice_refuses_a_run_directory_or_direct_ingress(tmp_path: Path
     doc["spec"].update(ingress="direct", autoscaling={"min_replicas": 1, "max_replicas": 1})
     spec = tmp_path / "direct.yaml"
     spec.write_text(yaml.safe_dump(doc))
-    with pytest.raises(ManifestError, match=r"ingress 'proxy'"):
+    with pytest.raises(ManifestError, match=r"ingress 'proxy' or 'haproxy'"):
         values.model_copy(update={"serve_spec": str(spec)}).variables()
+
+
+def test_the_rayservice_with_haproxy_ingress_carries_its_env(tmp_path: Path) -> None:
+    """ingress 'haproxy': the rendered serveConfigV2 starts the Serve controller with HAProxy on, through the
+    image's loopback shim (installed by the Dockerfile's `pip install .` into the python image's bin)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from mtorl.serving.app import build_app
+
+    values, _ = load_values([KUBERAY / "values.env"], environ={})
+    doc = yaml.safe_load((ROOT / values.serve_spec).read_text())
+    doc["spec"]["ingress"] = "haproxy"
+    spec = tmp_path / "haproxy.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    cfg = yaml.safe_load(values.model_copy(update={"serve_spec": str(spec)}).variables()["SERVE_CONFIG_V2"])
+    ServeDeploySchema.model_validate(cfg)
+    assert unknown_keys(cfg, ServeDeploySchema) == []
+    assert cfg["http_options"] == {**cfg["http_options"], "host": "0.0.0.0", "port": SERVE_PORT}
+    env = cfg["controller_options"]["runtime_env"]["env_vars"]
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/usr/local/bin/mtorl-haproxy"
+    assert "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH" not in env  # the Python proxy's guard: no Python proxy here
+    assert re.search(r"^ARG PYTHON_IMAGE=python:", (ROOT / "Dockerfile").read_text(), re.M)
+    (app,) = cfg["applications"]
+    replica_env = build_app(app["args"])._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
+    assert replica_env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # the replicas start their own HTTP servers
 
 
 def test_multi_line_values_keep_their_block_indentation() -> None:

@@ -313,3 +313,86 @@ def test_serving_acts_by_the_checkpoints_decision_block() -> None:
     ref = decide(reward, probs, p.costs, strict, budget=2.0)
     assert res["penalty"] == pytest.approx(ref.penalty) and res["penalty"] == res["multiplier"] and res["penalty"] > 0
     assert {s["user_id"] for s in res["selected"]} == {p.user_ids[i] for i in np.flatnonzero(ref.served)}
+
+
+def _per_user(pre: Preprocessor, users: Any) -> Any:
+    """``prepare`` the way it was before the batch path: ``Preprocessor.user`` for each user."""
+    out = [pre.user(i, u) for i, u in enumerate(users)]
+    return [o[0] for o in out], np.stack([o[1] for o in out]).astype(np.float32), np.stack([o[2] for o in out])
+
+
+def test_batch_preprocessing_equals_the_per_user_path() -> None:
+    """The numpy path over all users' steps gives the per-user path's arrays to the bit: mixed lengths,
+    one-hot columns left out on some steps, next_features on some users, channels logged or not."""
+    rng = np.random.default_rng(0)
+    users = []
+    for i in range(12):
+        T = int(rng.integers(1, 9))
+        j = [{"channel": MANIFEST.channels[int(rng.integers(3))], "gain": float(rng.integers(2)),
+              "cost": float(rng.uniform(0, 4)),
+              "features": {"hour": float(rng.uniform(0, 23)), "depth": float(rng.integers(1, 9)),
+                           **({"device=ios": 1.0} if rng.random() < 0.5 else {}),
+                           **({"device=web": 0.0} if rng.random() < 0.3 else {})}} for _ in range(T)]
+        u: dict[str, Any] = {"user_id": f"u{i}", "journey": j, "user_features": {"age": float(rng.uniform(18, 80))}}
+        if i % 3 == 0:
+            u["next_features"] = {"hour": 5.0, "depth": 2.0, "device=web": 1.0}
+        users.append(u)
+    req = parse_request(RecommendRequest, {"users": users})
+    pre = _pre()
+    got = pre.prepare(req.users)
+    assert pre._prepare_batch(req.users) is not None  # the batch path ran
+    journeys, nxt, costs = _per_user(pre, req.users)
+    assert got.user_ids == [u["user_id"] for u in users]
+    for a, b in zip(got.journeys, journeys):
+        assert a.user_id == b.user_id
+        for f in ("channel", "gain", "cost", "propensity", "state", "reward"):
+            x, y = getattr(a, f), getattr(b, f)
+            assert x.dtype == y.dtype and x.shape == y.shape, f
+            np.testing.assert_array_equal(x, y, err_msg=f)
+    assert got.next_states.dtype == nxt.dtype and got.costs.dtype == costs.dtype
+    np.testing.assert_array_equal(got.next_states, nxt)
+    np.testing.assert_array_equal(got.costs, costs)
+
+
+@pytest.mark.parametrize("bad", ["channel", "feature", "user_feature", "range", "next"])
+def test_batch_preprocessing_hands_bad_users_to_the_per_user_path(bad: str) -> None:
+    """A refused user anywhere in the batch: the same error (field and message) as the per-user path."""
+    users = [_user(f"u{i}", steps=3) for i in range(4)]
+    u = users[2]
+    if bad == "channel":
+        u["journey"][1]["channel"] = "tv"
+    elif bad == "feature":
+        u["journey"][2]["features"]["foo"] = 1.0
+    elif bad == "user_feature":
+        u["user_features"] = {}
+    elif bad == "range":
+        u["journey"][0]["features"]["hour"] = 3e38
+        BASE2 = {**BASE, "normalization": {"mean": [11.0, 2.0, 0.5, 0.5, 30.0], "std": [1e-3, 1.5, 0.5, 0.5, 10.0]}}
+        pre = Preprocessor(Manifest.model_validate(BASE2))
+    else:
+        u["next_features"] = {"hour": 1.0}
+    pre = pre if bad == "range" else _pre()
+    req = parse_request(RecommendRequest, {"users": users})
+    assert pre._prepare_batch(req.users) is None
+    with pytest.raises(RequestError) as batch:
+        pre.prepare(req.users)
+    with pytest.raises(RequestError) as alone:
+        pre.user(2, req.users[2])
+    assert batch.value.detail == alone.value.detail and batch.value.detail.startswith("users[2]")
+
+
+def test_recommendations_equal_the_per_element_formula() -> None:
+    """The tolist() response rows equal the per-element float() ones they replaced, value for value."""
+    rng = np.random.default_rng(1)
+    req = parse_request(RecommendRequest, {"users": [_user(f"u{i}", steps=2) for i in range(5)]})
+    p = _pre().prepare(req.users)
+    probs = rng.dirichlet(np.ones(3), size=5).astype(np.float32)
+    reward = rng.uniform(0, 1, size=(5, 3)).astype(np.float32)
+    best, kb = recommend_scores(probs, reward, p.costs)
+    ch = MANIFEST.channels
+    want = [{"user_id": uid, "channel_probs": {c: float(probs[b, k]) for k, c in enumerate(ch)},
+             "recommended_channel": ch[int(best[b])],
+             "predicted_reward": {c: float(reward[b, k]) for k, c in enumerate(ch)},
+             "expected_reward": float(reward[b, int(best[b])]), "cost": float(kb[b])} for b, uid in enumerate(p.user_ids)]
+    got = recommendations(p, probs, reward, ch, scored=(best, kb))
+    assert got == want and json.dumps(got) == json.dumps(want)
