@@ -33,7 +33,8 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # The slowest files first (each file runs in one process: `--dist loadfile`), so the parallel run
 # does not end waiting on one long file that started last. Measured with `--durations`; order only.
 SLOW_FIRST = ("test_tune.py", "test_train.py", "test_bench_quick.py", "test_secrets.py", "test_outage.py",
-              "test_console_wandb.py", "test_serve.py", "test_submit.py", "test_online.py", "test_store.py")
+              "test_console_wandb.py", "test_serve.py", "test_serve_haproxy.py", "test_submit.py", "test_online.py",
+              "test_store.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
