@@ -116,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     best_uri, meta = found
     storage.write_json(storage.join(run, ckpt.BEST_FILE), {"checkpoint": best_uri, "metric": t.metric,
-                                                          "value": meta["metrics"].get(t.metric)})
+                                                          "value": meta.metrics.get(t.metric)})
     out = {"kind": "TrainJob", "name": job.metadata.name, "run_uri": run, "best_checkpoint": best_uri,
-           "best_metrics": json.loads(json.dumps(meta["metrics"], default=str)), "wall_s": round(time.time() - t0, 2),
+           "best_metrics": json.loads(json.dumps(meta.metrics, default=str)), "wall_s": round(time.time() - t0, 2),
            "trainer": "inprocess"}
-    print(f"best checkpoint ({t.metric}={meta['metrics'].get(t.metric)}): {best_uri}", flush=True)
+    print(f"best checkpoint ({t.metric}={meta.metrics.get(t.metric)}): {best_uri}", flush=True)
     if args.result:
         Path(args.result).parent.mkdir(parents=True, exist_ok=True)
         Path(args.result).write_text(json.dumps(out, indent=2))
