@@ -551,3 +551,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def haproxy_main() -> int:
+    """The ``mtorl-haproxy`` console script: Ray Serve's HAProxy with its stats/metrics bound to loopback."""
+    from mtorl.serving.haproxy_loopback import exec_haproxy
+
+    try:
+        exec_haproxy(sys.argv[1:], sys.argv[0])
+    except OSError as e:  # FileNotFoundError included
+        print(f"mtorl-haproxy: {e}", file=sys.stderr)
+    return 1  # only reached when HAProxy could not be started

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 import tempfile
 from typing import Sequence
 
@@ -98,19 +97,11 @@ def real_binary(shim: str | None = None) -> str:
     return found
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        path = config_path(args)
-        if path is not None:
-            rewrite_config(path)
-        binary = real_binary(sys.argv[0])
-    except (OSError, FileNotFoundError) as e:
-        print(f"mtorl-haproxy: {e}", file=sys.stderr)
-        return 1
+def exec_haproxy(args: Sequence[str], shim: str) -> None:
+    """Rewrite the config named in ``args`` (if any), then replace this process with HAProxy run with the
+    same ``args`` (same PID and command line, which Serve relies on). Raises OSError when it cannot."""
+    path = config_path(list(args))
+    if path is not None:
+        rewrite_config(path)
+    binary = real_binary(shim)
     os.execv(binary, [binary, *args])
-    return 1  # not reached
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,6 +14,9 @@ hook, set to ``mtorl.serving.proxy_guard:middlewares`` for the controller, whose
 * while degraded, a request without a response start ``wait_s`` after it began (or after the loss was
   seen, whichever is later) is cancelled in the proxy and answered the same way, instead of waiting out
   the timeout for a replica that is still loading;
+* a request without a response start ``stall_s`` after it began is answered the same way and marks the
+  service degraded: when a replica dies between requests, none ends without a response (the router holds
+  them all until the replacement is up), so a stall is the only sign the proxy gets;
 * the first response below 500 ends the degraded state.
 
 Responses the app or the proxy sent themselves (200, 4xx, the proxy's 408) pass through untouched.
@@ -38,14 +41,17 @@ IMPORT_PATH = "mtorl.serving.proxy_guard:middlewares"
 ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # Serve's proxy calls this function for its middlewares
 RETRY_AFTER_S = 2      # the Retry-After a client gets (whole seconds, RFC 9110)
 DEGRADED_WAIT_S = 2.0  # while degraded: longest wait for a response start before the 503
+STALL_S = 5.0          # healthy: longest wait for a response start before the 503 (MTORL_SERVE_STALL_S)
 _CHECK_S = 0.25        # how often a waiting request looks at the degraded state
 
 
 class ReplicaLossGuard:
     """See the module docstring. ``app``: the proxy's ASGI app."""
 
-    def __init__(self, app: ASGIApp, retry_after_s: int = RETRY_AFTER_S, wait_s: float = DEGRADED_WAIT_S):
+    def __init__(self, app: ASGIApp, retry_after_s: int = RETRY_AFTER_S, wait_s: float = DEGRADED_WAIT_S,
+                 stall_s: float | None = None):
         self.app, self.retry_after_s, self.wait_s = app, retry_after_s, wait_s
+        self.stall_s = float(os.environ.get("MTORL_SERVE_STALL_S", STALL_S)) if stall_s is None else stall_s
         self.lost_at: Optional[float] = None  # monotonic time a replica loss was seen; None = healthy
         self.answered = 0                     # 503s this guard sent (for tests and logs)
 
@@ -80,9 +86,12 @@ class ReplicaLossGuard:
                 if started:
                     await task
                     return
-                lost = self.lost_at
-                if not task.done() and lost is not None and time.monotonic() - max(t0, lost) >= self.wait_s:
+                lost, now = self.lost_at, time.monotonic()
+                stalled = now - t0 >= self.stall_s
+                if not task.done() and (stalled or (lost is not None and now - max(t0, lost) >= self.wait_s)):
                     answered = True
+                    if self.lost_at is None:
+                        self.lost_at = now
                     await self._unavailable(send, "no replica answered in time (a replica was lost and is being "
                                                   "replaced)")
                     # The server reports the finished response to the proxy as a disconnect, and the proxy

@@ -105,6 +105,16 @@ def test_healthy_requests_wait_as_long_as_the_app_takes() -> None:
     assert c.status == 200
 
 
+def test_a_healthy_request_held_past_the_stall_bound_is_503_and_degrades() -> None:
+    """A replica that died between requests: the router holds every request, none ends without a response."""
+    seen: list[str] = []
+    guard = ReplicaLossGuard(waits_for_a_replica(seen), wait_s=0.1, stall_s=0.4)
+    c = Client()
+    run(guard, c)
+    assert c.status == 503 and c.header(b"retry-after") == b"2" and seen == ["http.disconnect"]
+    assert guard.lost_at is not None and guard.answered == 1
+
+
 def test_a_client_that_left_gets_nothing_and_degrades_nothing() -> None:
     async def sees_disconnect(scope: Any, receive: Any, send: Any) -> None:
         await receive()
