@@ -17,8 +17,11 @@ pytestmark = pytest.mark.integration
 
 
 def _mtorl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    # A user's shell, not this test process: a training run earlier in the process set the storage retry
+    # window for itself (MTORL_STORAGE_RETRY_S), and with it a missing bucket is re-checked for 90 s.
+    base = {k: v for k, v in os.environ.items() if k != "MTORL_STORAGE_RETRY_S"}
     return subprocess.run([sys.executable, "-m", "mtorl", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+                          env={**base, **(env or {})})
 
 
 def _prepare_args(csv: Path, out: str) -> list[str]:
