@@ -538,15 +538,14 @@ def local_cluster_up(workers: int, state_dir: str | Path | None = None, cpus_per
     state: dict[str, Any] = {"gcs": "", "dashboard": "", "auth_mode": env["RAY_AUTH_MODE"], "nodes": []}
 
     def new_head_ports() -> None:
-        state["gcs"], state["dash_port"] = f"127.0.0.1:{free_port()}", free_port()
-        state["dashboard"] = f"http://127.0.0.1:{state['dash_port']}"
+        state["gcs"], state["dashboard"] = f"127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
 
     def launch(role: str, head: bool) -> dict[str, Any]:
         tmp = tempfile.mkdtemp(prefix=f"mtorl-ray-{role}-", dir="/tmp")  # short: unix socket paths
         log = d / f"{role}.log"
         with open(log, "wb") as fh:
             proc = subprocess.Popen(_node_cmd(ray_bin, head, state["gcs"], tmp, cpus_per_node, object_store_mb,
-                                              state["dash_port"]),
+                                              int(state["dashboard"].rsplit(":", 1)[1])),
                                     env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
         node = {"role": role, "pid": proc.pid, "temp_dir": tmp, "log": str(log)}
