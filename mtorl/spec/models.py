@@ -327,6 +327,17 @@ class TuneSpec(_Strict):
     output: Uri = Field(description="Sweep root URI.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, alias="runPolicy")
 
+    @property
+    def trials(self) -> int:
+        """How many trials the sweep runs: a grid runs every point of it (the listed values, or 3 points per
+        range) whatever ``max_trials`` says; the other algorithms run ``max_trials``."""
+        if self.algorithm != "grid":
+            return self.max_trials
+        n = 1
+        for p in self.parameters.values():
+            n *= len(p.values) if p.values is not None else 3
+        return n
+
     @field_validator("parameters")
     @classmethod
     def _paths_exist(cls, v: dict[str, ParamSpace]) -> dict[str, ParamSpace]:

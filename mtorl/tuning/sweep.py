@@ -225,7 +225,7 @@ def run_tune(job: TuneJob, progress: Any = print) -> dict[str, Any]:
 
     # W&B: each trial's rank-0 worker opens the trial's one run (id from the sweep name and the trial id,
     # see mtorl.training.tracking), so no WandbLoggerCallback here: it would open a second run per trial.
-    trial_progress = TrialProgress(progress, spec.max_trials, metric, mode)
+    trial_progress = TrialProgress(progress, spec.trials, metric, mode)
     callbacks: list[Any] = [trial_progress]
     exp_path = f"{storage_path.rstrip('/')}/{job.metadata.name}/tune"
     restored = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
@@ -233,7 +233,7 @@ def run_tune(job: TuneJob, progress: Any = print) -> dict[str, Any]:
         progress(f"resuming sweep {job.metadata.name} from {to_uri(spec.output, exp_path)} (completed trials are not re-run)")
         tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)
     else:
-        progress(f"sweep {job.metadata.name}: {spec.max_trials} trial(s), {spec.algorithm} search, {spec.early_stopping} early stopping")
+        progress(f"sweep {job.metadata.name}: {spec.trials} trial(s), {spec.algorithm} search, {spec.early_stopping} early stopping")
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(spec),

@@ -81,3 +81,18 @@ def test_specs_are_frozen() -> None:
     job = make_job("TrainJob", "x", {"data": "d", "output": "o"})
     with pytest.raises(pydantic.ValidationError, match="frozen"):
         job.spec.trainer.workers = 5  # type: ignore[misc]
+
+
+def test_a_grid_sweep_counts_its_grid_not_max_trials() -> None:
+    base = {"data": "s3://b/d", "output": "s3://b/runs"}
+
+    def sweep(algorithm: str, parameters: dict) -> object:
+        return make_job("TuneJob", "t", {"base": base, "output": "s3://b/s", "algorithm": algorithm,
+                                         "max_trials": 5, "parameters": parameters}).spec
+
+    lr = {"type": "categorical", "values": [0.1, 0.01]}
+    mu = {"type": "double", "min": 0.1, "max": 10.0, "log": True}
+    assert sweep("grid", {"trainer.lr": lr}).trials == 2
+    assert sweep("grid", {"trainer.lr": lr, "objective.reward_weight": mu}).trials == 6  # 3 points per range
+    assert sweep("random", {"trainer.lr": lr}).trials == 5
+    assert sweep("tpe", {"objective.reward_weight": mu}).trials == 5
