@@ -7,6 +7,8 @@ from typing import Any
 
 from mtorl.errors import MtorlError
 
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API client looks first for the dashboard
+
 # Settings that keep a small machine responsive (see docs/OPERATIONS.md). Applied only when a
 # command starts Ray, never at import time, and never over a value the user set.
 LOCAL_DEFAULTS = {
@@ -47,7 +49,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         # address="local": always a new cluster, never one found in the temp dir (another user's or test's).
         # The dashboard binds loopback; Ray 2.60's own servers listen on all interfaces whatever the node
         # IP (ray.init maps 127.0.0.1 to the machine's address): see docs/OPERATIONS.md.
-        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        # Ray Train's placement-group cleaner asks the State API for its controller with no address, which
+        # fails ("Found multiple active Ray instances") when another Ray runs on this machine: tell the
+        # cluster's processes its dashboard (not a secret) by picking the dashboard's port here.
+        from mtorl.localhost import free_port
+
+        port = free_port()
+        if "runtime_env" in kwargs:
+            kwargs["runtime_env"]["env_vars"][API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, **kwargs)
     if quiet:
         from ray.data import DataContext
 

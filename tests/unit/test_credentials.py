@@ -104,6 +104,24 @@ def test_init_ray_passes_no_secret_in_its_runtime_env(cred_dir: Path, monkeypatc
     assert env["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:9" and Path(env[credentials.FILE_ENV]).is_file()
 
 
+def test_a_local_ray_tells_its_processes_its_dashboard(cred_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train's placement-group cleaner finds the State API from the environment; without it, another
+    Ray on the machine makes it fail ("Found multiple active Ray instances")."""
+    import ray
+
+    from mtorl import raycluster
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    raycluster.init_ray(quiet=False)
+    assert seen["address"] == "local" and seen["dashboard_host"] == "127.0.0.1"
+    env = seen["runtime_env"]["env_vars"]
+    assert env[raycluster.API_SERVER_ENV] == f"http://127.0.0.1:{seen['dashboard_port']}"
+
+
 def test_submit_stages_the_secrets_in_a_0600_file_not_the_env(
     cred_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
