@@ -163,6 +163,23 @@ def check_train_resources(job: TrainJob, extra_units: int = 1, what: str = "") -
                     + (f", gpus_per_worker={t.gpus_per_worker:g}" if t.use_gpu else ""))
 
 
+def prestart_autoscaling_coordinator() -> None:
+    """Start Ray Data's AutoscalingCoordinator actor now, without waiting for it.
+
+    Ray Train's controller registers its resource request with that actor when it starts (ray 2.60:
+    ``scaling_policy.after_controller_start``) and waits for the answer; in a cluster where no Ray Data
+    job ran yet, it first waits for that actor's new process (about 2 s on 2 cores). Started from the
+    driver just before ``fit()``, it comes up while the controller's own process does. Best effort: a
+    Ray without this (private) helper, or a failure here, only loses the overlap."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import \
+            get_or_create_autoscaling_coordinator
+
+        get_or_create_autoscaling_coordinator()  # detached, get_if_exists: at most one per cluster
+    except Exception:  # noqa: BLE001 - an optimisation only
+        pass
+
+
 def _loop(config: dict[str, Any]) -> None:
     from mtorl.storage.credentials import export_to_environ
     from mtorl.training.worker import train_loop
@@ -226,6 +243,8 @@ def run_train(job: TrainJob, progress: Any = print) -> dict[str, Any]:
 
     with epoch_progress(spec.trainer.epochs) as feed:  # the epochs display of a command's console
         trainer, manifest = build_trainer(job, progress=progress, epoch_feed=feed)
+        if spec.trainer.workers > 0:
+            prestart_autoscaling_coordinator()
         result = trainer.fit()
     best_uri, metrics, latest, final = finish_run(job, result, uri)
     wall = time.time() - t0
