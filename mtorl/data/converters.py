@@ -363,7 +363,7 @@ def make_converter(spec: Any) -> Converter:
         raise DataError(f"unknown source {spec.source!r}; one of {', '.join(CONVERTERS)}") from None
 
 
-# ----------------------------------------------------------------------------- value parsing
+# ----------------------------------------------------------------------------- duplicate rows
 
 class SeenHashes:
     """The 64-bit hashes seen so far, as sorted uint64 runs: 8 bytes per distinct hash, where a Python set
@@ -403,6 +403,9 @@ class SeenHashes:
                 self.runs.append(merged)
         return dup
 
+
+
+# ----------------------------------------------------------------------------- value parsing
 
 def _row_hashes(raw: pa.Table) -> np.ndarray:
     """A 64-bit hash of every row over all its columns (uint64, (N,))."""
