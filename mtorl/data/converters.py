@@ -103,7 +103,7 @@ class Converter:
 
     def __init__(self, spec: Any) -> None:
         self.spec = spec
-        self._seen_rows: set[int] = set()  # row hashes of the pass so far (fully duplicated rows are bad rows)
+        self._seen_rows = SeenHashes()  # row hashes of the pass so far (fully duplicated rows are bad rows)
 
     # -- columns
     def plan(self, columns: list[str]) -> Plan:
@@ -192,16 +192,10 @@ class Converter:
 
     def _duplicates(self, raw: pa.Table) -> np.ndarray:
         """(N,) bool: rows equal in every column to an earlier row of the input (64-bit row hashes, kept
-        for the whole pass: ~60 MB per million rows)."""
-        seen = self._seen_rows
-        h = _row_hashes(raw).tolist() if raw.num_rows else []
-        dup = np.zeros(len(h), dtype=bool)
-        for i, x in enumerate(h):
-            if x in seen:
-                dup[i] = True
-            else:
-                seen.add(x)
-        return dup
+        for the whole pass in sorted arrays: 8 bytes per distinct row, see :class:`SeenHashes`)."""
+        if not raw.num_rows:
+            return np.zeros(0, dtype=bool)
+        return self._seen_rows.add(_row_hashes(raw))
 
     # -- channel vocabulary from the counts of valid rows
     def channels(self, all_counts: dict[str, int], train_counts: dict[str, int]) -> list[str]:
@@ -367,6 +361,48 @@ def make_converter(spec: Any) -> Converter:
         return CONVERTERS[spec.source](spec)
     except KeyError:
         raise DataError(f"unknown source {spec.source!r}; one of {', '.join(CONVERTERS)}") from None
+
+
+# ----------------------------------------------------------------------------- duplicate rows
+
+class SeenHashes:
+    """The 64-bit hashes seen so far, as sorted uint64 runs: 8 bytes per distinct hash, where a Python set
+    of ints costs about 90 (prepare's peak memory grew with the input by that much: BENCHMARKS.md).
+
+    ``add(h)`` flags each hash seen before (in an earlier call or earlier in ``h``) and keeps the others as
+    a new run; a run merges into the one before while that one is at most twice its size and the merged
+    run stays within ``max_run`` hashes (32 MiB by default), so there are about n / max_run +
+    log2(max_run / batch) runs to search, a merge (a stable sort of two sorted runs: linear) never holds
+    more than twice ``max_run`` at once, and nothing else grows with the input.
+    """
+
+    def __init__(self, max_run: int = 1 << 22) -> None:
+        self.runs: list[np.ndarray] = []
+        self.max_run = max_run
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.runs)
+
+    def add(self, hashes: np.ndarray) -> np.ndarray:
+        h = np.asarray(hashes, dtype=np.uint64)
+        dup = np.zeros(len(h), dtype=bool)
+        for run in self.runs:
+            i = np.minimum(np.searchsorted(run, h), len(run) - 1)
+            dup |= run[i] == h
+        fresh = np.flatnonzero(~dup)
+        new, first = np.unique(h[fresh], return_index=True)  # sorted; the first occurrence of each
+        later = np.ones(len(fresh), dtype=bool)
+        later[first] = False
+        dup[fresh[later]] = True  # repeats within this batch
+        if len(new):
+            self.runs.append(new)
+            while (len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1])
+                   and len(self.runs[-2]) + len(self.runs[-1]) <= self.max_run):
+                merged = np.concatenate((self.runs.pop(-2), self.runs.pop()))  # disjoint sorted runs
+                merged.sort(kind="stable")  # in place: two sorted runs merge in linear time
+                self.runs.append(merged)
+        return dup
+
 
 
 # ----------------------------------------------------------------------------- value parsing

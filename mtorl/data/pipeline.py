@@ -20,7 +20,8 @@ from mtorl.data.manifest import JOURNEY_SCHEMA, Manifest, load_manifest, manifes
 from mtorl.data.windows import Journey, journeys_from_table, make_windows
 from mtorl.spec.models import WindowSpec
 
-__all__ = ["iter_journeys", "load_manifest", "manifest_sha256", "read_split", "window_dataset"]
+__all__ = ["check_shards", "iter_journeys", "load_manifest", "manifest_sha256", "read_split", "read_windows_part",
+           "window_dataset"]
 
 JOURNEYS_PER_BATCH = 256
 
@@ -33,6 +34,50 @@ def verify_shards_enabled() -> bool:
     return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def check_shards(dataset_uri: str, split: str, manifest: Manifest) -> tuple[Any, list[str]]:
+    """(filesystem, paths) of one split's shards, after one listing call; a missing shard is one line naming it."""
+    uris = shard_uris(dataset_uri, manifest, split)
+    fs, _ = storage.resolve(dataset_uri)
+    paths = [storage.resolve(u)[1] for u in uris]
+    missing = [u for u, info in zip(uris, fs.get_file_info(paths)) if info.type == pafs.FileType.NotFound] if uris else []
+    if missing:
+        raise DataError(f"{missing[0]}: shard listed in the manifest is missing "
+                        f"({len(missing)} of the {split} split's {len(uris)} shards missing; re-run prepare)")
+    return fs, paths
+
+
+def read_windows_part(dataset_uri: str, split: str, window: WindowSpec, rank: int = 0, world: int = 1,
+                      manifest: Manifest | None = None) -> dict[str, np.ndarray]:
+    """One worker's equal part of a small split's windows, read in this process without Ray Data.
+
+    The shards are read one at a time in manifest order (each checked against its sha256 unless
+    ``MTORL_VERIFY_SHARDS=0``; a missing or corrupt shard is one line naming it) and cut into the same
+    windows as :func:`window_dataset`. Part ``rank`` of ``world`` keeps windows ``rank, rank + world, ...``
+    of that order, cut to ``total // world`` windows, so every part has the same size (every rank runs the
+    same number of steps) and the parts are disjoint. Memory: this part plus one shard's windows.
+    """
+    if not 0 <= rank < max(world, 1):
+        raise ValueError(f"rank {rank} outside world of {world}")
+    world = max(world, 1)
+    m = manifest if manifest is not None else load_manifest(dataset_uri)
+    L, S = int(window.length), int(window.stride or window.length)
+    uris = shard_uris(dataset_uri, m, split)
+    shas = [sh.sha256 for sh in m.splits[split].shards] if verify_shards_enabled() else [""] * len(uris)
+    fs, _ = storage.resolve(dataset_uri)
+    kept: list[dict[str, np.ndarray]] = []
+    seen = 0
+    for uri, sha in zip(uris, shas):
+        table = parse_shard(uri, read_shard_bytes(fs, storage.resolve(uri)[1], uri), sha)
+        w = make_windows(journeys_from_table(table, m), L, S, state_dim=m.state_dim)
+        first = (rank - seen) % world  # this part's first window of the shard, in the global order
+        seen += len(w["mask"])
+        kept.append(w if world == 1 else {k: np.ascontiguousarray(v[first::world]) for k, v in w.items()})
+    if not kept:
+        return make_windows([], L, S, state_dim=m.state_dim)
+    n = seen // world
+    return {k: np.concatenate([p[k] for p in kept])[:n] for k in kept[0]}
+
+
 def read_split(dataset_uri: str, split: str, manifest: Manifest | None = None, **read_kwargs: Any) -> ray.data.Dataset:
     """One split's journeys (one row per journey, the prepared schema) as a Ray Dataset. Every shard's
     bytes are checked against the manifest's sha256 as they are read (see :func:`verify_shards_enabled`)."""
@@ -40,12 +85,7 @@ def read_split(dataset_uri: str, split: str, manifest: Manifest | None = None, *
     uris = shard_uris(dataset_uri, m, split)
     if not uris:
         return ray.data.from_arrow(JOURNEY_SCHEMA.empty_table())
-    fs, _ = storage.resolve(dataset_uri)
-    paths = [storage.resolve(u)[1] for u in uris]
-    missing = [u for u, info in zip(uris, fs.get_file_info(paths)) if info.type == pafs.FileType.NotFound]
-    if missing:
-        raise DataError(f"{missing[0]}: shard listed in the manifest is missing "
-                        f"({len(missing)} of the {split} split's {len(uris)} shards missing; re-run prepare)")
+    fs, paths = check_shards(dataset_uri, split, m)
     if verify_shards_enabled():
         shas = [sh.sha256 for sh in m.splits[split].shards]
         return _read_verified(fs, uris, paths, shas, **read_kwargs)

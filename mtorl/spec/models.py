@@ -223,7 +223,7 @@ class TrainerSpec(_Strict):
     mode: Literal["min", "max"] = "min"
     max_failures: int = Field(2, ge=-1, le=1000, description="Worker-group restarts (FailureConfig).")
     max_steps_per_epoch: int | None = Field(None, ge=1, le=1_000_000_000)
-    cache_windows_max_steps: int | None = Field(None, ge=0, le=10**12, description="Splits with at most this many steps are windowed once and kept in memory (Ray's object store, then each worker's shard) for every epoch; larger ones stream from object storage every epoch (file order shuffled per epoch plus a local shuffle buffer; no whole-split cache). Unset = sized from the smallest node's memory (an eighth of it for the cached windows); 0 = always stream.")
+    cache_windows_max_steps: int | None = Field(None, ge=0, le=10**12, description="Splits with at most this many steps are read once by each worker (its equal part of the windows) and kept in its memory for every epoch; larger ones stream from object storage every epoch (file order shuffled per epoch plus a local shuffle buffer; no whole-split cache). Unset = sized from the smallest node's memory (an eighth of it for the cached windows); 0 = always stream.")
     compile: bool = Field(False, description="torch.compile the model (nn.Module.compile; checkpoints are unchanged). Off by default: see BENCHMARKS.md for what it costs and gains.")
 
     @model_validator(mode="after")

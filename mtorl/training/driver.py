@@ -15,7 +15,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from mtorl import storage
 from mtorl.data.manifest import Manifest
-from mtorl.data.pipeline import load_manifest, manifest_sha256, window_dataset
+from mtorl.data.pipeline import check_shards, load_manifest, manifest_sha256, window_dataset
 from mtorl.spec import TrainJob, job_to_dict
 from mtorl.training.checkpoint import (BEST_FILE, best_run_checkpoint, list_run_checkpoints,
                                        remove_unregistered_checkpoints)
@@ -56,14 +56,15 @@ def to_uri(output: str, path: str) -> str:
 
 
 # Bytes a cached window step costs: state (D float32) + prev_channel, channel (int64) + prev_reward, reward,
-# gain, cost, propensity (float32) + done, mask (bool); x2: Ray's object store plus the workers' shard caches.
+# gain, cost, propensity (float32) + done, mask (bool); x2: headroom for the shard each worker cuts while it
+# reads its part (the parts of one node's workers add up to the split once).
 _STEP_BYTES_FIXED = 2 * 8 + 5 * 4 + 2 * 1
 CACHE_MEMORY_FRACTION = 1 / 8
 
 
 def auto_cache_max_steps(state_dim: int, memory_bytes: float, fraction: float = CACHE_MEMORY_FRACTION) -> int:
-    """The default ``trainer.cache_windows_max_steps``: the most steps whose cached windows (held twice:
-    object store + worker shards) fit in ``fraction`` of a node's memory."""
+    """The default ``trainer.cache_windows_max_steps``: the most steps whose cached windows (counted twice:
+    the workers' parts plus reading headroom) fit in ``fraction`` of a node's memory."""
     per_step = 2 * (4 * state_dim + _STEP_BYTES_FIXED)
     return int(fraction * memory_bytes // per_step)
 
@@ -79,6 +80,14 @@ def node_memory_bytes() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default). A
+# worker's report waits in a one-slot queue until the next poll, and the end of the loop is seen only at a
+# poll, so a short job idles up to 2 s per epoch and per run end. A missed poll is not a failure (a worker is
+# declared dead only after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min), so a shorter period is safe.
+HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HEALTH_CHECK_INTERVAL_S = "0.5"
+
+
 def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: str | None = None,
                   storage_path_override: tuple[str, Any] | None = None,
                   progress: Any = print, epoch_feed: Any = None) -> tuple[TorchTrainer, Manifest]:
@@ -86,21 +95,22 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: s
     manifest = load_manifest(spec.data)
     t = spec.trainer
     datasets: dict[str, Any] = {}
-    cached: dict[str, list[list[Any]]] = {}
+    cached: list[str] = []
     max_cached = t.cache_windows_max_steps
     if max_cached is None:
         max_cached = auto_cache_max_steps(manifest.state_dim, node_memory_bytes())
     for split in ("train", "val"):
         steps = manifest.split(spec.data, split).steps
         if steps <= max_cached:
-            # Small split: windowed once into Ray's object store and split here into one equal part per
-            # worker; each worker fetches its part's blocks (a local, zero-copy read on its node) and keeps
-            # them for every epoch. No streaming split at all, so the first epoch pays no coordinator
-            # start-up or second planning pass, and waits for input no longer than the later ones.
-            ds = window_dataset(spec.data, split, spec.window, manifest=manifest)
-            parts = ds.materialize().split(max(t.workers, 1), equal=True)
-            cached[split] = [part.to_arrow_refs() for part in parts]
-            mode = f"cached in memory (<= {max_cached:,} steps; one part per worker, kept for every epoch)"
+            # Small split: each worker reads its own equal part of the windows straight from the shards
+            # (mtorl.data.pipeline.read_windows_part) once, after its process starts, and keeps it for every
+            # epoch. The driver reads nothing (it only checks that the shards exist), and no Ray Data
+            # pipeline or streaming split runs, so the job's start-up pays no dataset planning, no
+            # read tasks and no split coordinator, and the first epoch waits for input no longer than the
+            # later ones.
+            check_shards(spec.data, split, manifest)
+            cached.append(split)
+            mode = f"cached in memory (<= {max_cached:,} steps; each worker reads its part once, kept for every epoch)"
         else:
             # Large split: streams from object storage every epoch, in a new file order each epoch (the
             # workers add a local shuffle buffer); memory stays bounded by the blocks in flight.
@@ -113,12 +123,13 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: s
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
     storage_path, fs = storage_path_override or storage_args(spec.output)
+    os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S)  # read by fit(), passed on by Ray Train
     env = worker_env()
     env.setdefault("WANDB_MODE", spec.tracking.wandb)
     trainer = TorchTrainer(
         _loop,
         train_loop_config={"job": job_to_dict(job), "manifest": manifest.dump(), "manifest_sha256": manifest_sha256(spec.data),
-                           "cached_parts": cached, "epoch_feed": epoch_feed,
+                           "cached_splits": cached, "epoch_feed": epoch_feed,
                            "local_run_uri": to_uri(spec.output, f"{storage_path.rstrip('/')}/{run_name or job.metadata.name}")
                            if t.workers == 0 else None},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources),
@@ -150,6 +161,23 @@ def check_train_resources(job: TrainJob, extra_units: int = 1, what: str = "") -
     check_resources(per, t.workers * extra_units,
                     what or f"trainer.workers={t.workers} x cpus_per_worker={t.cpus_per_worker:g}"
                     + (f", gpus_per_worker={t.gpus_per_worker:g}" if t.use_gpu else ""))
+
+
+def prestart_autoscaling_coordinator() -> None:
+    """Start Ray Data's AutoscalingCoordinator actor now, without waiting for it.
+
+    Ray Train's controller registers its resource request with that actor when it starts (ray 2.60:
+    ``scaling_policy.after_controller_start``) and waits for the answer; in a cluster where no Ray Data
+    job ran yet, it first waits for that actor's new process (about 2 s on 2 cores). Started from the
+    driver just before ``fit()``, it comes up while the controller's own process does. Best effort: a
+    Ray without this (private) helper, or a failure here, only loses the overlap."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import \
+            get_or_create_autoscaling_coordinator
+
+        get_or_create_autoscaling_coordinator()  # detached, get_if_exists: at most one per cluster
+    except Exception:  # noqa: BLE001 - an optimisation only
+        pass
 
 
 def _loop(config: dict[str, Any]) -> None:
@@ -215,6 +243,8 @@ def run_train(job: TrainJob, progress: Any = print) -> dict[str, Any]:
 
     with epoch_progress(spec.trainer.epochs) as feed:  # the epochs display of a command's console
         trainer, manifest = build_trainer(job, progress=progress, epoch_feed=feed)
+        if spec.trainer.workers > 0:
+            prestart_autoscaling_coordinator()
         result = trainer.fit()
     best_uri, metrics, latest, final = finish_run(job, result, uri)
     wall = time.time() - t0

@@ -14,6 +14,7 @@ import ray.train.torch
 
 from mtorl import faults
 from mtorl.data.manifest import Manifest
+from mtorl.data.pipeline import read_windows_part
 from mtorl.models import build_model
 from mtorl.spec import validate_doc
 from mtorl.training import checkpoint as ckpt
@@ -32,7 +33,7 @@ class ShardCache:
     once ``source`` has been read to the end, keeps their rows; later calls serve the kept rows
     instead, in a new order each epoch when ``shuffle_seed`` is given. A pass that stops early keeps
     nothing. ``fill(rows)`` keeps given rows up front instead (the worker's part of a cached split,
-    fetched from the object store). Parts of ``split(equal=True)`` and shards of
+    read by the worker itself). Parts of ``read_windows_part`` and shards of
     ``streaming_split(equal=True)`` have the same size, so every worker runs the same number of steps.
     """
 
@@ -63,18 +64,6 @@ class ShardCache:
             yield b
         if self.enabled and kept:  # only after the whole shard went by
             self.rows = {k: np.concatenate([b[k] for b in kept]) for k in kept[0]}
-
-
-def fetch_part(refs: list[Any]) -> dict[str, np.ndarray]:
-    """The rows of a list of Arrow block refs (one worker's part of a materialized split) as numpy columns."""
-    from ray.data.block import BlockAccessor
-
-    tables = [t for t in ray.get(list(refs)) if t.num_rows]
-    if not tables:  # fewer windows than workers: an empty part (no batches)
-        return {}
-    cols = [BlockAccessor.for_block(t).to_numpy() for t in tables]
-    return {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
-
 
 
 def _announce_epoch(config: dict[str, Any], epoch: int, epochs: int, eta: float, metrics: dict[str, Any]) -> None:
@@ -137,11 +126,11 @@ def train_loop(config: dict[str, Any]) -> None:
         )
 
     run = tracking.open_run(job, rank)  # one W&B run per mtorl run (per trial); the id comes from the job name
-    parts = config.get("cached_parts") or {}
+    cached = set(config.get("cached_splits") or ())
     train_cache, val_cache = ShardCache(False), ShardCache(False)
     for split, cache in (("train", train_cache), ("val", val_cache)):
-        if split in parts:  # a small split: this worker's part, fetched once for every epoch
-            cache.fill(fetch_part(parts[split][rank]))
+        if split in cached:  # a small split: this worker reads its equal part once, for every epoch
+            cache.fill(read_windows_part(spec.data, split, spec.window, rank, world, manifest))
     train_shard = None if train_cache.ready else ray.train.get_dataset_shard("train")
     val_shard = None if val_cache.ready else ray.train.get_dataset_shard("val")
     bs = spec.trainer.batch_size
