@@ -18,3 +18,18 @@ def test_only_rays_startup_timeout_counts_as_a_slow_start(tmp_path: Path) -> Non
     assert _slow_start(slow) and _slow_start(gcs)
     assert not _slow_start(other)
     assert not _slow_start(tmp_path / "missing.log")
+
+
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
+    import socket
+
+    from mtorl.localhost import PICK_FROM, ephemeral_range, free_ports
+
+    ports = free_ports(6)
+    assert len(set(ports)) == 6
+    eph = ephemeral_range()
+    if eph is not None and eph[0] - PICK_FROM >= 1_000:  # Linux: never a port a bind(0) elsewhere could take
+        assert all(PICK_FROM <= p < eph[0] for p in ports), (ports, eph)
+    for p in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
