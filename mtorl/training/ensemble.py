@@ -9,6 +9,7 @@ checkpoint). The members must share the model spec, the sizes (model_args) and t
 checkpoint ``checkpoint_ensemble`` (weights ``members.<k>.*`` in one safetensors file, the first
 member's job document, the members listed in meta.json's typed ``ensemble`` block) and its
 ``best.json``, written last: a reader never sees a half-written ensemble as the run's checkpoint.
+Re-running with the same members is a no-op; another run already at ``--out`` is refused.
 ``Predictor`` loads it like any checkpoint, so evaluate, serve and the simulator use it unchanged.
 """
 
@@ -99,11 +100,16 @@ def combine_runs(member_uris: Sequence[str], out_run: str, progress: Any = print
     for u in uris:
         if u == out_run or u.startswith(out_run + "/"):
             raise CheckpointError(f"{u}: a member lies inside the output run {out_run}")
-    if storage.exists(storage.join(out_run, BEST_FILE)):
-        raise CheckpointError(f"{out_run}: already holds a run ({BEST_FILE}); choose another --out")
     members = [load_checkpoint(u) for u in uris]
     model = build_ensemble(members)
     target = storage.join(out_run, ENSEMBLE_DIR)
+    if storage.exists(storage.join(out_run, BEST_FILE)):
+        done = load_checkpoint(out_run).meta.ensemble
+        want = [(m.uri, m.meta.sha256.get(MODEL_FILE, "")) for m in members]
+        if done is not None and [(m.checkpoint, m.model_sha256) for m in done.members] == want:
+            progress(f"{out_run} already holds this ensemble of {len(members)} members: nothing to do")
+            return target  # a re-run (scripts/online.sh) is a no-op, as a finished `mtorl train` is
+        raise CheckpointError(f"{out_run}: already holds another run ({BEST_FILE}); choose another --out")
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint_dir(tmp, model, None, ensemble_meta(members))
         if storage.exists(target):  # left by an interrupted earlier call: no best.json names it

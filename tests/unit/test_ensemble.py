@@ -111,9 +111,14 @@ def test_malformed_ensemble_checkpoint_is_one_line(tmp_path: Path) -> None:
         Predictor.from_checkpoint(str(d))
 
 
-def test_cli_refuses_an_existing_run_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    a = _run(tmp_path, "a", 0)
-    assert cli_main(["ensemble", a, "--out", str(tmp_path / "ens")]) == 0
+def test_cli_rerun_is_a_noop_and_another_run_is_refused_in_one_line(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = _run(tmp_path, "a", 0), _run(tmp_path, "b", 1)
+    assert cli_main(["ensemble", a, b, "--out", str(tmp_path / "ens")]) == 0
+    first = (tmp_path / "ens" / ENSEMBLE_DIR / "model.safetensors").stat().st_mtime_ns
+    assert cli_main(["ensemble", a, b, "--out", str(tmp_path / "ens")]) == 0       # the same members: nothing to do
+    assert (tmp_path / "ens" / ENSEMBLE_DIR / "model.safetensors").stat().st_mtime_ns == first
+    capsys.readouterr()
     assert cli_main(["ensemble", a, "--out", str(tmp_path / "ens")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {tmp_path / 'ens'}: already holds a run ({BEST_FILE}); choose another --out"]
+    assert err == [f"error: {tmp_path / 'ens'}: already holds another run ({BEST_FILE}); choose another --out"]
