@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from mtorl.models.batch import Batch
+from mtorl.models.layers import SequencePolicy
 
 
 class Ensemble(nn.Module):
     """K members with the ``SequencePolicy.predict`` interface; ``predict`` is their mean."""
 
-    def __init__(self, members: Sequence[nn.Module]) -> None:
+    def __init__(self, members: Sequence[SequencePolicy]) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -34,6 +35,7 @@ class Ensemble(nn.Module):
                 raise ValueError(f"member {k} ({m.name}, {m.n_channels} channels, binary={m.binary}) differs from "
                                  f"member 0 ({first.name}, {first.n_channels} channels, binary={first.binary})")
         self.members = nn.ModuleList(members)
+        self.policies: list[SequencePolicy] = list(members)  # the same modules, typed
         self.name: str = first.name
         self.spec = first.spec
         self.n_channels: int = first.n_channels
@@ -45,7 +47,7 @@ class Ensemble(nn.Module):
     @torch.no_grad()
     def predict_spread(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean action probs, mean reward, members' std of the reward), each (B, L, C)."""
-        outs = [m.predict(batch) for m in self.members]
+        outs = [m.predict(batch) for m in self.policies]
         probs = torch.stack([p for p, _ in outs])    # (K, B, L, C)
         reward = torch.stack([r for _, r in outs])   # (K, B, L, C)
         return probs.mean(0), reward.mean(0), reward.std(0, correction=0)
@@ -57,7 +59,7 @@ class Ensemble(nn.Module):
 
 
 @torch.no_grad()
-def predict_spread(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def predict_spread(model: SequencePolicy | Ensemble, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``Ensemble.predict_spread`` for an ensemble; (probs, reward, zeros) for a single model."""
     if isinstance(model, Ensemble):
         return model.predict_spread(batch)

@@ -22,7 +22,8 @@ from mtorl.training.ensemble import ENSEMBLE_DIR, combine_runs
 MANIFEST = {"schema_version": 1, "version": "v1", "channels": ["search", "video"], "step_features": ["x", "y"],
             "user_features": [], "normalization": {"mean": [0.0, 0.0], "std": [1.0, 1.0]},
             "reward_norm": {"min": 0.0, "max": 1.0}, "penalty": 0.0, "splits": {}}
-MODEL = {"name": "mtorl", "hidden": 8, "tcn": {"levels": 1, "kernel_size": 2}, "attention": {"heads": 2}, "decoder_hidden": 8}
+MODEL = {"name": "mtorl", "hidden": 8, "tcn": {"levels": 1, "kernel_size": 2}, "attention": {"heads": 2},
+         "decoder_hidden": 8}
 ARGS = {"state_dim": 2, "n_channels": 2, "binary": True}
 
 
