@@ -206,6 +206,13 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from mtorl.training.ensemble import combine_runs
+
+    combine_runs(args.members, args.out, progress=_p)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.rest)
 
@@ -325,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--min-age-hours", dest="min_age_hours", type=float, default=6.0,
                     help="only folders at least this old (a running prepare's is young; default 6)")
     sp.set_defaults(fn=cmd_datasets)
+
+    sp = sub.add_parser("ensemble", help="finished runs of one spec (other training seeds) -> one ensemble checkpoint")
+    sp.add_argument("members", nargs="+", help="run or checkpoint URIs (same model spec and dataset)")
+    sp.add_argument("--out", required=True, help="run URI to create; its best.json names the ensemble (written last)")
+    sp.set_defaults(fn=cmd_ensemble)
 
     sp = sub.add_parser("bench", help="benchmarks: ratios against plain baselines in the same run")
     sp.add_argument("rest", nargs=argparse.REMAINDER)

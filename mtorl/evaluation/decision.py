@@ -71,6 +71,7 @@ class DecisionParams(NamedTuple):
     support_threshold: float = 0.5
     pessimism: float = 0.0
     fill: bool = True
+    ensemble_pessimism: float = 0.0
 
 
 class Decision(NamedTuple):
@@ -90,7 +91,8 @@ def params_of(spec: Any) -> DecisionParams:
     if isinstance(spec, DecisionParams):
         return spec
     return DecisionParams(policy=spec.policy, support_threshold=float(spec.support_threshold),
-                          pessimism=float(spec.pessimism), fill=bool(spec.fill))
+                          pessimism=float(spec.pessimism), fill=bool(spec.fill),
+                          ensemble_pessimism=float(getattr(spec, "ensemble_pessimism", 0.0)))
 
 
 def broadcast_cost(cost: np.ndarray | Sequence[float] | float, shape: tuple[int, int]) -> np.ndarray:
@@ -108,11 +110,13 @@ def broadcast_cost(cost: np.ndarray | Sequence[float] | float, shape: tuple[int,
 
 
 def channel_values(reward_pred: np.ndarray, action_probs: np.ndarray | None, params: DecisionParams = DecisionParams(),
-                   cost: np.ndarray | None = None, penalty: float = 0.0) -> np.ndarray:
+                   cost: np.ndarray | None = None, penalty: float = 0.0,
+                   reward_std: np.ndarray | None = None) -> np.ndarray:
     """Per-channel pessimistic scores q (N, C) (step 1 of the module docstring); -inf = not allowed.
 
     reward_pred (N, C); action_probs (N, C) or None (then uniform: no support constraint, u_c with
-    pi = 1/C); cost (N, C) and penalty are only read by the "imitation" policy.
+    pi = 1/C); cost (N, C) and penalty are only read by the "imitation" policy; reward_std (N, C) the
+    ensemble members' spread of rhat (None = a single model: 0), read when ensemble_pessimism > 0.
     """
     r = np.asarray(reward_pred, dtype=np.float64)
     if r.ndim != 2:
@@ -135,6 +139,11 @@ def channel_values(reward_pred: np.ndarray, action_probs: np.ndarray | None, par
     if params.pessimism > 0:
         var = np.clip(r * (1.0 - r), 0.0, 0.25)
         q = q - params.pessimism * np.sqrt(var / np.maximum(pi, PI_FLOOR))
+    if params.ensemble_pessimism > 0 and reward_std is not None:
+        sd = np.asarray(reward_std, dtype=np.float64)
+        if sd.shape != r.shape:
+            raise ValueError(f"reward_std {sd.shape} and reward_pred {r.shape} must both be (N, C)")
+        q = q - params.ensemble_pessimism * sd
     if params.support_threshold > 0 and action_probs is not None:
         supported = pi >= params.support_threshold * pi.max(axis=1, keepdims=True)
         q = np.where(supported, q, -np.inf)

@@ -1,5 +1,8 @@
 """``Predictor``: a checkpoint turned into per-step predictions. No Ray, no Serve.
 
+An ensemble checkpoint (``mtorl ensemble``: meta.json's ``ensemble`` block) loads as an
+``models.ensemble.Ensemble``, whose predictions are the mean of its members'; every caller is unchanged.
+
 Offline evaluation and the Serve deployment both use it, so a request is preprocessed exactly as in
 training: the checkpoint's own manifest (vocabulary, normalisation, reward scale) is the only source.
 """
@@ -14,6 +17,7 @@ import torch
 
 from mtorl.data.windows import Journey, pad_journeys
 from mtorl.models import Batch, build_model
+from mtorl.models.ensemble import Ensemble
 from mtorl.spec import ModelSpec
 from mtorl.data.manifest import Manifest
 from mtorl.training.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
@@ -48,9 +52,18 @@ class Predictor:
         self.binary = args.binary
         self.model_spec = ModelSpec.model_validate(self.meta.spec["spec"]["model"])
         self.device = torch.device(device)
-        model = build_model(self.model_spec, state_dim=args.state_dim, n_channels=args.n_channels, binary=self.binary)
-        model.load_state_dict(loaded.state_dict)
+        k = len(self.meta.ensemble.members) if self.meta.ensemble is not None else 0
+        build = lambda: build_model(self.model_spec, state_dim=args.state_dim, n_channels=args.n_channels,  # noqa: E731
+                                    binary=self.binary)
+        model: torch.nn.Module = Ensemble([build() for _ in range(k)]) if k else build()
+        try:
+            model.load_state_dict(loaded.state_dict)
+        except RuntimeError as e:
+            what = f"an ensemble of {k}" if k else f"model {self.model_spec.name!r}"
+            raise CheckpointError(f"{loaded.uri}/model.safetensors: weights do not fit {what} "
+                                  f"({str(e).strip().splitlines()[0]})") from None
         self.model = model.to(self.device).eval()
+        self.ensemble_size = max(k, 1)
 
     @classmethod
     def from_checkpoint(cls, uri: str, device: str = "cpu") -> "Predictor":

@@ -87,6 +87,7 @@ def run_benchmark(
     ope = ope_vs_truth(predictor, sim, spec, decision=dec, progress=progress)
     return {
         "checkpoint": predictor.uri,
+        "members": ensemble_members(predictor.meta),
         "users": users,
         "seeds": list(seeds),
         "budgets": list(budgets),
@@ -105,13 +106,21 @@ def run_benchmark(
     }
 
 
+def ensemble_members(meta: Any) -> list[dict[str, Any]] | None:
+    """[{checkpoint, seed}] of an ensemble checkpoint's members; None for a single model."""
+    if getattr(meta, "ensemble", None) is None:
+        return None
+    return [{"checkpoint": m.checkpoint, "seed": m.seed} for m in meta.ensemble.members]
+
+
 def markdown(res: dict[str, Any], command: str) -> str:
     md = [
         "# Closed loop in the simulator: budgets x seeds",
         "",
         f"Command: `{command}`",
         "",
-        f"Checkpoint {res['checkpoint']}; {res['users']} fresh simulated users per seed, seeds {res['seeds']} (the same users "
+        f"Checkpoint {res['checkpoint']}{_members_note(res.get('members'))}; {res['users']} fresh simulated users per seed, "
+        f"seeds {res['seeds']} (the same users "
         "for every policy of a seed). Budget = fraction of the logging policy's unconstrained spend on those users. "
         "True reward = sum of the response model's probabilities of the served steps; mean over seeds with a 95% CI. "
         f"Decision layer: {res['decision_label']}; s solved per step for that step's share of the budget.",
@@ -168,6 +177,13 @@ def markdown(res: dict[str, Any], command: str) -> str:
         "",
     ]
     return "\n".join(md)
+
+
+def _members_note(members: list[dict[str, Any]] | None) -> str:
+    if not members:
+        return ""
+    return (f" (an ensemble of {len(members)}: the mean of the predictions of "
+            + ", ".join(f"{m['checkpoint']} (training seed {m['seed']})" for m in members) + ")")
 
 
 def write_benchmark(checkpoint: str, out: str, budgets: Sequence[float], seeds: Sequence[int], users: int,

@@ -89,6 +89,7 @@ def checkpoint_policy(predictor: Any, sim: Any, decision: Any = None, history: s
 
     from mtorl.evaluation.decision import channel_values, params_of
     from mtorl.models import Batch
+    from mtorl.models.ensemble import predict_spread
 
     man = predictor.manifest
     names = list(man.step_features) + list(man.user_features)
@@ -124,12 +125,13 @@ def checkpoint_policy(predictor: Any, sim: Any, decision: Any = None, history: s
         mask = np.arange(pc.shape[1])[None, :] < n[:, None]
         batch = Batch.from_numpy({"state": state.astype(np.float32), "prev_channel": prev.astype(np.int64),
                                   "prev_reward": prev_r.astype(np.float32), "mask": mask}, device=predictor.device)
-        with torch.no_grad():
-            p_all, r_all = predictor.model.predict(batch)        # (B, L, C); causal: padding after n is harmless
+        with torch.no_grad():  # (B, L, C) each; causal: padding after n is harmless
+            p_all, r_all, sd_all = predict_spread(predictor.model, batch)
         last = torch.as_tensor(n - 1, device=p_all.device)[:, None, None].expand(-1, 1, p_all.shape[-1])
         probs = p_all.gather(1, last)[:, 0].float().cpu().numpy()
         reward = r_all.gather(1, last)[:, 0].float().cpu().numpy()
-        q = channel_values(reward, probs, prm, np.broadcast_to(costs_model, reward.shape))
+        sd = sd_all.gather(1, last)[:, 0].float().cpu().numpy()
+        q = channel_values(reward, probs, prm, np.broadcast_to(costs_model, reward.shape), reward_std=sd)
         return np.asarray(q[:, to_model], dtype=np.float64)  # (B, C) in sim channel order
 
     return fn

@@ -18,7 +18,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -52,6 +52,28 @@ class ModelArgs(BaseModel):
     binary: bool
 
 
+class EnsembleMember(BaseModel):
+    """One member of an ensemble checkpoint: the checkpoint it was copied from, as it was then."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    checkpoint: str = Field(description="URI of the member's own checkpoint.")
+    model_sha256: str = Field(description="sha256 of that checkpoint's model.safetensors.")
+    seed: int | None = Field(None, description="Its spec.trainer.seed.")
+    epoch: int = 0
+    metrics: dict[str, Any] = Field(default_factory=dict, description="The member's own (validation) metrics.")
+
+
+class EnsembleInfo(BaseModel):
+    """``meta.json``'s ``ensemble`` block: the weights hold K members (keys ``members.<k>.``), and a
+    prediction is the mean of theirs (``mtorl.models.ensemble``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    members: list[EnsembleMember] = Field(min_length=1)
+    combine: Literal["mean"] = "mean"
+
+
 class CheckpointMeta(BaseModel):
     """``meta.json`` of a checkpoint, typed. Unknown keys are kept (``extra="allow"``, as for the
     manifest): a newer mtorl of the same minor version may add informational keys; none is read."""
@@ -69,6 +91,7 @@ class CheckpointMeta(BaseModel):
     step: int = 0
     metrics: dict[str, Any] = Field(default_factory=dict)
     history: list[dict[str, Any]] = Field(default_factory=list)
+    ensemble: EnsembleInfo | None = Field(None, description="Set for an ensemble checkpoint (`mtorl ensemble`).")
 
     @classmethod
     def parse(cls, obj: Any, where: str) -> CheckpointMeta:

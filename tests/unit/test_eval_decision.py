@@ -106,6 +106,17 @@ def test_support_threshold_and_pessimism():
     assert d.channel.tolist() == [0] and d.value.tolist() == [0.2]
 
 
+def test_ensemble_pessimism_subtracts_the_members_spread():
+    # q_c = rhat_c - beta_e * sd_c: channel 1 (0.5, spread 0.2) loses to channel 0 (0.4, spread 0) at beta_e = 1
+    r, sd = np.array([[0.4, 0.5]]), np.array([[0.0, 0.2]])
+    prm = DecisionParams(support_threshold=0.0, ensemble_pessimism=1.0)
+    assert channel_values(r, None, prm, reward_std=sd)[0].tolist() == pytest.approx([0.4, 0.3])
+    assert channel_values(r, None, DecisionParams(support_threshold=0.0), reward_std=sd)[0].tolist() == [0.4, 0.5]
+    assert channel_values(r, None, prm)[0].tolist() == [0.4, 0.5]          # a single model: no spread, no change
+    with pytest.raises(ValueError, match="reward_std"):
+        channel_values(r, None, prm, reward_std=np.zeros((1, 3)))
+
+
 def test_penalty_without_budget_and_bad_input():
     d = decide(np.array([[0.3, 0.5]]), None, np.array([1.0, 3.0]), penalty=0.2)
     assert d.channel.tolist() == [0] and d.value == pytest.approx([0.1]) and d.penalty == 0.2
