@@ -444,10 +444,13 @@ def sim_benchmark_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", type=int, default=2000)
     ap.add_argument("--imitation-at", type=float, nargs="*", default=[0.3],
                     help="budgets at which the same checkpoint's imitation policy gets a row too")
+    ap.add_argument("--ensemble-pessimism", type=float, nargs="*", default=[],
+                    help="values of beta_e: a row at every budget scoring r-hat - beta_e * the ensemble members' spread")
     argv = list(sys.argv[1:] if argv is None else argv)
     a = ap.parse_args(argv)
     md, js = benchmark.write_benchmark(a.checkpoint, a.out, a.budgets, a.seeds, a.users, a.imitation_at,
-                                       command="python -m mtorl.sim.benchmark " + " ".join(argv))
+                                       command="python -m mtorl.sim.benchmark " + " ".join(argv),
+                                       ensemble_pessimism=a.ensemble_pessimism)
     print(f"wrote {md} and {js}")
     return 0
 

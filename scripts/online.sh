@@ -19,4 +19,4 @@ mtorl ensemble s3://mtorl/runs/sim-mtorl s3://mtorl/runs/sim-mtorl-s1 s3://mtorl
     --out s3://mtorl/runs/sim-mtorl-ens3
 mtorl evaluate ray_jobs/specs/sim-evaluate.yaml --set spec.checkpoint=s3://mtorl/runs/sim-mtorl-ens3 --result online-sim.json
 python -m mtorl.sim.benchmark --checkpoint s3://mtorl/runs/sim-mtorl-ens3 --out docs/results/sim-closed-loop \
-    --budgets 0.1 0.3 0.5 --seeds 1 2 3 --users 2000
+    --budgets 0.1 0.3 0.5 --seeds 1 2 3 --users 2000 --imitation-at --ensemble-pessimism 1

@@ -40,9 +40,10 @@ def run_benchmark(
     decision: Any = None,
     ope_split: str = "test",
     imitation_at: Sequence[float] = (0.3,),
+    ensemble_pessimism: Sequence[float] = (),
     progress: Any = print,
 ) -> dict[str, Any]:
-    from mtorl.evaluation.decision import DecisionParams
+    from mtorl.evaluation.decision import DecisionParams, params_of
     from mtorl.evaluation.run import decision_label
     from mtorl.spec import DecisionSpec
     from mtorl.serving.predictor import Predictor
@@ -58,12 +59,15 @@ def run_benchmark(
         if dec.policy == "imitation"
         else {f"{predictor.name} (imitation policy)": DecisionParams(policy="imitation")}
     )
+    # the same decision layer scoring r-hat - beta_e * (the members' spread): a row at every budget
+    spread = {f"{predictor.name}, ensemble pessimism β_e = {b:g}": params_of(dec)._replace(ensemble_pessimism=float(b))
+              for b in ensemble_pessimism}
     table: dict[str, Any] = {}
     for f in budgets:
         per: dict[str, list[dict[str, Any]]] = {}
         pens: dict[str, list[float]] = {}
         for seed in seeds:
-            more = extra if any(abs(f - g) < 1e-9 for g in imitation_at) else {}
+            more = {**(extra if any(abs(f - g) < 1e-9 for g in imitation_at) else {}), **spread}
             W, rows = closed_loop_rows(predictor, sim, users, f, seed, dec, n_boot=50, extra=more)
             for name, r in rows.items():
                 per.setdefault(name, []).append(r["expected_reward"])
@@ -187,9 +191,11 @@ def _members_note(members: list[dict[str, Any]] | None) -> str:
 
 
 def write_benchmark(checkpoint: str, out: str, budgets: Sequence[float], seeds: Sequence[int], users: int,
-                    imitation_at: Sequence[float], command: str) -> tuple[Path, Path]:
+                    imitation_at: Sequence[float], command: str,
+                    ensemble_pessimism: Sequence[float] = ()) -> tuple[Path, Path]:
     """Run :func:`run_benchmark` and write ``OUT.md`` and ``OUT.json`` (``command`` heads the markdown)."""
-    res = run_benchmark(checkpoint, list(budgets), list(seeds), users, imitation_at=list(imitation_at))
+    res = run_benchmark(checkpoint, list(budgets), list(seeds), users, imitation_at=list(imitation_at),
+                        ensemble_pessimism=list(ensemble_pessimism))
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".md").write_text(markdown(res, command))

@@ -11,6 +11,7 @@ import yaml
 
 from mtorl import storage
 from tests.fixtures.datasets import TINY_MODEL, JOURNEYS_FORMAT, write_journeys_csv
+from tests.fixtures.shards import flip_a_byte
 
 pytestmark = pytest.mark.integration
 
@@ -76,10 +77,7 @@ def test_a_flipped_byte_in_a_shard_is_refused_naming_it(
 
     uri, m = small_dataset
     assert read_split(uri, "train", m).count() == m.splits["train"].users  # intact: reads fine
-    shard = storage.join(uri, m.splits["train"].shards[0].path)
-    data = bytearray(storage.read_bytes(shard))
-    data[len(data) // 2] ^= 0x01
-    storage.write_bytes(shard, bytes(data))
+    shard = flip_a_byte(uri, m, "train", 0)
     capsys.readouterr()
     code = main(["train", str(_train_spec(tmp_path, uri, f"{s3_bucket}/runs"))])
     lines = _error_lines(capsys.readouterr().err)

@@ -10,24 +10,18 @@ import pytest
 
 from mtorl.data.errors import DataError
 from mtorl.data.manifest import load_manifest
-from mtorl.data.prepare import prepare
 from mtorl.evaluation.heuristics import HistoryPrior
 from mtorl.evaluation.metrics import channel_metrics, reward_metrics
 from mtorl.evaluation.predictions import Predictions, outcome
 from mtorl.evaluation.run import read_split, to_predictions
 from mtorl.evaluation.streaming import (MetricSums, TrainStats, behaviour_features, split_batches, split_tables,
                                        step_columns)
-from mtorl.spec.models import PrepareSpec
-from tests.unit.test_data_converters import KUAI_COLS, kuai_rows, quiet, write_table
+from tests.fixtures.shards import flip_a_byte, small_sharded_dataset
 
 
 @pytest.fixture
 def dataset(tmp_path: Path) -> str:
-    inp = write_table(tmp_path / "k.csv", KUAI_COLS, kuai_rows(80))
-    out = tmp_path / "ds"
-    prepare(PrepareSpec(source="kuairand-sequence", input=str(inp), output=str(out), shard_max_steps=100,
-                        min_steps=1), progress=quiet)
-    return str(out)
+    return small_sharded_dataset(tmp_path)
 
 
 def test_batches_of_whole_users_are_the_split_in_order(dataset: str) -> None:
@@ -110,10 +104,7 @@ def test_metric_sums_over_batches_equal_the_whole_split_metrics(binary: bool) ->
 
 def test_a_corrupt_shard_is_one_line_naming_it(dataset: str) -> None:
     m = load_manifest(dataset)
-    shard = Path(dataset) / m.splits["test"].shards[-1].path
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    shard.write_bytes(bytes(data))
+    shard = flip_a_byte(dataset, m, "test", -1)
     with pytest.raises(DataError) as e:
         list(split_batches(dataset, m, "test"))
     assert str(e.value).startswith(f"{shard}: sha256 mismatch") and "\n" not in str(e.value)

@@ -11,22 +11,17 @@ import pytest
 from mtorl.data.errors import DataError
 from mtorl.data.manifest import load_manifest
 from mtorl.data.pipeline import check_shards, read_windows_part
-from mtorl.data.prepare import prepare
 from mtorl.data.windows import make_windows
 from mtorl.evaluation.run import read_split
-from mtorl.spec.models import PrepareSpec, WindowSpec
-from tests.unit.test_data_converters import KUAI_COLS, kuai_rows, quiet, write_table
+from mtorl.spec.models import WindowSpec
+from tests.fixtures.shards import flip_a_byte, small_sharded_dataset
 
 WINDOW = WindowSpec(length=4)
 
 
 @pytest.fixture
 def dataset(tmp_path: Path) -> str:
-    inp = write_table(tmp_path / "k.csv", KUAI_COLS, kuai_rows(80))
-    out = tmp_path / "ds"
-    prepare(PrepareSpec(source="kuairand-sequence", input=str(inp), output=str(out), shard_max_steps=100,
-                        min_steps=1), progress=quiet)
-    return str(out)
+    return small_sharded_dataset(tmp_path)
 
 
 def _whole(dataset: str, split: str) -> dict[str, np.ndarray]:
@@ -57,10 +52,7 @@ def test_parts_are_equal_disjoint_and_interleaved(dataset: str, world: int) -> N
 
 def test_a_corrupt_shard_is_one_line_naming_it(dataset: str) -> None:
     m = load_manifest(dataset)
-    shard = Path(dataset) / m.splits["val"].shards[-1].path
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    shard.write_bytes(bytes(data))
+    shard = flip_a_byte(dataset, m, "val", -1)
     with pytest.raises(DataError) as e:
         read_windows_part(dataset, "val", WINDOW, 0, 1, m)
     assert str(e.value).startswith(f"{shard}: sha256 mismatch") and "\n" not in str(e.value)
