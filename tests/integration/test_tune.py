@@ -1,5 +1,4 @@
-"""Ray Tune sweeps of real Ray Train trials: a sweep killed then resumed. (ASHA early stopping is checked
-on the W&B sweep of test_secrets.py: one sweep serves both.)
+"""Ray Tune sweeps of real Ray Train trials: ASHA early stopping, and a 2-trial sweep killed then resumed.
 
 Sizes are the smallest that keep each assertion meaningful: a trial costs its actors' start-up far more
 than its steps, so trials and epochs are few and steps per epoch tiny."""
@@ -44,6 +43,26 @@ def _sweep(name: str, data: str, out: str, **kw: Any) -> Any:
         "objective.pref_weight": {"type": "double", "min": 0.0, "max": 1.0}}),
         "objective": {"metric": "val/loss", "mode": "min"}, "output": out, **kw}
     return make_job("TuneJob", name, spec)
+
+
+def test_asha_stops_a_bad_trial_early(ray_session: None, tiny_dataset: str, s3_bucket: str) -> None:
+    from mtorl.tuning.sweep import run_tune
+
+    # grid order: a good learning rate first, then one too small to learn -> cut at the first rung (epoch 1
+    # of 2: ASHA's rungs with grace period 1 and reduction factor 2), so it never reaches "completed"
+    job = _sweep(
+        "asha",
+        tiny_dataset,
+        f"{s3_bucket}/sweeps",
+        epochs=2,
+        algorithm="grid",
+        early_stopping="asha",
+        parameters={"trainer.lr": {"type": "categorical", "values": [0.03, 1e-9]}},
+    )
+    res = run_tune(job, progress=print)
+    states = {r["config"]["trainer.lr"]: r["state"] for r in res["leaderboard"]}
+    assert states[0.03] == "completed"
+    assert states[1e-9] == "stopped early"
 
 
 def test_sweep_interrupted_then_resumed(ray_session: None, tiny_dataset: str, s3_bucket: str,
