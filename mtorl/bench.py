@@ -65,6 +65,7 @@ MODEL: dict[str, Any] = {"name": "mtorl", "hidden": 32, "tcn": {"levels": 2}, "a
 SERVE_LENGTH = 20
 SERVE_BATCH = 32
 CONCURRENCY = (1, 8, 32)
+SERVE_MODES = ("proxy", "direct", "haproxy")  # ServeSpec.ingress values, each against the plain server
 USERS_PER_REQUEST = (1, 8, 32)   # request sizes (users per request) measured at SIZE_CONCURRENCY
 SIZE_CONCURRENCY = 8
 MARK_START = "<!-- bench:{device}:start -->"
@@ -443,6 +444,8 @@ class Bench:
         self._windows: tuple[dict[str, np.ndarray], Manifest] | None = None
         self.repeats = 2
         self.compile = False
+        self.serve_modes: tuple[str, ...] = SERVE_MODES  # the Serve ingress modes the serve stage measures
+        self.workers: tuple[int, ...] = (1, 2)           # the Ray Train worker counts of the train stage
 
     # -- shared inputs, made on first use
     def data(self) -> str:
@@ -555,12 +558,13 @@ class Bench:
                                            "model": MODEL, "trainer": trainer, "tracking": {"wandb": "disabled"}})
 
     def train_workers(self) -> tuple[int, ...]:
-        """Worker counts of the train stage: 1 and 2 on CPU; on CUDA 1, and 2 only with 2 GPUs (one rank per GPU)."""
+        """Worker counts of the train stage (``--train-workers``, default 1 and 2); on CUDA 2 only with 2 GPUs
+        (one rank per GPU)."""
         if self.device != "cuda":
-            return (1, 2)
+            return self.workers
         import torch
 
-        return (1, 2) if torch.cuda.device_count() >= 2 else (1,)
+        return tuple(w for w in self.workers if w == 1 or torch.cuda.device_count() >= w)
 
     def stage_train(self) -> dict[str, Any]:
         from mtorl.training.driver import run_train
@@ -682,7 +686,7 @@ class Bench:
         from mtorl.serving.app import run_serve
 
         self.ray()
-        for ingress in SERVE_MODES:
+        for ingress in self.serve_modes:
             port = free_ports(1)[0]
             job = make_job("ServeJob", f"bench-serve-{ingress}", {"checkpoint": ck, "port": port, "ingress": ingress,
                                                                  "max_batch_size": SERVE_BATCH, "max_ongoing_requests": 64})
@@ -697,7 +701,7 @@ class Bench:
         plain = modes["plain"]
         vs_plain = {m: {k: {"requests_per_s": _ratio(v["requests_per_s"], plain[k]["requests_per_s"]),
                             "p50": _ratio(v["p50_ms"], plain[k]["p50_ms"]), "p99": _ratio(v["p99_ms"], plain[k]["p99_ms"])}
-                        for k, v in modes[m].items()} for m in SERVE_MODES}
+                        for k, v in modes[m].items()} for m in self.serve_modes}
         top = f"users_{max(USERS_PER_REQUEST)}"
 
         def met(m: str) -> bool:
@@ -706,12 +710,15 @@ class Bench:
                         and (self.device != "cpu" or modes[m]["c8"]["p99_ms"] <= 50.0)
                         and (modes[m][top]["vs_raw"] or 0) >= 0.5)
 
-        return {"ours": modes["proxy"], "direct": modes["direct"], "haproxy": modes["haproxy"], "plain": plain,
-                "vs_plain": vs_plain,
+        head = "proxy" if "proxy" in self.serve_modes else self.serve_modes[0]
+        other = {m: modes[m] for m in self.serve_modes if m != "proxy"}
+        return {**({"ours": modes["proxy"]} if "proxy" in modes else {}), **other, "plain": plain,
+                "vs_plain": vs_plain, "modes": list(self.serve_modes),
                 "baseline": {"name": f"Predictor.predict_next, journeys of length {SERVE_LENGTH}, 1 torch thread", **raw},
-                "ratio": vs_plain["proxy"]["c8"]["requests_per_s"], "ratio_direct": vs_plain["direct"]["c8"]["requests_per_s"],
-                "ratio_haproxy": vs_plain["haproxy"]["c8"]["requests_per_s"],
-                "target": TARGETS["serve"], "met": met("proxy"), "met_direct": met("direct"), "met_haproxy": met("haproxy"),
+                "ratio": vs_plain[head]["c8"]["requests_per_s"],
+                **{f"ratio_{m}": vs_plain[m]["c8"]["requests_per_s"] for m in other},
+                "target": TARGETS["serve"], **({"met": met("proxy")} if "proxy" in modes else {}),
+                **{f"met_{m}": met(m) for m in other},
                 "note": f"one journey of {SERVE_LENGTH} steps per request at concurrency 1/8/32, then {', '.join(map(str, sized))} "
                         f"users per request at concurrency {SIZE_CONCURRENCY}; ours = ingress 'proxy' (the default), "
                         "direct = ingress 'direct', haproxy = ingress 'haproxy' (Ray Serve's HAProxy), plain = the same "
@@ -781,7 +788,6 @@ def _epoch_history(checkpoint: str | None) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- serving load
 
 RECOMMEND_PATH = "/v1/recommend"
-SERVE_MODES = ("proxy", "direct", "haproxy")  # ServeSpec.ingress values, each against the plain server
 
 
 def serve_bodies(csv: Path, fmt: dict[str, Any], length: int, n: int) -> list[bytes]:
@@ -1174,6 +1180,13 @@ class SuiteOptions:
     requests: int | None = None
     epochs: int | None = None
     work: str | None = None
+    serve_modes: tuple[str, ...] = SERVE_MODES
+    train_workers: tuple[int, ...] = (1, 2)
+
+    @property
+    def partial(self) -> bool:
+        """A subset of the stages, serve modes or worker counts: such a run must not replace the whole table."""
+        return set(self.stages) != set(STAGES) or set(self.serve_modes) != set(SERVE_MODES) or set(self.train_workers) != {1, 2}
 
 
 def run_suite(opts: SuiteOptions, command: str) -> bool:
@@ -1184,6 +1197,12 @@ def run_suite(opts: SuiteOptions, command: str) -> bool:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise BenchError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    bad_modes = [m for m in opts.serve_modes if m not in SERVE_MODES]
+    if bad_modes or not opts.serve_modes:
+        raise BenchError(f"--serve-modes: unknown or no mode {', '.join(bad_modes)}; choose from {', '.join(SERVE_MODES)}")
+    if 1 not in opts.train_workers or any(w < 1 for w in opts.train_workers):
+        raise BenchError(f"--train-workers {','.join(map(str, opts.train_workers))}: must include 1 (the stage's "
+                         "ratios are the 1-worker run's) and only counts >= 1")
     if args.device == "cuda":
         import torch
 
@@ -1229,6 +1248,7 @@ def run_suite(opts: SuiteOptions, command: str) -> bool:
                 f"device {args.device}")
             bench = Bench(sizes, args.device, work, say)
             bench.compile = args.compile
+            bench.serve_modes, bench.workers = tuple(args.serve_modes), tuple(sorted(set(args.train_workers)))
             for name in stages:
                 say(f"\n=== bench {name}")
                 t0 = time.perf_counter()
@@ -1259,8 +1279,11 @@ def run_suite(opts: SuiteOptions, command: str) -> bool:
     print(table)
     if args.no_markdown:
         pass
-    elif set(stages) != set(STAGES):  # a partial run must not replace the whole-suite table
-        say(f"bench: only {', '.join(stages)} ran: {args.markdown} left unchanged (the table above is this run's)")
+    elif args.partial and MARK_START.format(device=args.device) in (Path(args.markdown).read_text()
+                                                                     if Path(args.markdown).exists() else ""):
+        # a partial run must not replace the whole-suite table (a file without one gets this run's)
+        say(f"bench: a partial run (stages {', '.join(stages)}; serve modes {', '.join(args.serve_modes)}; train workers "
+            f"{','.join(map(str, args.train_workers))}): {args.markdown} left unchanged (the table above is this run's)")
     else:
         update_markdown(Path(args.markdown), args.device, table)
         say(f"bench: updated the table in {args.markdown}")

@@ -378,7 +378,15 @@ def bench_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, help="HTTP requests per concurrency level (overrides the mode)")
     ap.add_argument("--epochs", type=int, help="Ray Train epochs per train-stage run (overrides the mode)")
     ap.add_argument("--work", help="scratch folder (default: a new temp folder, removed at the end)")
+    ap.add_argument("--serve-modes", default=",".join(bench.SERVE_MODES),
+                    help=f"serve stage: comma-separated subset of the ingress modes {','.join(bench.SERVE_MODES)}")
+    ap.add_argument("--train-workers", default="1,2",
+                    help="train stage: comma-separated Ray Train worker counts (must include 1)")
     a = ap.parse_args(argv)
+    try:
+        workers = tuple(int(x) for x in a.train_workers.split(",") if x.strip())
+    except ValueError:
+        ap.error(f"--train-workers {a.train_workers!r}: expected comma-separated integers such as 1,2")
     scale = None
     if a.scale_steps:
         lo, hi = (int(x) for x in a.scale_steps.split(","))
@@ -386,7 +394,8 @@ def bench_main(argv: list[str] | None = None) -> int:
     opts = bench.SuiteOptions(
         stages=tuple(x.strip() for x in a.stages.split(",") if x.strip()), quick=a.quick, device=a.device, out=a.out,
         markdown=a.markdown, no_markdown=a.no_markdown, steps=a.steps, scale_steps=scale, scale_epoch=a.scale_epoch,
-        compile=a.compile, requests=a.requests, epochs=a.epochs, work=a.work)
+        compile=a.compile, requests=a.requests, epochs=a.epochs, work=a.work,
+        serve_modes=tuple(x.strip() for x in a.serve_modes.split(",") if x.strip()), train_workers=workers)
     command = ("python -m mtorl.bench " + " ".join(x for x in argv if not x.startswith("--work"))).strip()
     return _known_errors_as_one_line(lambda: 0 if bench.run_suite(opts, command) else 1)
 

@@ -204,12 +204,12 @@ def _run(args: DemoOptions, base: Path, results: dict[str, Any], t0: float, con:
                 f"{k} {v['expected_reward']['value']:.0f} [{v['expected_reward']['ci95'][0]:.0f}, {v['expected_reward']['ci95'][1]:.0f}]"
                 for k, v in rows.items()))
 
-    with con.stage(f"tune ({args.trials} trials over μ and λ, ASHA)"):
+    with con.stage(f"tune ({args.trials} trials over μ and λ, ASHA; each trial trains in its own process)"):
         from mtorl.tuning.sweep import run_tune
 
         tune_job = make_job("TuneJob", f"demo-{tag}-sweep", {
             "base": {**train_job.spec.model_dump(mode="json", by_alias=True),
-                     "trainer": {"workers": 1, "epochs": 2, "batch_size": 64}},
+                     "trainer": {"workers": 0, "epochs": 2, "batch_size": 64}},  # trials run the loop in process
             "parameters": {"objective.reward_weight": {"type": "double", "min": 0.3, "max": 3.0, "log": True},
                            "objective.pref_weight": {"type": "double", "min": 0.0, "max": 0.5}},
             "algorithm": "random", "early_stopping": "asha", "max_trials": args.trials, "output": f"{bucket}/sweeps",

@@ -207,7 +207,8 @@ class WindowSpec(_Strict):
 
 
 class TrainerSpec(_Strict):
-    workers: int = Field(2, ge=0, le=1024, description="Ray Train workers (0 = run the loop in the driver process).")
+    workers: int = Field(2, ge=0, le=1024, description="Ray Train workers (0 = run the loop in the driver process; in a "
+                         "sweep's base, in each trial's own process).")
     use_gpu: bool = Field(False)
     cpus_per_worker: float = Field(1.0, gt=0, le=1024)
     gpus_per_worker: float = Field(1.0, gt=0, le=64, description="Used when use_gpu.")

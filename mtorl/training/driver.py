@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -88,9 +89,22 @@ HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_INTERVAL_S = "0.5"
 
 
-def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: str | None = None,
-                  storage_path_override: tuple[str, Any] | None = None,
-                  progress: Any = print, epoch_feed: Any = None) -> tuple[TorchTrainer, Manifest]:
+@dataclass(frozen=True)
+class LoopPlan:
+    """What a training run's loop gets (``mtorl.training.worker.train_loop``), from the spec and the dataset:
+    its config (the typed job and manifest as dicts, which splits each worker caches), the streamed
+    splits' Ray Data datasets, and where the run's checkpoints go."""
+
+    config: dict[str, Any]
+    datasets: dict[str, Any]
+    manifest: Manifest
+    storage_path: str
+    filesystem: Any
+
+
+def loop_plan(job: TrainJob, run_name: str | None = None, storage_path_override: tuple[str, Any] | None = None,
+              progress: Any = print, epoch_feed: Any = None) -> LoopPlan:
+    """Choose per split between caching and streaming (printed), and build the loop's config."""
     spec = job.spec
     manifest = load_manifest(spec.data)
     t = spec.trainer
@@ -119,22 +133,33 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: s
                 **({"shuffle": FileShuffleConfig(seed=t.seed, reseed_after_execution=True)} if split == "train" else {}))
             mode = f"streaming from object storage every epoch (> {max_cached:,} steps; no whole-split cache)"
         progress(f"data: {split} split {steps:,} steps: {mode}")
+    storage_path, fs = storage_path_override or storage_args(spec.output)
+    config = {"job": job_to_dict(job), "manifest": manifest.dump(), "manifest_sha256": manifest_sha256(spec.data),
+              "cached_splits": cached, "epoch_feed": epoch_feed,
+              "local_run_uri": to_uri(spec.output, f"{storage_path.rstrip('/')}/{run_name or job.metadata.name}")
+              if t.workers == 0 else None}
+    return LoopPlan(config, datasets, manifest, storage_path, fs)
+
+
+def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: str | None = None,
+                  storage_path_override: tuple[str, Any] | None = None,
+                  progress: Any = print, epoch_feed: Any = None) -> tuple[TorchTrainer, Manifest]:
+    spec = job.spec
+    t = spec.trainer
+    plan = loop_plan(job, run_name, storage_path_override, progress, epoch_feed)
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
-    storage_path, fs = storage_path_override or storage_args(spec.output)
+    storage_path, fs = plan.storage_path, plan.filesystem
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S)  # read by fit(), passed on by Ray Train
     env = worker_env()
     env.setdefault("WANDB_MODE", spec.tracking.wandb)
     trainer = TorchTrainer(
         _loop,
-        train_loop_config={"job": job_to_dict(job), "manifest": manifest.dump(), "manifest_sha256": manifest_sha256(spec.data),
-                           "cached_splits": cached, "epoch_feed": epoch_feed,
-                           "local_run_uri": to_uri(spec.output, f"{storage_path.rstrip('/')}/{run_name or job.metadata.name}")
-                           if t.workers == 0 else None},
+        train_loop_config=plan.config,
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend=dist_backend(t.use_gpu)),
-        datasets=datasets,
+        datasets=plan.datasets,
         run_config=RunConfig(
             name=run_name or job.metadata.name,
             storage_path=storage_path,
@@ -146,7 +171,7 @@ def build_trainer(job: TrainJob, callbacks: list[Any] | None = None, run_name: s
             callbacks=callbacks or None,
         ),
     )
-    return trainer, manifest
+    return trainer, plan.manifest
 
 
 def check_train_resources(job: TrainJob, extra_units: int = 1, what: str = "") -> None:

@@ -81,14 +81,67 @@ def _announce_epoch(config: dict[str, Any], epoch: int, epochs: int, eta: float,
           f"{metrics.get('train/samples_per_s', 0.0):.0f} windows/s ETA {eta:.0f}s", flush=True)
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Per-worker loop. ``config``: {"job": TrainJob dict, "manifest": Manifest.dump(), "manifest_sha256": str}."""
+class RayTrainSession:
+    """What the loop asks of its runner, inside a Ray Train worker (or Train's in-process local mode)."""
+
+    def __init__(self) -> None:
+        self.ctx = ray.train.get_context()
+        self.rank, self.world = self.ctx.get_world_rank(), self.ctx.get_world_size()
+
+    def device(self, use_gpu: bool) -> torch.device:
+        return ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+
+    def node_id(self) -> str:
+        return self.ctx.get_node_id() if hasattr(self.ctx, "get_node_id") else ray.get_runtime_context().get_node_id()
+
+    def checkpoint(self) -> Any:
+        return ray.train.get_checkpoint()
+
+    def dataset_shard(self, split: str) -> Any:
+        return ray.train.get_dataset_shard(split)
+
+    def report(self, metrics: dict[str, Any], checkpoint: Any) -> None:
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class TrialSession:
+    """The loop in a Ray Tune trial's own process (``trainer.workers: 0`` in a sweep's base): one rank, no
+    Ray Train controller or worker. Ray Train's API is not callable inside a Tune function, so the loop's
+    runner is this: its checkpoints are persisted by the loop under the run (``local_run_uri``), the
+    epoch's metrics go to ``ray.tune.report``, and a streamed split is read from its Ray Data dataset."""
+
+    rank, world = 0, 1
+
+    def __init__(self, datasets: dict[str, Any]) -> None:
+        self.datasets = datasets
+
+    def device(self, use_gpu: bool) -> torch.device:
+        return torch.device("cuda") if use_gpu else torch.device("cpu")  # Tune set CUDA_VISIBLE_DEVICES
+
+    def node_id(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
+
+    def checkpoint(self) -> Any:
+        return None  # the loop resumes from the run's own latest checkpoint
+
+    def dataset_shard(self, split: str) -> Any:
+        return self.datasets[split]
+
+    def report(self, metrics: dict[str, Any], checkpoint: Any) -> None:
+        import ray.tune
+
+        ray.tune.report(metrics)
+
+
+def train_loop(config: dict[str, Any], session: Any = None) -> None:
+    """Per-worker loop. ``config``: {"job": TrainJob dict, "manifest": Manifest.dump(), "manifest_sha256": str,
+    ...} (``mtorl.training.driver.loop_plan``); ``session``: its runner (default: a Ray Train worker's)."""
     job = validate_doc(config["job"], "<train_loop_config>")
     spec = job.spec
     manifest = Manifest.model_validate(config["manifest"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if spec.trainer.use_gpu else torch.device("cpu")
+    sess = session if session is not None else RayTrainSession()
+    rank, world = sess.rank, sess.world
+    device = sess.device(spec.trainer.use_gpu)
 
     torch.manual_seed(spec.trainer.seed)  # identical init on every rank (DDP also broadcasts)
     binary = manifest.gain_binary if spec.objective.reward_loss == "auto" else spec.objective.reward_loss == "bce"
@@ -97,7 +150,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     start_epoch, global_step, history = 0, 0, []
     local_run = config.get("local_run_uri")  # workers = 0: checkpoints persisted by this loop
-    resume = ray.train.get_checkpoint()
+    resume = sess.checkpoint()
     loaded = None
     if resume is not None:
         with resume.as_directory() as d:
@@ -131,8 +184,8 @@ def train_loop(config: dict[str, Any]) -> None:
     for split, cache in (("train", train_cache), ("val", val_cache)):
         if split in cached:  # a small split: this worker reads its equal part once, for every epoch
             cache.fill(read_windows_part(spec.data, split, spec.window, rank, world, manifest))
-    train_shard = None if train_cache.ready else ray.train.get_dataset_shard("train")
-    val_shard = None if val_cache.ready else ray.train.get_dataset_shard("val")
+    train_shard = None if train_cache.ready else sess.dataset_shard("train")
+    val_shard = None if val_cache.ready else sess.dataset_shard("val")
     bs = spec.trainer.batch_size
     epochs = spec.trainer.epochs
     t_run = time.time()
@@ -188,7 +241,7 @@ def train_loop(config: dict[str, Any]) -> None:
             **train_metrics, **val_losses, **{f"val/{k}": v for k, v in vm.items()},
             "epoch": epoch, "step": global_step, "train/samples_per_s": samples_per_s,
             "train/input_wait_frac": sums["_wait"] / max(sums["_time"], 1e-9),
-            "perf/node_id": ctx.get_node_id() if hasattr(ctx, "get_node_id") else ray.get_runtime_context().get_node_id(),
+            "perf/node_id": sess.node_id(),
         }
         node_ids = _gather(np.array([metrics["perf/node_id"]], dtype=object))
         metrics["perf/node_ids"] = sorted(set(map(str, node_ids)))
@@ -208,6 +261,6 @@ def train_loop(config: dict[str, Any]) -> None:
                     ckpt.persist_local(tmp, local_run, epoch, spec.trainer.keep_top_k, spec.trainer.metric, spec.trainer.mode)
                 else:
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            sess.report(metrics, checkpoint)
     if run is not None:
         run.finish()

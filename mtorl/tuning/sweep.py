@@ -3,6 +3,9 @@
 Train V2 + Tune: every trial is a small driver function that builds a real ``TorchTrainer`` and
 reports through ``TuneReportCallback`` (``Tuner(trainer)`` is deprecated). The trial driver itself
 takes 0.01 CPU so trials never deadlock with their training workers on a 2-core machine.
+With ``trainer.workers: 0`` in the base, a trial runs the training loop in its own process instead (it takes
+the worker's CPU), without a Ray Train controller, worker and their helper actors per trial: the same
+epochs, checkpoints and W&B run, without the fault tolerance of Ray Train's restarts.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from mtorl.spec import TrainJob, TuneJob, job_to_dict, validate_doc
 from mtorl.spec.loader import apply_overrides
 from mtorl.spec.models import ParamSpace, TuneSpec
 from mtorl.training.checkpoint import BEST_FILE, META_FILE, CheckpointMeta
-from mtorl.training.driver import build_trainer, finish_run, storage_args, to_uri
+from mtorl.training.driver import build_trainer, finish_run, loop_plan, storage_args, to_uri
 
 SEP = "__"  # Tune config keys can't hold dots reliably: objective.reward_weight -> objective__reward_weight
 
@@ -97,13 +100,31 @@ def _make_trial_fn(base_doc: dict[str, Any], trials_uri: str, sweep_name: str, g
             ray.tune.report(metrics)
         if storage.exists(storage.join(run_dir, BEST_FILE)):
             return  # completed before the driver died: its best.json is the record; nothing is re-run
-        trainer, _ = build_trainer(job, callbacks=[TuneReportCallback()])
-        result = trainer.fit()  # resumes from the run's latest checkpoint, if any
+        if job.spec.trainer.workers == 0:  # the loop in this process: no Ray Train controller or workers
+            from mtorl.storage.credentials import export_to_environ
+            from mtorl.training.worker import TrialSession, train_loop
+
+            export_to_environ()  # WANDB_API_KEY from the credentials file, when this process lacks it
+            plan = loop_plan(job)
+            train_loop(plan.config, TrialSession(plan.datasets))  # resumes from the run's latest checkpoint
+            result = None
+        else:
+            trainer, _ = build_trainer(job, callbacks=[TuneReportCallback()])
+            result = trainer.fit()  # resumes from the run's latest checkpoint, if any
         finish_run(job, result, run_dir)  # writes the trial's best.json
         if kill_pid is not None:
             os.kill(kill_pid, signal.SIGKILL)
 
     return trial
+
+
+def trial_resources(base: TrainJob) -> dict[str, float]:
+    """A trial's own resources: 0.01 CPU for the small driver of its Ray Train run (the workers hold the
+    real ones), or, with ``trainer.workers: 0``, the one worker's CPU (and GPU) for the loop it runs itself."""
+    t = base.spec.trainer
+    if t.workers > 0:
+        return {"CPU": 0.01}
+    return {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
 
 
 def previous_history(run_dir: str) -> list[dict[str, Any]]:
@@ -205,11 +226,17 @@ def run_tune(job: TuneJob, progress: Any = print) -> dict[str, Any]:
     from mtorl.training.driver import check_train_resources
 
     check_train_resources(base)  # one trial must fit (parallel_trials beyond that just wait their turn)
+    if spec.base.trainer.workers == 0:
+        from mtorl.raycluster import check_resources
+
+        check_resources(trial_resources(base), 1, f"an in-process trial (trainer.workers=0) with "
+                        f"cpus_per_worker={spec.base.trainer.cpus_per_worker:g}")
     from mtorl.data.pipeline import load_manifest
 
     load_manifest(spec.base.data)  # a missing dataset is one line here, not a traceback from every trial
     kill_pid = os.getpid() if faults.enabled("tune.kill_driver_after_trial") else None  # off unless a test enables it
-    trainable = tune.with_resources(_make_trial_fn(job_to_dict(base), trials_uri, job.metadata.name, group, kill_pid), {"CPU": 0.01})
+    trainable = tune.with_resources(_make_trial_fn(job_to_dict(base), trials_uri, job.metadata.name, group, kill_pid),
+                                    trial_resources(base))
     if spec.early_stopping == "asha":
         scheduler: Any = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=spec.grace_period, reduction_factor=2)
     elif spec.early_stopping == "median":

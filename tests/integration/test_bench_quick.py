@@ -23,7 +23,10 @@ def test_quick_bench_completes_and_writes_every_stage(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     md = tmp_path / "BENCHMARKS.md"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "MTORL_STORE_DIR"))}
-    tiny = ["--steps", "6000", "--requests", "16", "--epochs", "1", "--scale-steps", "3000,12000"]
+    # one Serve ingress and the 1-worker run: the other modes and worker counts go through the same stage code,
+    # and have their own tests (test_serve_direct, test_serve_haproxy, test_train)
+    tiny = ["--steps", "6000", "--requests", "16", "--epochs", "1", "--scale-steps", "3000,12000",
+            "--serve-modes", "proxy", "--train-workers", "1"]
     proc = subprocess.run([sys.executable, "-m", "mtorl.bench", "--quick", *tiny, "--out", str(out),
                            "--markdown", str(md), "--work", str(tmp_path / "work")],
                           capture_output=True, text=True, env=env, timeout=900, cwd=Path(__file__).resolve().parents[2])
@@ -36,6 +39,7 @@ def test_quick_bench_completes_and_writes_every_stage(tmp_path: Path) -> None:
         assert "ratio" in res["stages"][name], name
     assert res["sizes"]["steps"] == 6000 and res["sizes"]["scale"] == [3000, 12000] and res["sizes"]["requests"] == 16
     assert res["sizes"]["epochs"] == 1
+    assert res["stages"]["serve"]["modes"] == ["proxy"] and set(res["stages"]["train"]["ours"]) == {"1w"}
     assert res["machine"]["cores"] and res["machine"]["torch"] and res["machine"]["ray"]
     text = md.read_text()
     assert "<!-- bench:cpu:start -->" in text and "| stage |" in text

@@ -303,10 +303,14 @@ def assert_zero_downtime_update(served: dict[str, Any], tiny_dataset: str, **job
     print(f"update under load: {len(statuses)} requests, update took {t_done:.1f} s, max latency {max(latency):.3f} s; "
           "slowest (latency s, sent s after the update began): "
           + ", ".join(f"({lat:.3f}, {t0 - t_update:+.1f})" for lat, t0 in slow))
-    # Serve's stop-then-start left clients without an answer for 4.5-5.4 s while the new model loaded. With
-    # surge the slowest request is the one competing for CPU with the new replica's start-up: 0.48-1.36 s in 4 runs
-    # on 2 cores at load average 30-64 (BENCHMARKS.md); the bound keeps a margin for such a machine.
-    assert max(latency) < 2.0, f"a request waited {max(latency):.2f} s during the update"
+    # Stop-then-start (max_surge_percent 0) leaves clients without an answer while the new model loads: one
+    # request waited 4.5-5.4 s, 68% of an update of 7.3 s. With surge the slowest request is the one competing
+    # for CPU with the new replica's start-up: 0.05 s of 9.3 s on a quiet machine, 0.48-1.36 s at load average
+    # 30-64 (BENCHMARKS.md) and once 2.07 s in CI. Both scale with the machine's load, so the bound is relative
+    # to the update's own length, with a floor of 2 s.
+    bound = max(2.0, 0.4 * t_done)
+    assert max(latency) < bound, (f"a request waited {max(latency):.2f} s during an update of {t_done:.1f} s "
+                                  f"(bound {bound:.2f} s): clients went unanswered while the new model loaded")
     assert res["model_version"] != served["model_version"]
     assert versions[0] == served["model_version"] and versions[-1] == res["model_version"]
 

@@ -31,7 +31,7 @@ def _sweep(name: str, data: str, out: str, **kw: Any) -> Any:
         "window": {"length": 10},
         "model": TINY_MODEL,
         "trainer": {
-            "workers": 1,
+            "workers": kw.pop("workers", 1),
             "epochs": kw.pop("epochs", 2),
             "batch_size": 32,
             "max_steps_per_epoch": kw.pop("steps", 3),
@@ -55,6 +55,7 @@ def test_asha_stops_a_bad_trial_early(ray_session: None, tiny_dataset: str, s3_b
         tiny_dataset,
         f"{s3_bucket}/sweeps",
         epochs=2,
+        workers=0,
         algorithm="grid",
         early_stopping="asha",
         parameters={"trainer.lr": {"type": "categorical", "values": [0.03, 1e-9]}},
@@ -76,8 +77,11 @@ def test_sweep_interrupted_then_resumed(ray_session: None, tiny_dataset: str, s3
 
     from mtorl.tuning.sweep import run_tune
 
+    # trials in process (trainer.workers 0): what is tested is the sweep's restore, and the driver dies
+    # between trials, so no trial's own training is cut (a Ray Train trial is test_secrets' sweep)
     job = _sweep(
-        "sweep2", tiny_dataset, f"{s3_bucket}/sweeps", max_trials=2, algorithm="random", early_stopping="none"
+        "sweep2", tiny_dataset, f"{s3_bucket}/sweeps", max_trials=2, algorithm="random", early_stopping="none",
+        workers=0,
     )
     spec_file = tmp_path / "tune.yaml"
     spec_file.write_text(yaml.safe_dump(job_to_dict(job)))
