@@ -1,7 +1,8 @@
-"""No secret in any log: after a train, a 2-trial W&B sweep (which also checks one W&B run per trial)
-and a serve run, Ray's session folder and the
-W&B folder hold no copy of the object-store secret key or the serve token (issue: runtime_env env_vars
-are written to runtime_env_agent.log)."""
+"""No secret in any log: after a 2-trial W&B sweep whose trials are Ray Train runs (which also checks one
+W&B run per trial) and a serve run of its best checkpoint, Ray's session folder and the W&B folder hold no
+copy of the object-store secret key or the serve token (issue: runtime_env env_vars are written to
+runtime_env_agent.log). A trial builds its Ray Train run as ``mtorl train`` does (``build_trainer``: the
+same worker runtime_env), inside the driver's environment with the secrets in it."""
 
 from __future__ import annotations
 
@@ -40,7 +41,6 @@ def test_sweep_has_one_wandb_run_per_trial_and_no_secret_or_token_reaches_the_lo
     from ray import serve
 
     from mtorl.serving.app import run_serve
-    from mtorl.training.driver import run_train
     from mtorl.tuning.sweep import run_tune
 
     wandb_dir = tmp_path / "wandb"
@@ -54,9 +54,8 @@ def test_sweep_has_one_wandb_run_per_trial_and_no_secret_or_token_reaches_the_lo
         "trainer": {"workers": 1, "epochs": 1, "batch_size": 32, "max_steps_per_epoch": 4},
         "tracking": {"wandb": "offline"},
     }
-    ckpt = run_train(make_job("TrainJob", "secrets-train", base), progress=print)["best_checkpoint"]
-    # A 2-trial sweep with W&B offline: one W&B run per trial (and none from a callback). The same run
-    # is this test's tune step: a trial's actors get their environment whatever the number of trials.
+    # A 2-trial sweep with W&B offline: one W&B run per trial (and none from a callback). Its trials are
+    # this test's Ray Train runs (workers: 1): a trial's actors get their environment as a train job's do.
     sweep = make_job(
         "TuneJob",
         "wb-sweep",
@@ -74,7 +73,7 @@ def test_sweep_has_one_wandb_run_per_trial_and_no_secret_or_token_reaches_the_lo
     res = run_tune(sweep, progress=lines.append)
     assert res["trials"] == 2 and res["failed_trials"] == 0
     trials = {f"wb-sweep-{r['trial']}".replace("_", "-"): r for r in res["leaderboard"]}
-    runs = [x for x in offline_runs(wandb_dir) if x.run_id != "secrets-train"]
+    runs = offline_runs(wandb_dir)
     assert sorted(x.run_id for x in runs) == sorted(trials)
     for x in runs:
         assert x.group == "wb-sweep"
@@ -84,6 +83,7 @@ def test_sweep_has_one_wandb_run_per_trial_and_no_secret_or_token_reaches_the_lo
         assert {"val/loss", "train/epoch"} <= set(row)
     done = [ln for ln in lines if ln.startswith("trials: ")]
     assert [ln.split(" [")[0] for ln in done] == ["trials: 1/2", "trials: 2/2"] and "best val/loss" in done[-1]
+    ckpt = res["best"]["checkpoint"]
     with __import__("socket").socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
