@@ -223,25 +223,50 @@ def validate_batches(
                       cat(rall, (0, 0)), cat(cost, (0,)), cat(prop, (0,)))
 
 
+# The validation metrics of every epoch are computed here in numpy, not with scikit-learn: importing
+# sklearn.metrics costs about 2 CPU-seconds (it loads scipy), paid by every Train worker process, every
+# in-process job and every sweep trial before its first validation. Both functions equal scikit-learn's
+# (tests/unit/test_val_metrics.py compares them); the evaluation reports still use scikit-learn.
+
+def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """Binary ROC AUC, ties counted half (the Mann-Whitney U statistic over n_pos * n_neg), as
+    scikit-learn's ``roc_auc_score``. ``y``: bool (N,) with both classes present; ``score``: (N,)."""
+    y = np.asarray(y, dtype=bool)
+    _, inv, counts = np.unique(np.asarray(score, dtype=np.float64), return_inverse=True, return_counts=True)
+    midrank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based rank of each distinct score, ties averaged
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    return float((midrank[inv.reshape(-1)][y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def macro_f1(truth: np.ndarray, pred: np.ndarray, n_labels: int) -> float:
+    """Mean over the labels 0..n_labels-1 of F1 = 2 tp / (2 tp + fp + fn), 0 where a label is in neither
+    (scikit-learn's ``f1_score(average="macro", labels=range(n_labels), zero_division=0)``)."""
+    truth, pred = np.asarray(truth, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    tp = np.bincount(truth[truth == pred], minlength=n_labels)[:n_labels].astype(np.float64)
+    fp = np.bincount(pred, minlength=n_labels)[:n_labels] - tp
+    fn = np.bincount(truth, minlength=n_labels)[:n_labels] - tp
+    den = 2 * tp + fp + fn
+    return float(np.mean(np.where(den > 0, 2 * tp / np.maximum(den, 1), 0.0)))
+
+
 def val_metrics(channel: np.ndarray, action_probs: np.ndarray, reward: np.ndarray, reward_hat: np.ndarray, binary: bool) -> dict[str, float]:
     """Metrics over the valid steps of ALL workers (call after gathering)."""
-    from sklearn.metrics import f1_score, roc_auc_score
-
     out: dict[str, float] = {}
     if len(channel) == 0:
         return out
     pred = action_probs.argmax(-1)
     out["accuracy"] = float((pred == channel).mean())
-    out["macro_f1"] = float(f1_score(channel, pred, average="macro", labels=np.arange(action_probs.shape[1]), zero_division=0))
+    out["macro_f1"] = macro_f1(channel, pred, action_probs.shape[1])
     aucs = []
     for c in range(action_probs.shape[1]):
         y = channel == c
         if 0 < y.sum() < len(y):
-            aucs.append(roc_auc_score(y, action_probs[:, c]))
+            aucs.append(roc_auc(y, action_probs[:, c]))
     out["mean_auc"] = float(np.mean(aucs)) if aucs else math.nan
     y = reward > 0.5 if binary else reward
     if binary and 0 < y.sum() < len(y):
-        out["reward_auc"] = float(roc_auc_score(y, reward_hat))
+        out["reward_auc"] = roc_auc(y, reward_hat)
     elif not binary:
         out["reward_mse"] = float(np.mean((reward_hat - reward) ** 2))
     return out
