@@ -455,11 +455,15 @@ def sim_benchmark_main(argv: list[str] | None = None) -> int:
                     help="budgets at which the same checkpoint's imitation policy gets a row too")
     ap.add_argument("--ensemble-pessimism", type=float, nargs="*", default=[],
                     help="values of beta_e: a row at every budget scoring r-hat - beta_e * the ensemble members' spread")
+    ap.add_argument("--channel-cost-weight", type=float, nargs="*", default=[],
+                    help="values of g (decision.channel_cost_weight): a row at every budget choosing the channel by "
+                         "r-hat - g*s*cost (with each --ensemble-pessimism value, if any)")
     argv = list(sys.argv[1:] if argv is None else argv)
     a = ap.parse_args(argv)
     md, js = benchmark.write_benchmark(a.checkpoint, a.out, a.budgets, a.seeds, a.users, a.imitation_at,
                                        command="python -m mtorl.sim.benchmark " + " ".join(argv),
-                                       ensemble_pessimism=a.ensemble_pessimism)
+                                       ensemble_pessimism=a.ensemble_pessimism,
+                                       channel_cost_weight=a.channel_cost_weight)
     print(f"wrote {md} and {js}")
     return 0
 

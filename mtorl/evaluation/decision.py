@@ -72,6 +72,7 @@ class DecisionParams(NamedTuple):
     pessimism: float = 0.0
     fill: bool = True
     ensemble_pessimism: float = 0.0
+    channel_cost_weight: float = 1.0
 
 
 class Decision(NamedTuple):
@@ -92,7 +93,8 @@ def params_of(spec: Any) -> DecisionParams:
         return spec
     return DecisionParams(policy=spec.policy, support_threshold=float(spec.support_threshold),
                           pessimism=float(spec.pessimism), fill=bool(spec.fill),
-                          ensemble_pessimism=float(getattr(spec, "ensemble_pessimism", 0.0)))
+                          ensemble_pessimism=float(getattr(spec, "ensemble_pessimism", 0.0)),
+                          channel_cost_weight=float(getattr(spec, "channel_cost_weight", 1.0)))
 
 
 def broadcast_cost(cost: np.ndarray | Sequence[float] | float, shape: tuple[int, int]) -> np.ndarray:
@@ -150,33 +152,42 @@ def channel_values(reward_pred: np.ndarray, action_probs: np.ndarray | None, par
     return q
 
 
-def choose(q: np.ndarray, cost: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray]:
-    """c*(s) (N,) and value(s) (N,) = max_c q_c - s kappa_c (ties: cheaper channel, then lower index)."""
-    net = q - s * cost                                   # (N, C)
+def choose(q: np.ndarray, cost: np.ndarray, s: float, channel_cost_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """c*(s) (N,) = argmax_c q_c - g s kappa_c and value(s) (N,) = q_{c*} - s kappa_{c*} (ties: cheaper
+    channel, then lower index); g = ``channel_cost_weight``. With g = 1 (the Lagrangian rule) the value is
+    max_c q_c - s kappa_c; with g < 1 the channel is chosen with the penalty discounted, and the user is
+    still served on the full penalised value."""
+    net = q - channel_cost_weight * s * cost             # (N, C)
     best = net.max(axis=1, keepdims=True)                # (N, 1)
     # among the (near-)maximal channels take the cheapest: keeps spend(s) monotone at ties
     tie = net >= best - 1e-12 * np.maximum(np.abs(best), 1.0)
     c = np.argmin(np.where(tie, cost, np.inf), axis=1)
     rows = np.arange(q.shape[0])
-    return c, net[rows, c]
+    return c, q[rows, c] - s * cost[rows, c]
 
 
-def spend_at(q: np.ndarray, cost: np.ndarray, s: float) -> float:
+def spend_at(q: np.ndarray, cost: np.ndarray, s: float, channel_cost_weight: float = 1.0) -> float:
     """spend(s) = sum of kappa_{c*(s)} over items with value(s) > 0."""
-    c, v = choose(q, cost, s)
+    c, v = choose(q, cost, s, channel_cost_weight)
     return float(cost[np.arange(q.shape[0]), c][v > 0].sum())
 
 
 def solve_penalty(q: np.ndarray, cost: np.ndarray, budget: float, fill: bool = True,
-                  tol: float = 1e-12, max_iter: int = 200) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+                  tol: float = 1e-12, max_iter: int = 200,
+                  channel_cost_weight: float = 1.0) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """The smallest s >= 0 with spend(s) <= budget, by bisection; q, cost (N, C).
 
     Returns (s, channel (N,), value (N,), served (N,) bool) at s, with the leftover budget filled
-    (``fill``) from the decisions just below s. Spend never exceeds ``budget``.
+    (``fill``) from the decisions just below s. Spend never exceeds ``budget``. With
+    ``channel_cost_weight`` g < 1 (``choose``) spend(s) need not fall monotonically (a user moved to a
+    cheaper channel as s grows can become worth serving), so s is the bisection's point, the smallest
+    such s only where spend is monotone; spend <= budget holds either way (the bisection keeps it at its
+    upper end).
     """
     budget = max(float(budget), 0.0)
+    g = float(channel_cost_weight)
     rows = np.arange(q.shape[0])
-    c0, v0 = choose(q, cost, 0.0)
+    c0, v0 = choose(q, cost, 0.0, g)
     if q.shape[0] == 0 or float(cost[rows, c0][v0 > 0].sum()) <= budget:
         return 0.0, c0, v0, v0 > 0
     paid = (cost > 0) & np.isfinite(q) & (q > 0)
@@ -185,16 +196,16 @@ def solve_penalty(q: np.ndarray, cost: np.ndarray, budget: float, fill: bool = T
     lo = 0.0
     for _ in range(max_iter):
         mid = 0.5 * (lo + hi)
-        if spend_at(q, cost, mid) > budget:
+        if spend_at(q, cost, mid, g) > budget:
             lo = mid
         else:
             hi = mid
         if hi - lo <= tol * max(hi, 1e-300):
             break
-    c, v = choose(q, cost, hi)
+    c, v = choose(q, cost, hi, g)
     served = v > 0
     if fill:
-        c_lo, v_lo = choose(q, cost, lo)
+        c_lo, v_lo = choose(q, cost, lo, g)
         s_lo = v_lo > 0
         spend = float(cost[rows, c][served].sum())
         # marginal items: their decision just below s differs from the one at s
@@ -233,12 +244,12 @@ def decide(reward_pred: np.ndarray, action_probs: np.ndarray | None, cost: Any, 
         raise ValueError("a row has no allowed channel")
     if budget is None:
         s = s0
-        c, v = choose(q, k, s)
+        c, v = choose(q, k, s, prm.channel_cost_weight)
         served = v > 0
     else:
         if not np.isfinite(budget):
             raise ValueError(f"budget must be finite, got {budget}")
-        s, c, v, served = solve_penalty(q, k, budget, fill=prm.fill)
+        s, c, v, served = solve_penalty(q, k, budget, fill=prm.fill, channel_cost_weight=prm.channel_cost_weight)
     kb = k[rows, c]
     return Decision(channel=c.astype(np.int64), value=v, expected_reward=r[rows, c], cost=kb, served=served,
                     penalty=float(s), spend=float(kb[served].sum()))

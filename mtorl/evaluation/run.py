@@ -71,7 +71,9 @@ def decision_label(d: Any) -> str:
     """One line naming the decision policy and its strength (for reports)."""
     if d.policy == "imitation":
         return "imitation (the action decoder's pi-reweighted channel)"
-    return f"reward (argmax of the reward head; support threshold tau = {d.support_threshold:g}, pessimism beta = {d.pessimism:g})"
+    g = float(getattr(d, "channel_cost_weight", 1.0))
+    return (f"reward (argmax of the reward head; support threshold tau = {d.support_threshold:g}, pessimism beta = {d.pessimism:g}"
+            + (f", channel cost weight g = {g:g}" if g != 1.0 else "") + ")")
 
 
 def run_label(checkpoint_uri: str) -> str:

@@ -41,6 +41,7 @@ def run_benchmark(
     ope_split: str = "test",
     imitation_at: Sequence[float] = (0.3,),
     ensemble_pessimism: Sequence[float] = (),
+    channel_cost_weight: Sequence[float] = (),
     progress: Any = print,
 ) -> dict[str, Any]:
     from mtorl.evaluation.decision import DecisionParams, params_of
@@ -62,6 +63,12 @@ def run_benchmark(
     # the same decision layer scoring r-hat - beta_e * (the members' spread): a row at every budget
     spread = {f"{predictor.name}, ensemble pessimism β_e = {b:g}": params_of(dec)._replace(ensemble_pessimism=float(b))
               for b in ensemble_pessimism}
+    # ... and choosing the channel with the cost weighted by g (decision.channel_cost_weight), with each
+    # β_e above (or the spec's own when none is given)
+    spread.update({f"{predictor.name}, {'' if not b else f'β_e = {b:g}, '}channel cost weight g = {g:g}":
+                   params_of(dec)._replace(ensemble_pessimism=float(b or params_of(dec).ensemble_pessimism),
+                                           channel_cost_weight=float(g))
+                   for g in channel_cost_weight for b in (list(ensemble_pessimism) or [None])})
     table: dict[str, Any] = {}
     for f in budgets:
         per: dict[str, list[dict[str, Any]]] = {}
@@ -192,10 +199,11 @@ def _members_note(members: list[dict[str, Any]] | None) -> str:
 
 def write_benchmark(checkpoint: str, out: str, budgets: Sequence[float], seeds: Sequence[int], users: int,
                     imitation_at: Sequence[float], command: str,
-                    ensemble_pessimism: Sequence[float] = ()) -> tuple[Path, Path]:
+                    ensemble_pessimism: Sequence[float] = (),
+                    channel_cost_weight: Sequence[float] = ()) -> tuple[Path, Path]:
     """Run :func:`run_benchmark` and write ``OUT.md`` and ``OUT.json`` (``command`` heads the markdown)."""
     res = run_benchmark(checkpoint, list(budgets), list(seeds), users, imitation_at=list(imitation_at),
-                        ensemble_pessimism=list(ensemble_pessimism))
+                        ensemble_pessimism=list(ensemble_pessimism), channel_cost_weight=list(channel_cost_weight))
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".md").write_text(markdown(res, command))

@@ -134,6 +134,7 @@ def checkpoint_policy(predictor: Any, sim: Any, decision: Any = None, history: s
         q = channel_values(reward, probs, prm, np.broadcast_to(costs_model, reward.shape), reward_std=sd)
         return np.asarray(q[:, to_model], dtype=np.float64)  # (B, C) in sim channel order
 
+    fn.channel_cost_weight = prm.channel_cost_weight  # type: ignore[attr-defined]  # read by run_online's solve
     return fn
 
 

@@ -130,7 +130,8 @@ def run_online(sim: Simulator, policy_fn: PolicyFn, n_users: int, budget: float,
             if out.shape != (len(idx), C):
                 raise ValueError(f"policy returned scores of shape {out.shape} for {len(idx)} users and {C} channels")
             s_t, channel, _, served = solve_penalty(np.asarray(out, dtype=np.float64), np.broadcast_to(sim.costs, out.shape),
-                                                    step_budget * (1 - 1e-12), fill=fill)
+                                                    step_budget * (1 - 1e-12), fill=fill,
+                                                    channel_cost_weight=getattr(policy_fn, "channel_cost_weight", 1.0))
             penalties.append(s_t)
             cost = sim.costs[channel]
         else:  # (channel, value): best value per cost of the given channel first

@@ -160,3 +160,32 @@ def test_decision_dr_at_budget_hand_computed():
     out = decision_metrics(np.array([0, 1]), np.full((2, 2), 0.5), np.array([1.0, 0.0]), r, np.ones(2),
                            np.full(2, 0.5), budget_fraction=0.5)
     assert out["decision_dr@budget"] == pytest.approx(0.7)
+
+
+def test_channel_cost_weight_hand_computed():
+    # one user, q = (0.3, 0.5), kappa = (1, 3). At s = 0.15 the Lagrangian rule (g = 1) compares
+    # 0.3 - 0.15 = 0.15 with 0.5 - 0.45 = 0.05 and takes channel 0. With g = 0.5 the choice compares
+    # 0.3 - 0.075 = 0.225 with 0.5 - 0.225 = 0.275 and takes channel 1, served on 0.5 - 0.15 * 3 = 0.05 > 0.
+    q, k = np.array([[0.3, 0.5]]), np.array([[1.0, 3.0]])
+    d1 = decide(q, None, k[0], penalty=0.15)
+    assert d1.channel.tolist() == [0] and d1.value == pytest.approx([0.15])
+    d = decide(q, None, k[0], DecisionParams(channel_cost_weight=0.5), penalty=0.15)
+    assert d.channel.tolist() == [1] and d.value == pytest.approx([0.05]) and d.served.tolist() == [True]
+    # at s = 0.18 channel 1 is still chosen (0.3 - 0.09 = 0.21 < 0.5 - 0.27 = 0.23) but its value 0.5 - 0.54 < 0
+    d = decide(q, None, k[0], DecisionParams(channel_cost_weight=0.5), penalty=0.18)
+    assert d.channel.tolist() == [1] and d.served.tolist() == [False]
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("g", [0.0, 0.6])
+def test_channel_cost_weight_never_spends_over_the_budget(seed, g):
+    rng = np.random.default_rng(seed)
+    q = rng.uniform(0.0, 1.0, (30, 3))
+    k = rng.integers(1, 5, (30, 3)).astype(float)
+    budget = float(rng.uniform(2.0, 20.0))
+    for fill in (False, True):
+        s, c, v, served = solve_penalty(q, k, budget, fill=fill, channel_cost_weight=g)
+        assert k[np.arange(30), c][served].sum() <= budget + 1e-9
+        assert np.all(v[served] > 0) or fill  # without fill, served means a positive penalised value
+    # g = 1 is the Lagrangian rule itself
+    assert solve_penalty(q, k, budget, channel_cost_weight=1.0)[0] == solve_penalty(q, k, budget)[0]
