@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from mtorl.evaluation.decision import broadcast_cost
+from mtorl.evaluation.decision import bisect_smallest, broadcast_cost
 from mtorl.evaluation.predictions import Predictions, outcome
 
 __all__ = ["channel_scores", "recommended_channel", "Allocation", "allocate_users",
@@ -106,16 +106,8 @@ def allocate_users(values: np.ndarray, costs: np.ndarray, budget: float,
     # Lagrange multiplier: smallest lam >= 0 with spend({v - lam c > 0}) <= budget (bisection)
     lam = 0.0
     if v.size and _spend_at(0.0, v, c, free) > budget:
-        lo, hi = 0.0, float(np.max(ratio[np.isfinite(ratio)], initial=0.0)) + 1.0
-        for _ in range(max_iter):
-            mid = 0.5 * (lo + hi)
-            if _spend_at(mid, v, c, free) > budget:
-                lo = mid
-            else:
-                hi = mid
-            if hi - lo <= tol * max(1.0, hi):
-                break
-        lam = hi
+        _, lam = bisect_smallest(lambda x: _spend_at(x, v, c, free) <= budget, 0.0,
+                                 float(np.max(ratio[np.isfinite(ratio)], initial=0.0)) + 1.0, tol, max_iter, floor=1.0)
     return Allocation(selected=selected, multiplier=float(lam), spend=spend)
 
 

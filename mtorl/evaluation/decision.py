@@ -53,7 +53,7 @@ i.e. on rewards inside the train range). s here is in normalised-reward units pe
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import numpy as np
 
@@ -166,6 +166,21 @@ def choose(q: np.ndarray, cost: np.ndarray, s: float, channel_cost_weight: float
     return c, q[rows, c] - s * cost[rows, c]
 
 
+def bisect_smallest(fits: Callable[[float], bool], lo: float, hi: float, tol: float, max_iter: int,
+                    floor: float = 1e-300) -> tuple[float, float]:
+    """(lo, hi) bracketing the smallest x with ``fits(x)``, by bisection, for ``fits`` False at ``lo`` and
+    True at ``hi``; stops when hi - lo <= tol * max(hi, floor) or after ``max_iter`` halvings."""
+    for _ in range(max_iter):
+        mid = 0.5 * (lo + hi)
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo <= tol * max(hi, floor):
+            break
+    return lo, hi
+
+
 def spend_at(q: np.ndarray, cost: np.ndarray, s: float, channel_cost_weight: float = 1.0) -> float:
     """spend(s) = sum of kappa_{c*(s)} over items with value(s) > 0."""
     c, v = choose(q, cost, s, channel_cost_weight)
@@ -193,15 +208,7 @@ def solve_penalty(q: np.ndarray, cost: np.ndarray, budget: float, fill: bool = T
     paid = (cost > 0) & np.isfinite(q) & (q > 0)
     # above every q/kappa nothing paid is worth serving: spend(hi) = 0 <= budget
     hi = float(np.max(np.where(paid, q / np.where(paid, cost, 1.0), 0.0))) * (1 + 1e-9) + 1e-12
-    lo = 0.0
-    for _ in range(max_iter):
-        mid = 0.5 * (lo + hi)
-        if spend_at(q, cost, mid, g) > budget:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= tol * max(hi, 1e-300):
-            break
+    lo, hi = bisect_smallest(lambda s: spend_at(q, cost, s, g) <= budget, 0.0, hi, tol, max_iter)
     c, v = choose(q, cost, hi, g)
     served = v > 0
     if fill:
