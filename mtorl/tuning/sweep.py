@@ -28,7 +28,8 @@ from mtorl.spec import TrainJob, TuneJob, job_to_dict, validate_doc
 from mtorl.spec.loader import apply_overrides
 from mtorl.spec.models import ParamSpace, TuneSpec
 from mtorl.training.checkpoint import BEST_FILE, META_FILE, CheckpointMeta
-from mtorl.training.driver import build_trainer, finish_run, loop_plan, storage_args, to_uri
+from mtorl.training.driver import (build_trainer, finish_run, loop_plan, prestart_autoscaling_coordinator, storage_args,
+                                   to_uri)
 
 SEP = "__"  # Tune config keys can't hold dots reliably: objective.reward_weight -> objective__reward_weight
 
@@ -274,6 +275,8 @@ def run_tune(job: TuneJob, progress: Any = print) -> dict[str, Any]:
         )
     from mtorl.storage.credentials import secrets_out_of_environ
 
+    if spec.base.trainer.workers > 0:  # every trial's Train controller asks it for resources on start
+        prestart_autoscaling_coordinator()
     try:
         with secrets_out_of_environ():  # Tune copies AWS_* keys into every trial's (logged) runtime_env
             results = tuner.fit()
