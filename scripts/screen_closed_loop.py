@@ -40,7 +40,8 @@ def main() -> None:
         low, high = lo["expected_reward"]["value"], hi["expected_reward"]["value"]
         for beta_e, g in settings:
             prm = base._replace(ensemble_pessimism=beta_e, channel_cost_weight=g)
-            r = run_online(sim, checkpoint_policy(pred, sim, prm), a.users, budget, seed=seed, keep_history=True, n_boot=20)
+            r = run_online(sim, checkpoint_policy(pred, sim, prm), a.users, budget, seed=seed, keep_history=True, n_boot=20,
+                           channel_cost_weight=g)
             v = r["expected_reward"]["value"]
             print(json.dumps({"seed": seed, "beta_e": beta_e, "g": g, "true_reward": round(v, 1),
                               "gap_closed_pct": round(100 * (v - low) / (high - low), 1)}), flush=True)

@@ -94,7 +94,7 @@ def params_of(spec: Any) -> DecisionParams:
     return DecisionParams(policy=spec.policy, support_threshold=float(spec.support_threshold),
                           pessimism=float(spec.pessimism), fill=bool(spec.fill),
                           ensemble_pessimism=float(getattr(spec, "ensemble_pessimism", 0.0)),
-                          channel_cost_weight=float(getattr(spec, "channel_cost_weight", 1.0)))
+                          channel_cost_weight=float(spec.channel_cost_weight))
 
 
 def broadcast_cost(cost: np.ndarray | Sequence[float] | float, shape: tuple[int, int]) -> np.ndarray:

@@ -71,7 +71,7 @@ def decision_label(d: Any) -> str:
     """One line naming the decision policy and its strength (for reports)."""
     if d.policy == "imitation":
         return "imitation (the action decoder's pi-reweighted channel)"
-    g = float(getattr(d, "channel_cost_weight", 1.0))
+    g = float(d.channel_cost_weight)
     return (f"reward (argmax of the reward head; support threshold tau = {d.support_threshold:g}, pessimism beta = {d.pessimism:g}"
             + (f", channel cost weight g = {g:g}" if g != 1.0 else "") + ")")
 

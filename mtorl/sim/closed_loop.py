@@ -134,7 +134,6 @@ def checkpoint_policy(predictor: Any, sim: Any, decision: Any = None, history: s
         q = channel_values(reward, probs, prm, np.broadcast_to(costs_model, reward.shape), reward_std=sd)
         return np.asarray(q[:, to_model], dtype=np.float64)  # (B, C) in sim channel order
 
-    fn.channel_cost_weight = prm.channel_cost_weight  # type: ignore[attr-defined]  # read by run_online's solve
     return fn
 
 
@@ -148,16 +147,19 @@ def closed_loop_rows(predictor: Any, sim: Any, users: int, budget: float, seed: 
     ``decision.policy``), plus ``extra`` {name: DecisionSpec/DecisionParams} for the same checkpoint.
     Returns (W, {name: run_online result}).
     """
+    from mtorl.evaluation.decision import params_of
     from mtorl.sim.online import logging_policy, observable_oracle_policy, oracle_policy, run_online
 
     free = run_online(sim, logging_policy(sim, seed), users, 1e18, seed=seed, keep_history=False)
     W = budget * free["spend"]["value"]
-    pols: list[tuple[str, Any, bool]] = [("logging", logging_policy(sim, seed), False), ("oracle", oracle_policy(sim), False),
-                                         ("observable oracle", observable_oracle_policy(sim, users, seed=seed), False),
-                                         (predictor.name, checkpoint_policy(predictor, sim, decision), True)]
-    for name, d in (extra or {}).items():
-        pols.append((name, checkpoint_policy(predictor, sim, d), True))
-    rows = {name: run_online(sim, fn, users, W, seed=seed, keep_history=hist, n_boot=n_boot) for name, fn, hist in pols}
+    # (name, policy, keeps history, channel_cost_weight of its decision layer)
+    pols: list[tuple[str, Any, bool, float]] = [
+        ("logging", logging_policy(sim, seed), False, 1.0), ("oracle", oracle_policy(sim), False, 1.0),
+        ("observable oracle", observable_oracle_policy(sim, users, seed=seed), False, 1.0)]
+    for name, d in {predictor.name: decision, **(extra or {})}.items():
+        pols.append((name, checkpoint_policy(predictor, sim, d), True, params_of(d).channel_cost_weight))
+    rows = {name: run_online(sim, fn, users, W, seed=seed, keep_history=hist, n_boot=n_boot, channel_cost_weight=g)
+            for name, fn, hist, g in pols}
     return W, rows
 
 

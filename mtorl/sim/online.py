@@ -81,13 +81,15 @@ def _ratio_ci(num: np.ndarray, den: np.ndarray, n_boot: int, rng: np.random.Gene
 
 
 def run_online(sim: Simulator, policy_fn: PolicyFn, n_users: int, budget: float, seed: int = 0,
-               keep_history: bool = True, n_boot: int = 200, fill: bool = True) -> dict[str, Any]:
+               keep_history: bool = True, n_boot: int = 200, fill: bool = True,
+               channel_cost_weight: float = 1.0) -> dict[str, Any]:
     """Closed-loop run of ``policy_fn`` on ``n_users`` fresh users with total budget ``budget``.
 
     Returns totals with 95% CIs over users: ``expected_reward`` (sum of the true probabilities of the
     served steps), ``realized_reward`` (sum of the drawn outcomes), ``spend``, ``roi_expected`` and
     ``roi_realized`` (reward / spend), plus counts, and ``penalty`` (the step penalties s solved for
     score policies: mean and quartiles over steps). ``spend <= budget`` always holds.
+    ``channel_cost_weight``: the decision layer's g for a score policy's solve (``decision.choose``).
     """
     from mtorl.evaluation.decision import solve_penalty
 
@@ -131,7 +133,7 @@ def run_online(sim: Simulator, policy_fn: PolicyFn, n_users: int, budget: float,
                 raise ValueError(f"policy returned scores of shape {out.shape} for {len(idx)} users and {C} channels")
             s_t, channel, _, served = solve_penalty(np.asarray(out, dtype=np.float64), np.broadcast_to(sim.costs, out.shape),
                                                     step_budget * (1 - 1e-12), fill=fill,
-                                                    channel_cost_weight=getattr(policy_fn, "channel_cost_weight", 1.0))
+                                                    channel_cost_weight=channel_cost_weight)
             penalties.append(s_t)
             cost = sim.costs[channel]
         else:  # (channel, value): best value per cost of the given channel first

@@ -16,7 +16,7 @@ from mtorl.evaluation.predictions import Predictions, outcome
 from mtorl.evaluation.run import read_split, to_predictions
 from mtorl.evaluation.streaming import (MetricSums, TrainStats, behaviour_features, split_batches, split_tables,
                                        step_columns)
-from tests.fixtures.shards import flip_a_byte, small_sharded_dataset
+from tests.fixtures.shards import flip_a_byte, remove_a_shard, small_sharded_dataset
 
 
 @pytest.fixture
@@ -112,8 +112,7 @@ def test_a_corrupt_shard_is_one_line_naming_it(dataset: str) -> None:
 
 def test_a_missing_shard_is_one_line_naming_it(dataset: str) -> None:
     m = load_manifest(dataset)
-    shard = Path(dataset) / m.splits["train"].shards[1].path
-    shard.unlink()
+    shard = remove_a_shard(dataset, m, "train", 1)
     with pytest.raises(DataError) as e:
         list(split_batches(dataset, m, "train"))
     assert str(e.value) == f"{shard}: shard listed in the manifest is missing"

@@ -14,7 +14,7 @@ from mtorl.data.pipeline import check_shards, read_windows_part
 from mtorl.data.windows import make_windows
 from mtorl.evaluation.run import read_split
 from mtorl.spec.models import WindowSpec
-from tests.fixtures.shards import flip_a_byte, small_sharded_dataset
+from tests.fixtures.shards import flip_a_byte, remove_a_shard, small_sharded_dataset
 
 WINDOW = WindowSpec(length=4)
 
@@ -60,8 +60,7 @@ def test_a_corrupt_shard_is_one_line_naming_it(dataset: str) -> None:
 
 def test_a_missing_shard_is_one_line_naming_it(dataset: str) -> None:
     m = load_manifest(dataset)
-    shard = Path(dataset) / m.splits["train"].shards[1].path
-    shard.unlink()
+    shard = remove_a_shard(dataset, m, "train", 1)
     with pytest.raises(DataError) as e:
         read_windows_part(dataset, "train", WINDOW, 0, 1, m)
     assert str(e.value) == f"{shard}: shard listed in the manifest is missing"
