@@ -454,7 +454,8 @@ def sim_benchmark_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--imitation-at", type=float, nargs="*", default=[0.3],
                     help="budgets at which the same checkpoint's imitation policy gets a row too")
     ap.add_argument("--ensemble-pessimism", type=float, nargs="*", default=[],
-                    help="values of beta_e: a row at every budget scoring r-hat - beta_e * the ensemble members' spread")
+                    help="values of beta_e (decision.ensemble_pessimism): a row at every budget scoring r-hat - beta_e * "
+                         "the ensemble members' spread (the checkpoint's own row uses its decision block's)")
     ap.add_argument("--channel-cost-weight", type=float, nargs="*", default=[],
                     help="values of g (decision.channel_cost_weight): a row at every budget choosing the channel by "
                          "r-hat - g*s*cost (with each --ensemble-pessimism value, if any)")

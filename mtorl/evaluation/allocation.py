@@ -113,11 +113,13 @@ def allocate_users(values: np.ndarray, costs: np.ndarray, budget: float,
 
 def allocate_requests(users: Sequence[tuple[Any, Sequence[float], Sequence[float], Sequence[float] | float]],
                       budget: float, penalty: float | None = None,
-                      channels: Sequence[str] | None = None, decision: Any = None) -> dict[str, Any]:
+                      channels: Sequence[str] | None = None, decision: Any = None,
+                      reward_std: np.ndarray | None = None) -> dict[str, Any]:
     """Online allocation for a batch of users (the `/v1/allocate` body), through the decision layer.
 
     users: [(user_id, reward_pred (C,), action_probs (C,), cost (C,) or scalar)], budget >= 0,
-    penalty: a floor on s (None = 0), decision: DecisionParams / DecisionSpec (None = defaults).
+    penalty: a floor on s (None = 0), decision: DecisionParams / DecisionSpec (None = defaults),
+    reward_std (U, C): an ensemble's spread of reward_pred, row per user (None = a single model).
     `decision.decide` solves the smallest penalty s whose rule (channel c* = argmax_c q_c - s kappa_c,
     serve when q_{c*} - s kappa_{c*} > 0) spends <= budget; s = max(that, penalty).
     Returns {selected: [{user_id, channel, channel_index, expected_reward, value, cost}] ranked by
@@ -139,9 +141,9 @@ def allocate_requests(users: Sequence[tuple[Any, Sequence[float], Sequence[float
         raise ValueError(f"reward_pred {r.shape[1:]} and action_probs {pi.shape[1:]} differ in channels")
     if channels is not None and len(channels) != r.shape[1]:
         raise ValueError(f"{len(channels)} channel names for {r.shape[1]} channels")
-    d = decide(r, pi, k, decision, budget=budget)
+    d = decide(r, pi, k, decision, budget=budget, reward_std=reward_std)
     if d.penalty < floor:
-        d = decide(r, pi, k, decision, penalty=floor)      # spend(floor) <= spend(s) <= budget
+        d = decide(r, pi, k, decision, penalty=floor, reward_std=reward_std)  # spend(floor) <= spend(s) <= budget
     idx = [i for i in ranking(d) if d.served[i]]
     out = [{"user_id": ids[i],
             "channel": channels[d.channel[i]] if channels is not None else int(d.channel[i]),

@@ -11,14 +11,16 @@ policy pi_b(c | s), since the decoder imitates the logs), cost kappa (N, C) >= 0
 1. Per-channel scores q (N, C), the pessimistic reward estimate of serving c:
 
    policy "reward" (default): act on the reward head where the logs support it,
-        q_c = rhat_c - beta * u_c,           u_c = sqrt(rhat_c (1 - rhat_c) / max(pi_c, 1e-3))
+        q_c = rhat_c - beta * u_c - beta_e * sd_c,   u_c = sqrt(rhat_c (1 - rhat_c) / max(pi_c, 1e-3))
         q_c = -inf                             when pi_c < tau * max_c' pi_c'   (support constraint)
       u_c is the standard-error proxy of an inverse-propensity estimate of channel c's reward in this
       context (Bernoulli variance over the logged share of c): large where the logs rarely chose c.
       tau (``support_threshold``) is BCQ's relative-probability threshold (Fujimoto et al. 2019);
       beta (``pessimism``) is a lower-confidence-bound penalty in the spirit of CQL / pessimistic
       offline RL. tau = 0 and beta = 0 give the plain greedy rule on the reward head; tau = 1 keeps
-      only the logger's most likely channel.
+      only the logger's most likely channel. sd_c is an ensemble's spread of rhat_c (the members'
+      population std, ``models.ensemble``; 0 for a single model) and beta_e (``ensemble_pessimism``)
+      its weight: the members' disagreement as a second lower-confidence-bound penalty.
    policy "imitation": today's pi-reweighted rule kept for comparison: the channel is
         argmax_c pi_c * max(rhat_c - s kappa_c, 0) / kappa_c   (allocation.channel_scores)
       and q is rhat on that channel (every other channel -inf).
@@ -93,7 +95,7 @@ def params_of(spec: Any) -> DecisionParams:
         return spec
     return DecisionParams(policy=spec.policy, support_threshold=float(spec.support_threshold),
                           pessimism=float(spec.pessimism), fill=bool(spec.fill),
-                          ensemble_pessimism=float(getattr(spec, "ensemble_pessimism", 0.0)),
+                          ensemble_pessimism=float(spec.ensemble_pessimism),
                           channel_cost_weight=float(spec.channel_cost_weight))
 
 
@@ -232,12 +234,15 @@ def solve_penalty(q: np.ndarray, cost: np.ndarray, budget: float, fill: bool = T
 
 
 def decide(reward_pred: np.ndarray, action_probs: np.ndarray | None, cost: Any, params: Any = None,
-           budget: float | None = None, penalty: float | None = None) -> Decision:
+           budget: float | None = None, penalty: float | None = None,
+           reward_std: np.ndarray | None = None) -> Decision:
     """The decision layer (module docstring): channels, values and who is served.
 
     reward_pred, action_probs (N, C); cost scalar | (C,) | (N,) | (N, C); params: DecisionParams or a
-    DecisionSpec (None = defaults). With ``budget`` the penalty s is solved for it (smallest s whose
-    rule spends <= budget); without, s = ``penalty`` (default 0) and every item with value > 0 is served.
+    DecisionSpec (None = defaults); reward_std (N, C) the ensemble members' spread of reward_pred (None =
+    a single model), read when ``ensemble_pessimism`` > 0 (``channel_values``). With ``budget`` the
+    penalty s is solved for it (smallest s whose rule spends <= budget); without, s = ``penalty``
+    (default 0) and every item with value > 0 is served.
     """
     prm = params_of(params)
     r = np.asarray(reward_pred, dtype=np.float64)
@@ -245,7 +250,7 @@ def decide(reward_pred: np.ndarray, action_probs: np.ndarray | None, cost: Any, 
     s0 = 0.0 if penalty is None else float(penalty)
     if s0 < 0 or not np.isfinite(s0):
         raise ValueError(f"penalty must be finite and >= 0, got {s0}")
-    q = channel_values(r, action_probs, prm, k, s0)
+    q = channel_values(r, action_probs, prm, k, s0, reward_std=reward_std)
     rows = np.arange(r.shape[0])
     if q.shape[0] and not np.all(np.isfinite(q).any(axis=1)):
         raise ValueError("a row has no allowed channel")

@@ -71,8 +71,9 @@ def decision_label(d: Any) -> str:
     """One line naming the decision policy and its strength (for reports)."""
     if d.policy == "imitation":
         return "imitation (the action decoder's pi-reweighted channel)"
-    g = float(d.channel_cost_weight)
+    g, b = float(d.channel_cost_weight), float(d.ensemble_pessimism)
     return (f"reward (argmax of the reward head; support threshold tau = {d.support_threshold:g}, pessimism beta = {d.pessimism:g}"
+            + (f", ensemble pessimism beta_e = {b:g}" if b != 0.0 else "")
             + (f", channel cost weight g = {g:g}" if g != 1.0 else "") + ")")
 
 

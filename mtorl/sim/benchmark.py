@@ -60,14 +60,16 @@ def run_benchmark(
         if dec.policy == "imitation"
         else {f"{predictor.name} (imitation policy)": DecisionParams(policy="imitation")}
     )
-    # the same decision layer scoring r-hat - beta_e * (the members' spread): a row at every budget
-    spread = {f"{predictor.name}, ensemble pessimism β_e = {b:g}": params_of(dec)._replace(ensemble_pessimism=float(b))
+    # the same decision layer scoring r-hat - beta_e * (the members' spread): a row at every budget (the
+    # checkpoint's row uses the spec's decision.ensemble_pessimism)
+    base = params_of(dec)
+    spread = {f"{predictor.name}, ensemble pessimism β_e = {b:g}": base._replace(ensemble_pessimism=float(b))
               for b in ensemble_pessimism}
     # ... and choosing the channel with the cost weighted by g (decision.channel_cost_weight), with each
     # β_e above (or the spec's own when none is given)
-    spread.update({f"{predictor.name}, {'' if not b else f'β_e = {b:g}, '}channel cost weight g = {g:g}":
-                   params_of(dec)._replace(ensemble_pessimism=float(b or params_of(dec).ensemble_pessimism),
-                                           channel_cost_weight=float(g))
+    spread.update({f"{predictor.name}, {'' if b is None else f'β_e = {b:g}, '}channel cost weight g = {g:g}":
+                   base._replace(ensemble_pessimism=float(base.ensemble_pessimism if b is None else b),
+                                 channel_cost_weight=float(g))
                    for g in channel_cost_weight for b in (list(ensemble_pessimism) or [None])})
     table: dict[str, Any] = {}
     for f in budgets:

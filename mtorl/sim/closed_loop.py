@@ -269,7 +269,9 @@ def online_markdown(out: dict[str, Any]) -> str:
     if out.get("decision"):
         d = out["decision"]
         md += ["", f"Decision layer of the checkpoint: policy {d['policy']}, support threshold {d['support_threshold']:g}, "
-               f"pessimism {d['pessimism']:g}; s is solved at every step for that step's share of the budget (the same "
+               f"pessimism {d['pessimism']:g}"
+               + (f", ensemble pessimism beta_e {d['ensemble_pessimism']:g}" if d.get("ensemble_pessimism") else "")
+               + "; s is solved at every step for that step's share of the budget (the same "
                "function as offline evaluation and /v1/allocate). The oracles go through the same allocator with the true "
                "(oracle) or posterior-mean (observable oracle) reward probabilities; the logging policy serves random users."]
     ope = out.get("ope_vs_truth")

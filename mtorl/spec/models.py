@@ -139,6 +139,7 @@ class DecisionSpec(_Strict):
     budget: float | None = Field(0.3, gt=0, le=1, description="Offline budget as a fraction of the split's logged cost: the validation metric val/select_rate@budget and the report's s.")
     penalty: float | None = Field(None, ge=0, description="Fixed penalty s (reward units per unit cost) where no budget is given (the OPE channel policy; /v1/allocate without a budget). None = 0.")
     fill: bool = Field(True, description="Spend the budget left at the Lagrangian breakpoint on the marginal users (spend stays <= budget).")
+    ensemble_pessimism: float = Field(0.0, ge=0, description="beta_e: an ensemble checkpoint (mtorl ensemble) scores r_hat - beta_e * sd, sd the members' population std of r_hat, after the pessimism above; 0 = the members' mean alone. A single model has no spread (sd = 0), so it acts the same at every beta_e. In the simulator beta_e = 1, screened on held-out closed-loop seeds, closed more of the gap (docs/results/sim-closed-loop.md).")
     channel_cost_weight: float = Field(1.0, ge=0, le=1, description="g: the channel is chosen by argmax_c r_hat_c - g*s*cost_c, the user served on r_hat - s*cost of that channel. 1 = the Lagrangian rule; below 1 the choice between channels weighs cost less than the budget does. In the simulator g = 0.6, chosen on held-out closed-loop seeds, closed more of the gap (docs/results/sim-closed-loop.md).")
 
     @classmethod

@@ -55,6 +55,9 @@ OVERRIDES: list[tuple[Path, str, str]] = [
     (SIM, "spec.users=1e12", "spec.users"),
     (SERVE, "spec.port=70000", "spec.port"),
     (SERVE, "spec.max_batch_size=0", "spec.max_batch_size"),
+    *[(TRAIN, f"spec.decision.{f}={v}", f"spec.decision.{f}")
+      for f in ("pessimism", "ensemble_pessimism", "channel_cost_weight") for v in ("-0.5", ".inf", ".nan")],
+    (EVAL, "spec.decision.ensemble_pessimism=-1", "spec.decision.ensemble_pessimism"),
     # metric names that exist
     (TRAIN, "spec.trainer.metric=val/bogus", "spec.trainer.metric"),
     (TRAIN, "spec.trainer.metric=loss", "spec.trainer.metric"),

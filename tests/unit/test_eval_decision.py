@@ -117,6 +117,32 @@ def test_ensemble_pessimism_subtracts_the_members_spread():
         channel_values(r, None, prm, reward_std=np.zeros((1, 3)))
 
 
+def test_decide_with_the_members_spread_hand_computed():
+    # two users, unit costs, budget 1 (one user). beta_e = 0: user 0's best is channel 1 (0.5) over user 1's 0.45,
+    # so user 0 is served on channel 1 at s = 0.45. beta_e = 1: user 0's scores are (0.4, 0.5 - 0.2) -> channel 0
+    # at 0.4 < 0.45, so user 1 is served at s = 0.4 with value 0.45 - 0.4; expected_reward stays r_hat.
+    r = np.array([[0.4, 0.5], [0.45, 0.1]])
+    sd = np.array([[0.0, 0.2], [0.0, 0.0]])
+    prm = DecisionParams(support_threshold=0.0, ensemble_pessimism=1.0)
+    d0 = decide(r, None, 1.0, DecisionParams(support_threshold=0.0), budget=1.0, reward_std=sd)
+    assert d0.served.tolist() == [True, False] and d0.channel.tolist() == [1, 0]
+    assert d0.penalty == pytest.approx(0.45, abs=1e-9)
+    d = decide(r, None, 1.0, prm, budget=1.0, reward_std=sd)
+    assert d.served.tolist() == [False, True] and d.channel.tolist() == [0, 0]
+    assert d.penalty == pytest.approx(0.4, abs=1e-9) and d.value[1] == pytest.approx(0.05, abs=1e-9)
+    assert d.expected_reward.tolist() == [0.4, 0.45] and d.spend == 1.0
+    # no spread (a single model), or a zero one: exactly the beta_e = 0 decision
+    for none in (None, np.zeros_like(sd)):
+        got, ref = decide(r, None, 1.0, prm, budget=1.0, reward_std=none), d0
+        assert all(np.array_equal(a, b) for a, b in zip(got, ref))
+    # /v1/allocate's code path
+    from mtorl.evaluation.allocation import allocate_requests
+
+    res = allocate_requests([("a", r[0], [0.5, 0.5], 1.0), ("b", r[1], [0.5, 0.5], 1.0)], 1.0, decision=prm,
+                            reward_std=sd)
+    assert [u["user_id"] for u in res["selected"]] == ["b"] and res["penalty"] == pytest.approx(0.4, abs=1e-9)
+
+
 def test_penalty_without_budget_and_bad_input():
     d = decide(np.array([[0.3, 0.5]]), None, np.array([1.0, 3.0]), penalty=0.2)
     assert d.channel.tolist() == [0] and d.value == pytest.approx([0.1]) and d.penalty == 0.2
@@ -150,6 +176,7 @@ def test_params_defaults_match_the_spec():
 
     assert params_of(DecisionSpec()) == DecisionParams()
     assert params_of(None) == DecisionParams()
+    assert params_of(DecisionSpec(ensemble_pessimism=1.5)).ensemble_pessimism == 1.5
 
 
 def test_decision_dr_at_budget_hand_computed():

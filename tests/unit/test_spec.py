@@ -77,6 +77,18 @@ def test_cross_field_validation() -> None:
         make_job("TrainJob", "Bad_Name", {"data": "d", "output": "o"})
 
 
+def test_decision_ensemble_pessimism_is_a_non_negative_number() -> None:
+    base = {"data": "d", "output": "o"}
+    for v in (0, 0.0, 1, 2.5):
+        job = make_job("TrainJob", "x", {**base, "decision": {"ensemble_pessimism": v}})
+        assert job.spec.decision.ensemble_pessimism == float(v)
+    assert make_job("TrainJob", "x", base).spec.decision.ensemble_pessimism == 0.0
+    with pytest.raises(SpecError) as e:
+        make_job("TrainJob", "x", {**base, "decision": {"ensemble_pessimism": -0.1}})
+    assert str(e.value).splitlines() == [
+        "<TrainJob>: spec.decision.ensemble_pessimism: Input should be greater than or equal to 0 (got -0.1)"]
+
+
 def test_specs_are_frozen() -> None:
     job = make_job("TrainJob", "x", {"data": "d", "output": "o"})
     with pytest.raises(pydantic.ValidationError, match="frozen"):
