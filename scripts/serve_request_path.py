@@ -76,13 +76,18 @@ class FakePred:
 
     def predict_next(self, journeys, nxt):
         b = len(journeys)
-        return np.full((b, 3), 1 / 3), np.full((b, 3), 0.2)
+        return np.full((b, 3), 1 / 3), np.full((b, 3), 0.2), None  # a single model: no reward spread
+
+
+class OldFakePred(FakePred):
+    def predict_next(self, journeys, nxt):  # before the reward spread: (probs, reward)
+        return super().predict_next(journeys, nxt)[:2]
 
 
 if old_service_src.returncode == 0:
     import old_service  # noqa: E402
 
-    svc_old = old_service.Service(FakePred(), old.Limits(), 4_000_000)
+    svc_old = old_service.Service(OldFakePred(), old.Limits(), 4_000_000)
 
     def old_path(body):
         return svc_old.run_batch([svc_old.parse("recommend", body)])[0]
@@ -93,7 +98,7 @@ else:
     def old_path(body):
         req = old.parse_request(old.RecommendRequest, json.loads(body))
         p = pre_old.prepare(req.users)
-        probs, reward = FakePred().predict_next(p.journeys, p.next_states)
+        probs, reward = OldFakePred().predict_next(p.journeys, p.next_states)
         best, kb = old.recommend_scores(probs, reward, p.costs)
         return JSONResponse(
             {"model_version": "abc", "users": old.recommendations(p, probs, reward, C, scored=(best, kb))}

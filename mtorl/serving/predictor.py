@@ -1,7 +1,9 @@
 """``Predictor``: a checkpoint turned into per-step predictions. No Ray, no Serve.
 
 An ensemble checkpoint (``mtorl ensemble``: meta.json's ``ensemble`` block) loads as an
-``models.ensemble.Ensemble``, whose predictions are the mean of its members'; every caller is unchanged.
+``models.ensemble.Ensemble``, whose predictions are the mean of its members'; its outputs also carry the
+members' spread of the reward (``reward_std``, read by the decision layer's ``ensemble_pessimism``), from
+the same forward passes. A single model's ``reward_std`` is None: no extra work on its request path.
 
 Offline evaluation and the Serve deployment both use it, so a request is preprocessed exactly as in
 training: the checkpoint's own manifest (vocabulary, normalisation, reward scale) is the only source.
@@ -27,6 +29,7 @@ from mtorl.training.checkpoint import CheckpointError, LoadedCheckpoint, load_ch
 class Prediction:
     action_probs: np.ndarray  # (T, C) π(c | history before t, s_t)
     reward: np.ndarray  # (T, C) predicted reward of every candidate channel at t
+    reward_std: np.ndarray | None = None  # (T, C) an ensemble's members' population std of reward; None: one model
 
 
 def extend_journey(j: Journey, next_state: np.ndarray) -> Journey:
@@ -88,11 +91,16 @@ class Predictor:
             chunk = [journeys[i] for i in idx]
             arrays = pad_journeys(chunk)
             batch = Batch.from_numpy(arrays, device=self.device)
-            probs, reward = self.model.predict(batch)
-            probs, reward = probs.float().cpu().numpy(), reward.float().cpu().numpy()
+            sd: np.ndarray | None = None
+            if isinstance(self.model, Ensemble):
+                p_t, r_t, sd_t = self.model.predict_spread(batch)           # (B, L, C) each
+                sd = sd_t.float().cpu().numpy()
+            else:
+                p_t, r_t = self.model.predict(batch)
+            probs, reward = p_t.float().cpu().numpy(), r_t.float().cpu().numpy()
             for k, i in enumerate(idx):
                 T = len(journeys[i].channel)
-                preds[int(i)] = Prediction(probs[k, :T], reward[k, :T])
+                preds[int(i)] = Prediction(probs[k, :T], reward[k, :T], None if sd is None else sd[k, :T])
         for i in range(len(journeys)):
             out.append(preds[i])
         return out
@@ -111,12 +119,16 @@ class Predictor:
         probs, reward = self.model.predict(batch)
         return probs[:, -1].float().cpu().numpy(), reward[:, -1].float().cpu().numpy()
 
-    def predict_next(self, journeys: Sequence[Journey], next_states: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def predict_next(self, journeys: Sequence[Journey],
+                     next_states: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Prediction for the step after each journey: inputs (a_{T−1}, r_{T−1}, s_T).
 
         ``next_states`` (B, D) are the normalised states of the coming opportunity; by default the
-        last observed state is carried forward. Returns action probs (B, C) and rewards (B, C).
+        last observed state is carried forward. Returns action probs (B, C), rewards (B, C) and the
+        ensemble members' spread of the rewards (B, C) (None for a single model).
         """
         extended = [extend_journey(j, j.state[-1] if next_states is None else next_states[b]) for b, j in enumerate(journeys)]
         preds = self.predict_journeys(extended)
-        return np.stack([p.action_probs[-1] for p in preds]), np.stack([p.reward[-1] for p in preds])
+        sd = [p.reward_std[-1] for p in preds if p.reward_std is not None]
+        return (np.stack([p.action_probs[-1] for p in preds]), np.stack([p.reward[-1] for p in preds]),
+                np.stack(sd) if sd else None)

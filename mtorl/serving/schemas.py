@@ -408,13 +408,15 @@ class Preprocessor:
 # ------------------------------------------------------------------------------------------ responses
 
 def recommend_scores(probs: np.ndarray, reward: np.ndarray, costs: np.ndarray,
-                     decision: Any = None) -> tuple[np.ndarray, np.ndarray]:
+                     decision: Any = None, reward_std: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The decision layer's channel (``evaluation.decision.decide`` at the fixed penalty s of the
-    checkpoint's ``decision:`` block, 0 by default): probs, reward, costs (B, C) -> (recommended channel
-    (B,), its cost (B,)). Rows are independent, so one call can score the users of many requests."""
+    checkpoint's ``decision:`` block, 0 by default): probs, reward, costs (B, C), reward_std (B, C) an
+    ensemble's spread (None: a single model) -> (recommended channel (B,), its cost (B,)). Rows are
+    independent, so one call can score the users of many requests."""
     from mtorl.evaluation.decision import decide
 
-    d = decide(reward, probs, costs, decision, penalty=float(getattr(decision, "penalty", None) or 0.0))
+    d = decide(reward, probs, costs, decision, penalty=float(getattr(decision, "penalty", None) or 0.0),
+               reward_std=reward_std)
     return d.channel, d.cost
 
 
@@ -431,14 +433,16 @@ def recommendations(p: Prepared, probs: np.ndarray, reward: np.ndarray, channels
 
 
 def allocation(p: Prepared, probs: np.ndarray, reward: np.ndarray, channels: Sequence[str], budget: float,
-               penalty: float | None, decision: Any = None) -> dict[str, Any]:
+               penalty: float | None, decision: Any = None, reward_std: np.ndarray | None = None) -> dict[str, Any]:
     """The offline evaluation's allocation code (``allocate_requests``, the decision layer of the
     checkpoint's ``decision:`` block) on one request's users. ``penalty`` (the request's) is a floor on s;
-    the response's ``penalty`` and ``multiplier`` are the s actually used (the budget's Lagrange multiplier)."""
+    the response's ``penalty`` and ``multiplier`` are the s actually used (the budget's Lagrange multiplier).
+    ``reward_std`` (B, C): an ensemble's spread of ``reward`` (None: a single model)."""
     from mtorl.evaluation.allocation import allocate_requests
 
     users = [(uid, reward[b], probs[b], p.costs[b]) for b, uid in enumerate(p.user_ids)]
-    res = allocate_requests(users, budget=budget, penalty=penalty, channels=list(channels), decision=decision)
+    res = allocate_requests(users, budget=budget, penalty=penalty, channels=list(channels), decision=decision,
+                            reward_std=reward_std)
     res["selected"] = [{k: s[k] for k in ("user_id", "channel", "expected_reward", "value", "cost")} for s in res["selected"]]
     res.update(budget=float(budget), n_users=len(p.user_ids))
     return res

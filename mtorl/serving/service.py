@@ -77,8 +77,9 @@ def _dumps(obj: Any) -> bytes:
 class Service:
     """A loaded ``Predictor`` plus the request checks and preprocessing of its manifest.
 
-    ``predictor``: ``mtorl.serving.predictor.Predictor`` (or anything with ``predict_next``, ``manifest``,
-    ``meta``); ``limits``: the ServeSpec request limits; ``digest``: SHA-256 of the bearer token, None = no auth.
+    ``predictor``: ``mtorl.serving.predictor.Predictor`` (or anything with ``predict_next`` -> (probs, reward,
+    reward spread or None), ``manifest``, ``meta``); ``limits``: the ServeSpec request limits; ``digest``:
+    SHA-256 of the bearer token, None = no auth.
     """
 
     def __init__(self, predictor: Any, limits: Limits, max_body_bytes: int, digest: Optional[str] = None):
@@ -150,10 +151,14 @@ class Service:
         journeys = [jr for p in ps for jr in p.journeys]
         nxt = np.concatenate([p.next_states for p in ps])                       # (sum B, D)
         costs = np.concatenate([p.costs for p in ps])                           # (sum B, C)
-        probs, reward = self.predictor.predict_next(journeys, nxt)              # (sum B, C) each
+        # (sum B, C) each; sd: an ensemble's spread of the reward, None for a single model
+        probs, reward, sd = self.predictor.predict_next(journeys, nxt)
         ok = np.isfinite(probs).all(axis=1) & np.isfinite(reward).all(axis=1)   # (sum B,)
+        if sd is not None:
+            ok &= np.isfinite(sd).all(axis=1)
         safe_p, safe_r = np.where(ok[:, None], probs, 1.0), np.where(ok[:, None], reward, 0.0)
-        best, kb = recommend_scores(safe_p, safe_r, costs, self.decision)       # (sum B,) each
+        safe_sd = None if sd is None else np.where(ok[:, None], sd, 0.0)
+        best, kb = recommend_scores(safe_p, safe_r, costs, self.decision, reward_std=safe_sd)  # (sum B,) each
         out: list[Answer] = []
         s = 0
         for j in jobs:
@@ -169,7 +174,8 @@ class Service:
                 users = recommendations(j.prepared, probs[sl], reward[sl], self.pre.channels, scored=(best[sl], kb[sl]))
                 out.append(self._head + b'"users":' + _dumps(users) + b"}")
             else:
-                res = allocation(j.prepared, probs[sl], reward[sl], self.pre.channels, j.budget, j.penalty, self.decision)
+                res = allocation(j.prepared, probs[sl], reward[sl], self.pre.channels, j.budget, j.penalty, self.decision,
+                                 reward_std=None if sd is None else sd[sl])
                 out.append(self._head + _dumps(res)[1:])
         return out
 

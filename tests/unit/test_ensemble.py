@@ -1,5 +1,6 @@
 """Ensemble checkpoints (`mtorl ensemble`): an ensemble of one predicts what its member does, the
-prediction of K is the members' mean, and a member that can't join (or a malformed ensemble) is one line."""
+prediction of K is the members' mean, serving decides on the members' spread, and a member that can't join
+(or a malformed ensemble) is one line."""
 
 from __future__ import annotations
 
@@ -13,31 +14,18 @@ import torch
 
 from mtorl.cli import main as cli_main
 from mtorl.models import build_model
+from mtorl.evaluation.allocation import allocate_requests
+from mtorl.evaluation.decision import decide
 from mtorl.models.ensemble import Ensemble, predict_spread
 from mtorl.serving.predictor import Predictor
+from mtorl.serving.schemas import Limits, allocation, recommend_scores, recommendations
+from mtorl.serving.service import Service
 from mtorl.spec import ModelSpec
 from mtorl.training.checkpoint import BEST_FILE, CheckpointError, load_checkpoint, write_checkpoint_dir
 from mtorl.training.ensemble import ENSEMBLE_DIR, combine_runs
+from tests.fixtures.checkpoints import MANIFEST, MODEL, model_args, untrained_run
 
-MANIFEST = {"schema_version": 1, "version": "v1", "channels": ["search", "video"], "step_features": ["x", "y"],
-            "user_features": [], "normalization": {"mean": [0.0, 0.0], "std": [1.0, 1.0]},
-            "reward_norm": {"min": 0.0, "max": 1.0}, "penalty": 0.0, "splits": {}}
-MODEL = {"name": "mtorl", "hidden": 8, "tcn": {"levels": 1, "kernel_size": 2}, "attention": {"heads": 2},
-         "decoder_hidden": 8}
-ARGS = {"state_dim": 2, "n_channels": 2, "binary": True}
-
-
-def _run(root: Path, name: str, seed: int, model: dict[str, Any] = MODEL, sha: str = "data-v1") -> str:
-    """A finished run with one checkpoint and its best.json, the weights drawn with ``seed``."""
-    torch.manual_seed(seed)
-    net = build_model(ModelSpec.model_validate(model), **ARGS)
-    run = root / name
-    ck = write_checkpoint_dir(run / "checkpoint_epoch_000000", net, None, {
-        "spec": {"kind": "TrainJob", "spec": {"model": model, "trainer": {"seed": seed}}},
-        "model_args": ARGS, "manifest": MANIFEST, "manifest_sha256": sha, "epoch": 0,
-        "metrics": {"val/select_rate@budget": 0.1 + seed}})
-    (run / BEST_FILE).write_text(json.dumps({"checkpoint": str(ck), "metric": "m", "value": 0}))
-    return str(run)
+ARGS = model_args(MANIFEST)
 
 
 def _inputs(B: int = 5, T: int = 7) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -47,7 +35,7 @@ def _inputs(B: int = 5, T: int = 7) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def test_ensemble_of_one_predicts_what_its_member_does(tmp_path: Path) -> None:
-    member = _run(tmp_path, "a", 0)
+    member = untrained_run(tmp_path, "a", 0)
     ens = combine_runs([member], str(tmp_path / "ens1"), progress=lambda m: None)
     assert ens == str(tmp_path / "ens1" / ENSEMBLE_DIR)
     p_ens, p_one = Predictor.from_checkpoint(str(tmp_path / "ens1")), Predictor.from_checkpoint(member)
@@ -59,7 +47,7 @@ def test_ensemble_of_one_predicts_what_its_member_does(tmp_path: Path) -> None:
 
 
 def test_ensemble_predicts_the_members_mean_and_spread(tmp_path: Path) -> None:
-    runs = [_run(tmp_path, f"s{k}", k) for k in range(3)]
+    runs = [untrained_run(tmp_path, f"s{k}", k) for k in range(3)]
     combine_runs(runs, str(tmp_path / "ens"), progress=lambda m: None)
     p = Predictor.from_checkpoint(str(tmp_path / "ens"))
     meta = p.meta.ensemble
@@ -82,6 +70,72 @@ def test_ensemble_predicts_the_members_mean_and_spread(tmp_path: Path) -> None:
     assert torch.count_nonzero(predict_spread(one, batch)[2]) == 0
 
 
+def _request_users(n: int = 24) -> list[dict[str, Any]]:
+    """``n`` request users of 1-4 steps for MANIFEST (channels search/video, features x, y)."""
+    g = np.random.default_rng(0)
+    step = lambda: {"channel": MANIFEST["channels"][int(g.integers(2))], "gain": float(g.integers(2)),  # noqa: E731
+                    "cost": float(1 + g.integers(3)), "features": {"x": float(g.normal()), "y": float(g.normal())}}
+    return [{"user_id": f"u{i}", "journey": [step() for _ in range(1 + i % 4)]} for i in range(n)]
+
+
+def _answers(svc: Service, users: list[dict[str, Any]], beta_e: float) -> list[bytes]:
+    """/v1/recommend and /v1/allocate (budget 8) bodies for ``users``, in one batch, at ensemble pessimism beta_e."""
+    svc.decision = svc.decision.model_copy(update={"ensemble_pessimism": beta_e})
+    jobs = [svc.parse("recommend", json.dumps({"users": users}).encode()),
+            svc.parse("allocate", json.dumps({"users": users, "budget": 8.0}).encode())]
+    out = svc.run_batch(jobs)
+    assert all(isinstance(a, bytes) for a in out), out
+    return [a for a in out if isinstance(a, bytes)]
+
+
+def test_served_ensemble_decides_on_the_members_spread(tmp_path: Path) -> None:
+    """The Predictor's outputs carry the members' population std of r_hat (here computed from each member's own
+    prediction); /v1/recommend and /v1/allocate score r_hat - beta_e * sd. At beta_e = 0, and for a single model at
+    any beta_e, the answers are those of the decision layer without a spread."""
+    dec = {"support_threshold": 0.0, "ensemble_pessimism": 2.0}
+    runs = [untrained_run(tmp_path, f"s{k}", k, decision=dec) for k in range(2)]
+    combine_runs(runs, str(tmp_path / "ens"), progress=lambda m: None)
+    ens, members = Predictor.from_checkpoint(str(tmp_path / "ens")), [Predictor.from_checkpoint(r) for r in runs]
+    svc = Service(ens, Limits(), 1_000_000)
+    assert svc.decision.ensemble_pessimism == 2.0           # the checkpoint's decision: block
+    users = _request_users()
+    p = svc.parse("recommend", json.dumps({"users": users}).encode()).prepared
+
+    # the spread, per step (offline evaluation) and at the next step (serving): |r_0 - r_1| / 2 for two members
+    per_step = [m.predict_journeys(p.journeys) for m in members]
+    for b, pr in enumerate(ens.predict_journeys(p.journeys)):
+        r0, r1 = per_step[0][b].reward, per_step[1][b].reward
+        assert pr.reward_std is not None and per_step[0][b].reward_std is None
+        np.testing.assert_allclose(pr.reward_std, np.abs(r0 - r1) / 2, rtol=1e-5, atol=1e-7)
+    probs, reward, sd = ens.predict_next(p.journeys, p.next_states)
+    own = [m.predict_next(p.journeys, p.next_states) for m in members]
+    assert own[0][2] is None and own[1][2] is None          # a single model: no spread, no extra work
+    assert sd is not None
+    np.testing.assert_allclose(sd, np.std([own[0][1], own[1][1]], axis=0), rtol=1e-5, atol=1e-7)
+    assert sd.max() > 0.01
+
+    # beta_e = 2: the decision layer on r_hat - 2 sd
+    rec, alloc = (json.loads(a) for a in _answers(svc, users, 2.0))
+    d = decide(reward, probs, p.costs, svc.decision, penalty=0.0, reward_std=sd)
+    assert [u["recommended_channel"] for u in rec["users"]] == [MANIFEST["channels"][c] for c in d.channel]
+    ref = allocate_requests([(u, reward[b], probs[b], p.costs[b]) for b, u in enumerate(p.user_ids)], 8.0,
+                            decision=svc.decision, reward_std=sd)
+    assert [s["user_id"] for s in alloc["selected"]] == [s["user_id"] for s in ref["selected"]]
+    assert alloc["penalty"] == ref["penalty"]
+    # beta_e = 0: today's answers, without the spread (and beta_e changed some)
+    at0 = _answers(svc, users, 0.0)
+    today = svc.decision
+    best, kb = recommend_scores(probs, reward, p.costs, today)
+    assert json.loads(at0[0])["users"] == json.loads(json.dumps(recommendations(p, probs, reward, ens.channels,
+                                                                                scored=(best, kb))))
+    want = allocation(p, probs, reward, ens.channels, 8.0, None, today)
+    assert {k: v for k, v in json.loads(at0[1]).items() if k != "model_version"} == json.loads(json.dumps(want))
+    assert json.loads(at0[0]) != rec and json.loads(at0[1]) != alloc
+    # a single model: the same bytes at every beta_e
+    one = Service(members[0], Limits(), 1_000_000)
+    assert _answers(one, users, 2.0) == _answers(one, users, 0.0)
+
+
 @pytest.mark.parametrize("bad, match", [
     ("spec", r"^member 1 \(.*b/checkpoint_epoch_000000\): model spec differs from member 0's"),
     ("data", r"^member 1 \(.*\): trained on another dataset than member 0"),
@@ -89,10 +143,10 @@ def test_ensemble_predicts_the_members_mean_and_spread(tmp_path: Path) -> None:
     ("weights", r"^.*b/checkpoint_epoch_000000/model.safetensors: checksum mismatch"),
 ])
 def test_a_member_that_cannot_join_is_one_line(tmp_path: Path, bad: str, match: str) -> None:
-    a = _run(tmp_path, "a", 0)
-    b = {"spec": lambda: _run(tmp_path, "b", 1, model={**MODEL, "hidden": 16}),
-         "data": lambda: _run(tmp_path, "b", 1, sha="data-v2"),
-         "same": lambda: a}[bad]() if bad != "weights" else _run(tmp_path, "b", 1)
+    a = untrained_run(tmp_path, "a", 0)
+    b = {"spec": lambda: untrained_run(tmp_path, "b", 1, model={**MODEL, "hidden": 16}),
+         "data": lambda: untrained_run(tmp_path, "b", 1, sha="data-v2"),
+         "same": lambda: a}[bad]() if bad != "weights" else untrained_run(tmp_path, "b", 1)
     if bad == "weights":
         f = Path(b) / "checkpoint_epoch_000000" / "model.safetensors"
         f.write_bytes(f.read_bytes()[:-8])
@@ -114,7 +168,7 @@ def test_malformed_ensemble_checkpoint_is_one_line(tmp_path: Path) -> None:
 
 def test_cli_rerun_is_a_noop_and_another_run_is_refused_in_one_line(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    a, b = _run(tmp_path, "a", 0), _run(tmp_path, "b", 1)
+    a, b = untrained_run(tmp_path, "a", 0), untrained_run(tmp_path, "b", 1)
     assert cli_main(["ensemble", a, b, "--out", str(tmp_path / "ens")]) == 0
     first = (tmp_path / "ens" / ENSEMBLE_DIR / "model.safetensors").stat().st_mtime_ns
     assert cli_main(["ensemble", a, b, "--out", str(tmp_path / "ens")]) == 0       # the same members: nothing to do
