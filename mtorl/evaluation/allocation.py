@@ -176,7 +176,8 @@ def budget_curve(p: Predictions, fractions: Sequence[float], policy: str = "mode
     the same for every model), and `decision.decide` picks the channel (argmax of the pessimistic
     reward q) and solves the smallest penalty s whose served set {q_{c*} - s w_t > 0} fits B (s is
     floored at `penalty`), filling the leftover at the breakpoint. So steps are served in order of
-    q_{c*} / w_t, the expected reward of the served channel per cost.
+    q_{c*} / w_t, the expected reward of the served channel per cost. q subtracts beta_e * the
+    ensemble's spread (`p.reward_std`, None for a single model) as the closed loop does.
         select_rate = mean outcome of the selected steps
         replay_rate = sum of outcomes over selected steps whose chosen channel == logged channel,
                       divided by the number selected (as the reference notebooks do)
@@ -198,17 +199,17 @@ def budget_curve(p: Predictions, fractions: Sequence[float], policy: str = "mode
         raise ValueError(f"unknown policy {policy!r}: model, reward or random")
     step_cost = p.cost if p.cost.sum() > 0 else np.ones(p.n_steps)
     total = float(step_cost.sum())
-    reward_pred = p.reward_pred
+    reward_pred, sd = p.reward_pred, p.reward_std
     if policy == "random":
-        best = decide(p.reward_pred, pi, step_cost, decision).channel
+        best = decide(p.reward_pred, pi, step_cost, decision, reward_std=sd).channel
         reward_pred = np.broadcast_to(np.random.default_rng(seed).random(p.n_steps)[:, None], p.reward_pred.shape)
-        pi = None
+        pi, sd = None, None
     points = []
     for f in fractions:
         budget = float(np.round(float(f) * total, 9))
-        d = decide(reward_pred, pi, step_cost, decision, budget=budget)
+        d = decide(reward_pred, pi, step_cost, decision, budget=budget, reward_std=sd)
         if d.penalty < penalty:
-            d = decide(reward_pred, pi, step_cost, decision, penalty=penalty)
+            d = decide(reward_pred, pi, step_cost, decision, penalty=penalty, reward_std=sd)
         sel = d.served
         match = (d.channel if policy != "random" else best) == p.channel
         n_sel = int(sel.sum())

@@ -215,13 +215,14 @@ def off_policy_estimates(p: Predictions, target: np.ndarray, behaviour: np.ndarr
 def target_policies(p: Predictions, epsilon: float = 0.05, penalty: float = 0.0,
                     cost_per_channel: np.ndarray | None = None, decision: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """The model's two target policies (N, C): epsilon-greedy on the decision layer's channel at the
-    fixed penalty s = `penalty` (`decision.decide`, no budget: the channel choice alone), and the
-    action decoder's renormalised probabilities (see `evaluate_policies`)."""
+    fixed penalty s = `penalty` (`decision.decide`, no budget: the channel choice alone; an ensemble's
+    spread `p.reward_std` enters q with weight beta_e), and the action decoder's renormalised
+    probabilities (see `evaluate_policies`)."""
     from mtorl.evaluation.allocation import channel_costs
     from mtorl.evaluation.decision import decide
 
     kc = channel_costs(p) if cost_per_channel is None else cost_per_channel
-    best = decide(p.reward_pred, p.action_probs, kc, decision, penalty=penalty).channel
+    best = decide(p.reward_pred, p.action_probs, kc, decision, penalty=penalty, reward_std=p.reward_std).channel
     greedy = greedy_policy(p.action_probs, epsilon, best=best)
     soft = p.action_probs / np.maximum(p.action_probs.sum(axis=1, keepdims=True), 1e-12)
     return greedy, soft

@@ -13,6 +13,9 @@ steps in time order within a user). N steps, C channels:
     action_probs  (N, C) float    pi(c | history before t, s_t)
     reward_pred   (N, C) float    predicted reward of every candidate channel
                                   (a probability when the gain is binary)
+    reward_std    (N, C) float    an ensemble's spread of reward_pred (its members' population std),
+                  or None         read by the decision layer (ensemble_pessimism); None = a single
+                                  model or a heuristic (no spread)
 
 The prediction at step t may use only the history before t and the current state.
 """
@@ -41,6 +44,7 @@ class Predictions:
     channels: list[str] = field(default_factory=list)
     binary: bool = True
     name: str = "model"
+    reward_std: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.user = np.asarray(self.user, dtype=np.int64)
@@ -50,6 +54,8 @@ class Predictions:
             setattr(self, k, np.asarray(getattr(self, k), dtype=np.float64))
         self.action_probs = np.asarray(self.action_probs, dtype=np.float64)
         self.reward_pred = np.asarray(self.reward_pred, dtype=np.float64)
+        if self.reward_std is not None:
+            self.reward_std = np.asarray(self.reward_std, dtype=np.float64)
         self.channels = [str(c) for c in self.channels]
         self.validate()
 
@@ -70,6 +76,12 @@ class Predictions:
                 raise ValueError(f"Predictions[{self.name}].{k}: expected shape ({n}, {c}), got {a.shape}")
             if not np.all(np.isfinite(a)):
                 raise ValueError(f"Predictions[{self.name}].{k}: contains NaN or inf")
+        if self.reward_std is not None:
+            sd = self.reward_std
+            if sd.shape != (n, c):
+                raise ValueError(f"Predictions[{self.name}].reward_std: expected shape ({n}, {c}), got {sd.shape}")
+            if not np.all(np.isfinite(sd)) or (n and sd.min() < 0):
+                raise ValueError(f"Predictions[{self.name}].reward_std: must be finite and >= 0")
         if n and (self.channel.min() < 0 or self.channel.max() >= c):
             raise ValueError(f"Predictions[{self.name}].channel: values must be in [0, {c}), got "
                              f"[{self.channel.min()}, {self.channel.max()}]")
@@ -90,18 +102,21 @@ class Predictions:
         return len(self.channels)
 
     # ------------------------------------------------------------------ construction
-    def with_outputs(self, action_probs: np.ndarray, reward_pred: np.ndarray, name: str) -> "Predictions":
-        """Same logged arrays, other model outputs (used by the heuristics)."""
-        return dataclasses.replace(self, action_probs=action_probs, reward_pred=reward_pred, name=name)
+    def with_outputs(self, action_probs: np.ndarray, reward_pred: np.ndarray, name: str,
+                     reward_std: np.ndarray | None = None) -> "Predictions":
+        """Same logged arrays, other model outputs (used by the heuristics: no spread)."""
+        return dataclasses.replace(self, action_probs=action_probs, reward_pred=reward_pred, name=name,
+                                   reward_std=reward_std)
 
     @classmethod
     def concat(cls, parts: list["Predictions"], name: str | None = None,
                renumber_users: bool = False) -> "Predictions":
         """Concatenate batches of one split, in order.
 
-        Channels and `binary` must agree. With `renumber_users=True` the user indices of each part
-        are offset so that parts never share a user (use it when every batch numbers users from 0);
-        otherwise user indices are kept as given (they must already be global).
+        Channels, `binary` and whether `reward_std` is given must agree. With `renumber_users=True`
+        the user indices of each part are offset so that parts never share a user (use it when every
+        batch numbers users from 0); otherwise user indices are kept as given (they must already be
+        global).
         """
         if not parts:
             raise ValueError("Predictions.concat: no parts")
@@ -110,6 +125,8 @@ class Predictions:
             if p.channels != first.channels or p.binary != first.binary:
                 raise ValueError(f"Predictions.concat: {p.name} has channels/binary {p.channels}/{p.binary}, "
                                  f"expected {first.channels}/{first.binary}")
+            if (p.reward_std is None) != (first.reward_std is None):
+                raise ValueError(f"Predictions.concat: {p.name} and {first.name} differ in having a reward_std")
         users = []
         offset = 0
         for p in parts:
@@ -120,7 +137,8 @@ class Predictions:
         return cls(user=np.concatenate(users), t=cat("t"), channel=cat("channel"), gain=cat("gain"),
                    cost=cat("cost"), reward=cat("reward"), propensity=cat("propensity"),
                    action_probs=cat("action_probs"), reward_pred=cat("reward_pred"),
-                   channels=list(first.channels), binary=first.binary, name=name or first.name)
+                   channels=list(first.channels), binary=first.binary, name=name or first.name,
+                   reward_std=None if first.reward_std is None else cat("reward_std"))
 
 
 def outcome(p: Predictions) -> np.ndarray:

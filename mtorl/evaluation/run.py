@@ -45,26 +45,34 @@ def read_split(dataset_uri: str, split: str, manifest: Manifest | None = None) -
 
 
 def to_predictions(journeys: Sequence[Journey], channels: Sequence[str], binary: bool, name: str,
-                   action_probs: Iterable[np.ndarray] | None = None, reward_pred: Iterable[np.ndarray] | None = None) -> Predictions:
-    """Flatten journeys (+ optional per-journey (T, C) outputs) into the Predictions arrays."""
+                   action_probs: Iterable[np.ndarray] | None = None, reward_pred: Iterable[np.ndarray] | None = None,
+                   reward_std: Iterable[np.ndarray] | None = None) -> Predictions:
+    """Flatten journeys (+ optional per-journey (T, C) outputs; ``reward_std``: an ensemble's spread,
+    None = none) into the Predictions arrays."""
     C = len(channels)
     n = sum(j.length for j in journeys)
     cat = lambda xs: np.concatenate(list(xs)) if n else np.zeros(0)  # noqa: E731
     ap = np.concatenate(list(action_probs)) if action_probs is not None and n else np.full((n, C), 1.0 / C)
     rp = np.concatenate(list(reward_pred)) if reward_pred is not None and n else np.zeros((n, C))
+    sd = None
+    if reward_std is not None:
+        sd = np.concatenate(list(reward_std)) if n else np.zeros((n, C))
     return Predictions(
         user=np.repeat(np.arange(len(journeys)), [j.length for j in journeys]),
         t=cat(np.arange(j.length) for j in journeys),
         channel=cat(j.channel for j in journeys), gain=cat(j.gain for j in journeys), cost=cat(j.cost for j in journeys),
         reward=cat(j.reward for j in journeys), propensity=cat(j.propensity for j in journeys),
-        action_probs=ap, reward_pred=rp, channels=list(channels), binary=binary, name=name,
+        action_probs=ap, reward_pred=rp, channels=list(channels), binary=binary, name=name, reward_std=sd,
     )
 
 
 def model_predictions(predictor: Predictor, journeys: Sequence[Journey], name: str) -> Predictions:
+    """A model's Predictions of ``journeys``; an ensemble's carry its members' spread (``reward_std``)."""
     preds = predictor.predict_journeys(journeys)
+    spread = [p.reward_std for p in preds if p.reward_std is not None]   # every one (an ensemble) or none
     return to_predictions(journeys, predictor.channels, predictor.binary, name,
-                          (p.action_probs for p in preds), (p.reward for p in preds))
+                          (p.action_probs for p in preds), (p.reward for p in preds),
+                          spread if preds and len(spread) == len(preds) else None)
 
 
 def decision_label(d: Any) -> str:
@@ -239,7 +247,8 @@ def _take(p: Predictions, keep: np.ndarray) -> Predictions:
         return p
     arrays = {k: getattr(p, k)[keep] for k in ("user", "t", "channel", "gain", "cost", "reward", "propensity",
                                                "action_probs", "reward_pred")}
-    return Predictions(**arrays, channels=p.channels, binary=p.binary, name=p.name)
+    return Predictions(**arrays, channels=p.channels, binary=p.binary, name=p.name,
+                       reward_std=None if p.reward_std is None else p.reward_std[keep])
 
 
 def score_batch(batch: Sequence[Journey], channels: Sequence[str], binary: bool, prior: HistoryPrior,

@@ -1,9 +1,12 @@
 """Streaming evaluation's parts against the in-memory ones: batches of users, train statistics, metric sums,
-and a corrupt or missing shard named in one line (local files, no Ray)."""
+an ensemble's reward spread, and a corrupt or missing shard named in one line (local files, no Ray)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -100,6 +103,69 @@ def test_metric_sums_over_batches_equal_the_whole_split_metrics(binary: bool) ->
                                    np.array(rw["reliability"]["frac_pos"], dtype=float), rtol=1e-12)
     assert result["n_steps"] == whole.n_steps and result["n_users"] == whole.n_users
     assert result["base_rate"] == pytest.approx(float(outcome(whole).mean()), rel=1e-12)
+
+
+def _close(a: Any, b: Any, where: str = "") -> None:
+    """Equal, floats to a relative 1e-9 (sums taken in another order)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert set(a) == set(b), (where, set(a) ^ set(b))
+        for k in a:
+            _close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
+def test_an_ensemble_decides_on_its_spread_alike_streamed_or_in_memory(tmp_path: Path) -> None:
+    """An ensemble of two untrained members evaluated with decision.ensemble_pessimism = 1: the in-memory and the
+    streaming evaluations give the same report (the members' spread rides with the predictions of every batch),
+    and the spread reaches the decision layer (beta_e = 0 gives the ensemble row other budget points and OPE)."""
+    from mtorl.evaluation.run import run_evaluate
+    from mtorl.spec import make_job
+    from mtorl.training.ensemble import combine_runs
+    from tests.fixtures.checkpoints import untrained_run
+
+    ds = small_sharded_dataset(tmp_path, users=400)  # the test split in two shards: two streamed batches
+    man = load_manifest(ds).model_dump(mode="json")
+    combine_runs([untrained_run(tmp_path, f"s{k}", k, manifest=man) for k in range(2)], str(tmp_path / "ens"),
+                 progress=lambda m: None)
+    runs = {"memory": ({"stream_min_steps": 10**12}, 1.0), "stream": ({"stream_min_steps": 0}, 1.0),
+            "beta0": ({"stream_min_steps": 10**12}, 0.0)}
+    m, res = {}, {}
+    for name, (over, beta_e) in runs.items():
+        spec = make_job("EvaluateJob", f"ev-{name}", {
+            "checkpoint": str(tmp_path / "ens"), "data": ds, "output": str(tmp_path / name), "bootstrap": 20,
+            "decision": {"support_threshold": 0.0, "ensemble_pessimism": beta_e}, **over}).spec
+        res[name] = run_evaluate(spec, progress=lambda *a: None)
+        m[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert res["memory"]["mode"].startswith("in memory") and res["stream"]["mode"].startswith("streaming")
+    _close(m["memory"], m["stream"])
+    assert (tmp_path / "memory" / "report.md").read_text() == (tmp_path / "stream" / "report.md").read_text()
+    assert "ensemble pessimism beta_e = 1" in (tmp_path / "memory" / "report.md").read_text()
+    ens, zero = m["memory"]["compare"]["mtorl"], m["beta0"]["compare"]["mtorl"]
+    assert ens["budget"] != zero["budget"] and ens["ope"]["dr"] != zero["ope"]["dr"]
+    assert m["memory"]["compare"]["history"] == m["beta0"]["compare"]["history"]  # a heuristic has no spread
+
+
+def test_the_reward_spread_is_concatenated_with_the_batches() -> None:
+    rng = np.random.default_rng(1)
+    parts = [_random_predictions(rng, k, 3, True) for k in (4, 7)]
+    spread = [dataclasses.replace(p, reward_std=rng.random((p.n_steps, 3))) for p in parts]
+    whole = Predictions.concat(spread, renumber_users=True)
+    assert whole.reward_std is not None
+    np.testing.assert_array_equal(whole.reward_std, np.concatenate([p.reward_std for p in spread]))
+    assert Predictions.concat(parts).reward_std is None
+    with pytest.raises(ValueError, match="reward_std"):
+        Predictions.concat([spread[0], parts[1]])
+    with pytest.raises(ValueError, match=r"reward_std: expected shape"):
+        dataclasses.replace(parts[0], reward_std=np.zeros((parts[0].n_steps, 2)))
+    with pytest.raises(ValueError, match=r"reward_std: must be finite and >= 0"):
+        dataclasses.replace(parts[0], reward_std=-np.ones((parts[0].n_steps, 3)))
 
 
 def test_a_corrupt_shard_is_one_line_naming_it(dataset: str) -> None:
