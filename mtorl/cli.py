@@ -207,9 +207,16 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from mtorl.training.ensemble import combine_runs
+    from mtorl.training.ensemble import DECISION_SOURCE, combine_runs
 
-    combine_runs(args.members, args.out, progress=_p)
+    bad = [item for item in args.decision if "=" not in item]
+    if bad:
+        raise SpecError(DECISION_SOURCE, [("decision", f"{bad[0]!r} must look like KEY=VALUE, e.g. ensemble_pessimism=1")])
+    try:  # KEY=VALUE, parsed as --set parses PATH=VALUE (the value is YAML); combine_runs validates the fields
+        decision = apply_overrides({}, args.decision)
+    except ValueError as e:
+        raise SpecError(DECISION_SOURCE, [("decision", str(e))]) from None
+    combine_runs(args.members, args.out, progress=_p, decision=decision)
     return 0
 
 
@@ -336,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("ensemble", help="finished runs of one spec (other training seeds) -> one ensemble checkpoint")
     sp.add_argument("members", nargs="+", help="run or checkpoint URIs (same model spec and dataset)")
     sp.add_argument("--out", required=True, help="run URI to create; its best.json names the ensemble (written last)")
+    sp.add_argument("--decision", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a field of the ensemble's decision: block over member 0's (what evaluate and serve act by), "
+                         "e.g. --decision ensemble_pessimism=1 (repeatable; validated as the spec's decision block; "
+                         "the members are untouched)")
     sp.set_defaults(fn=cmd_ensemble)
 
     sp = sub.add_parser("bench", help="benchmarks: ratios against plain baselines in the same run")

@@ -215,6 +215,8 @@ class MtorlPredictor:
                 "splits": {s: {"users": v.users, "steps": v.steps} for s, v in man.splits.items()},
             },
             "decision": self.service.decision.model_dump(),  # the decision layer recommend/allocate act by
+            # an ensemble's members and the decision fields `mtorl ensemble --decision` set; None: a single model
+            "ensemble": meta.ensemble.model_dump(mode="json") if meta.ensemble is not None else None,
             "serving": {k: getattr(self.args, k) for k in ("max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests",
                                                            "max_journey_length", "max_users_per_request", "max_body_bytes")},
             "stats": dict(self.service.stats),

@@ -101,6 +101,7 @@ def run_benchmark(
     return {
         "checkpoint": predictor.uri,
         "members": ensemble_members(predictor.meta),
+        "decision_overrides": dict(predictor.meta.ensemble.decision_overrides) if predictor.meta.ensemble else {},
         "users": users,
         "seeds": list(seeds),
         "budgets": list(budgets),
@@ -136,7 +137,8 @@ def markdown(res: dict[str, Any], command: str) -> str:
         f"seeds {res['seeds']} (the same users "
         "for every policy of a seed). Budget = fraction of the logging policy's unconstrained spend on those users. "
         "True reward = sum of the response model's probabilities of the served steps; mean over seeds with a 95% CI. "
-        f"Decision layer: {res['decision_label']}; s solved per step for that step's share of the budget.",
+        f"Decision layer: {res['decision_label']}{overrides_note(res.get('decision_overrides'))}; s solved per step "
+        "for that step's share of the budget.",
         "",
         "Rows: `logging` = the logging policy (random users within the budget); `oracle` = knows the hidden interest z "
         "(the ceiling); `observable oracle` = knows the response model but sees only what a learner sees (particle "
@@ -190,6 +192,14 @@ def markdown(res: dict[str, Any], command: str) -> str:
         "",
     ]
     return "\n".join(md)
+
+
+def overrides_note(overrides: dict[str, Any] | None) -> str:
+    """`` (set by `mtorl ensemble --decision`: ensemble_pessimism = 1, ...)`` for the decision line; "" for none."""
+    if not overrides:
+        return ""
+    return " (set on the ensemble by `mtorl ensemble --decision`: " + ", ".join(
+        f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}" for k, v in overrides.items()) + ")"
 
 
 def _members_note(members: list[dict[str, Any]] | None) -> str:

@@ -5,15 +5,16 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Iterable, cast
+from typing import Any, Iterable, Mapping, TypeVar, cast
 
 import yaml
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from mtorl.errors import MtorlError
 from mtorl.spec.models import KINDS, Job
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Job)
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class SpecError(MtorlError):
@@ -153,6 +154,15 @@ def validate_doc(doc: Any, source: str = "<spec>") -> Any:
     except ValidationError as e:
         probs = [(_path(err["loc"]), _msg(err)) for err in e.errors()]
         raise SpecError(source, probs) from None
+
+
+def validate_part(model: type[_M], doc: Mapping[str, Any], path: str, source: str) -> _M:
+    """``doc`` validated as ``model``, the block of a spec at ``path`` (``decision``): the rules of a spec file,
+    and a SpecError whose lines name ``SOURCE: path.field: REASON`` (``--decision: decision.fill: ...``)."""
+    try:
+        return model.model_validate(dict(doc))
+    except ValidationError as e:
+        raise SpecError(source, [(_path([path, *err["loc"]]), _msg(err)) for err in e.errors()]) from None
 
 
 def load_job(path: str | Path, overrides: Iterable[str] = ()) -> Any:

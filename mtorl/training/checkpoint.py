@@ -72,6 +72,9 @@ class EnsembleInfo(BaseModel):
 
     members: list[EnsembleMember] = Field(min_length=1)
     combine: Literal["mean"] = "mean"
+    decision_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="The decision fields `mtorl ensemble --decision` set over member 0's "
+        "decision: block, with their values (the spec's decision: block holds the result); empty: member 0's block as trained.")
 
 
 class CheckpointMeta(BaseModel):

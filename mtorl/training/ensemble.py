@@ -1,7 +1,7 @@
 """``mtorl ensemble``: finished runs of one spec (different training seeds) -> one ensemble checkpoint.
 
     mtorl ensemble s3://mtorl/runs/sim20k s3://mtorl/runs/sim20k-s1 s3://mtorl/runs/sim20k-s2 \\
-        --out s3://mtorl/runs/sim20k-ens3
+        --out s3://mtorl/runs/sim20k-ens3 [--decision ensemble_pessimism=1 --decision channel_cost_weight=0.6]
 
 Each member is loaded as weights only and verified like any checkpoint (a run resolves to its best
 checkpoint). The members must share the model spec, the sizes (model_args) and the dataset
@@ -9,23 +9,31 @@ checkpoint). The members must share the model spec, the sizes (model_args) and t
 checkpoint ``checkpoint_ensemble`` (weights ``members.<k>.*`` in one safetensors file, the first
 member's job document, the members listed in meta.json's typed ``ensemble`` block) and its
 ``best.json``, written last: a reader never sees a half-written ensemble as the run's checkpoint.
-Re-running with the same members is a no-op; another run already at ``--out`` is refused.
-``Predictor`` loads it like any checkpoint, so evaluate, serve and the simulator use it unchanged.
+Re-running with the same members (and decision overrides) is a no-op; another run already at ``--out``
+is refused. ``Predictor`` loads it like any checkpoint, so evaluate, serve and the simulator use it unchanged.
+
+``--decision KEY=VALUE`` (``decision=`` here) sets fields of the ensemble's ``decision:`` block, the one
+evaluation and serving act by (``ensemble_pessimism`` means nothing to a single member): validated as a
+spec's ``DecisionSpec``, merged over member 0's block and listed in the ``ensemble`` block's
+``decision_overrides``. The members' own checkpoints are untouched.
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from mtorl import storage
 from mtorl.models import build_model
 from mtorl.models.ensemble import Ensemble
-from mtorl.spec import ModelSpec
+from mtorl.spec import DecisionSpec, ModelSpec
+from mtorl.spec.loader import validate_part
 from mtorl.training.checkpoint import (BEST_FILE, MODEL_FILE, CheckpointError, LoadedCheckpoint, load_checkpoint,
                                        resolve_checkpoint_uri, write_checkpoint_dir)
 
 ENSEMBLE_DIR = "checkpoint_ensemble"
+DECISION_SOURCE = "--decision"  # names the overrides in a SpecError line: `--decision: decision.KEY: REASON`
 
 
 def _model_spec(ck: LoadedCheckpoint) -> dict[str, Any]:
@@ -78,23 +86,45 @@ def build_ensemble(members: Sequence[LoadedCheckpoint]) -> Ensemble:
     return Ensemble(nets)
 
 
-def ensemble_meta(members: Sequence[LoadedCheckpoint]) -> dict[str, Any]:
-    """meta.json fields of the ensemble checkpoint (``write_checkpoint_dir`` adds version and digests)."""
+def with_decision(job: Mapping[str, Any], decision: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Member 0's job document with ``decision`` set over its ``decision:`` block -> (that document, the
+    overridden fields as validated: ``{"ensemble_pessimism": 1.0}``). The merged block is validated as
+    ``DecisionSpec`` (a SpecError naming ``decision.<key>``); ``job`` itself is not changed."""
+    out = copy.deepcopy(dict(job))
+    inner = out["spec"]  # a trained model's job document (check_members: it has spec.model)
+    base = dict(inner.get("decision") or {})
+    merged = validate_part(DecisionSpec, {**base, **decision}, "decision", DECISION_SOURCE)
+    overrides = merged.model_dump(mode="json", include=set(decision))
+    inner["decision"] = {**base, **overrides}
+    return out, overrides
+
+
+def ensemble_meta(members: Sequence[LoadedCheckpoint], decision: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """meta.json fields of the ensemble checkpoint (``write_checkpoint_dir`` adds version and digests):
+    member 0's job document, with ``decision`` (fields of ``DecisionSpec``) over its ``decision:`` block."""
     first = members[0].meta
+    spec, overrides = with_decision(first.spec, decision) if decision else (first.spec, {})
     listed = []
     for m in members:
         trainer = (m.meta.spec.get("spec") or {}).get("trainer") or {}
         listed.append({"checkpoint": m.uri, "model_sha256": m.meta.sha256.get(MODEL_FILE, ""),
                        "seed": trainer.get("seed"), "epoch": m.meta.epoch,
                        "metrics": {k: v for k, v in m.meta.metrics.items() if isinstance(v, (int, float))}})
-    return {"spec": first.spec, "model_args": first.model_args, "manifest": first.manifest,
+    return {"spec": spec, "model_args": first.model_args, "manifest": first.manifest,
             "manifest_uri": first.manifest_uri, "manifest_sha256": first.manifest_sha256,
             "epoch": max(m.meta.epoch for m in members), "step": sum(m.meta.step for m in members),
-            "ensemble": {"members": listed, "combine": "mean"}}
+            "ensemble": {"members": listed, "combine": "mean", "decision_overrides": overrides}}
 
 
-def combine_runs(member_uris: Sequence[str], out_run: str, progress: Any = print) -> str:
-    """Write the ensemble of ``member_uris`` (runs or checkpoints) as the run ``out_run``; its checkpoint URI."""
+def combine_runs(member_uris: Sequence[str], out_run: str, progress: Any = print,
+                 decision: Mapping[str, Any] | None = None) -> str:
+    """Write the ensemble of ``member_uris`` (runs or checkpoints) as the run ``out_run``; its checkpoint URI.
+    ``decision``: fields of ``DecisionSpec`` set over member 0's ``decision:`` block in the ensemble's spec
+    (``{"ensemble_pessimism": 1, "channel_cost_weight": 0.6}``); a bad one is a SpecError before anything is read
+    or written."""
+    decision = dict(decision or {})
+    if decision:
+        validate_part(DecisionSpec, decision, "decision", DECISION_SOURCE)  # alone first: fails before any I/O
     uris = [resolve_checkpoint_uri(u) for u in member_uris]
     out_run = out_run.rstrip("/")
     for u in uris:
@@ -102,20 +132,26 @@ def combine_runs(member_uris: Sequence[str], out_run: str, progress: Any = print
             raise CheckpointError(f"{u}: a member lies inside the output run {out_run}")
     members = [load_checkpoint(u) for u in uris]
     model = build_ensemble(members)
+    meta = ensemble_meta(members, decision)
+    overrides = meta["ensemble"]["decision_overrides"]
     target = storage.join(out_run, ENSEMBLE_DIR)
     if storage.exists(storage.join(out_run, BEST_FILE)):
         done = load_checkpoint(out_run).meta.ensemble
         want = [(m.uri, m.meta.sha256.get(MODEL_FILE, "")) for m in members]
         if done is not None and [(m.checkpoint, m.model_sha256) for m in done.members] == want:
+            if done.decision_overrides != overrides:
+                raise CheckpointError(f"{out_run}: already holds this ensemble with decision overrides "
+                                      f"{done.decision_overrides or 'none'}, not {overrides or 'none'}; choose another --out")
             progress(f"{out_run} already holds this ensemble of {len(members)} members: nothing to do")
             return target  # a re-run (scripts/online.sh) is a no-op, as a finished `mtorl train` is
         raise CheckpointError(f"{out_run}: already holds another run ({BEST_FILE}); choose another --out")
     with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoint_dir(tmp, model, None, ensemble_meta(members))
+        write_checkpoint_dir(tmp, model, None, meta)
         if storage.exists(target):  # left by an interrupted earlier call: no best.json names it
             storage.delete_prefix(target)
         storage.upload_dir(tmp, target)
     load_checkpoint(target)  # read back and verified before the pointer names it
     storage.write_json(storage.join(out_run, BEST_FILE), {"checkpoint": target, "metric": None, "value": None})
-    progress(f"ensemble of {len(members)} members -> {target} (best.json of {out_run} names it)")
+    set_ = "".join(f", decision.{k} = {v}" for k, v in overrides.items())
+    progress(f"ensemble of {len(members)} members{set_} -> {target} (best.json of {out_run} names it)")
     return target

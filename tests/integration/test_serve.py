@@ -83,6 +83,7 @@ def test_health_docs_and_model(served: dict[str, Any]) -> None:
     assert m["data"]["channels"] == man.channels and m["data"]["step_features"] == man.step_features
     assert m["data"]["splits"]["train"]["users"] > 0 and m["spec"]["kind"] == "TrainJob"
     assert m["serving"]["max_journey_length"] == LIMITS["max_journey_length"]
+    assert m["ensemble"] is None  # a single model (an ensemble's members and decision_overrides otherwise)
 
 
 def test_auth(served: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """Ensemble checkpoints (`mtorl ensemble`): an ensemble of one predicts what its member does, the
-prediction of K is the members' mean, serving decides on the members' spread, and a member that can't join
-(or a malformed ensemble) is one line."""
+prediction of K is the members' mean, serving decides on the members' spread, `--decision` sets the
+ensemble's decision block (members untouched), and a member that can't join, a bad override (or a
+malformed ensemble) is one line."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ import torch
 from mtorl.cli import main as cli_main
 from mtorl.models import build_model
 from mtorl.evaluation.allocation import allocate_requests
-from mtorl.evaluation.decision import decide
+from mtorl.evaluation.decision import decide, params_of
 from mtorl.models.ensemble import Ensemble, predict_spread
 from mtorl.serving.predictor import Predictor
 from mtorl.serving.schemas import Limits, allocation, recommend_scores, recommendations
 from mtorl.serving.service import Service
-from mtorl.spec import ModelSpec
+from mtorl.sim.benchmark import overrides_note
+from mtorl.spec import DecisionSpec, ModelSpec, SpecError
 from mtorl.training.checkpoint import BEST_FILE, CheckpointError, load_checkpoint, write_checkpoint_dir
 from mtorl.training.ensemble import ENSEMBLE_DIR, combine_runs
 from tests.fixtures.checkpoints import MANIFEST, MODEL, model_args, untrained_run
@@ -177,3 +179,79 @@ def test_cli_rerun_is_a_noop_and_another_run_is_refused_in_one_line(tmp_path: Pa
     assert cli_main(["ensemble", a, "--out", str(tmp_path / "ens")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path / 'ens'}: already holds another run ({BEST_FILE}); choose another --out"]
+
+
+def test_decision_overrides_land_in_the_ensembles_decision_block(tmp_path: Path) -> None:
+    """`--decision` sets fields over member 0's decision: block in the ensemble's spec, which evaluation and
+    serving read (``DecisionSpec.of_job``); the overridden fields are listed in the ensemble block, and the
+    members' own checkpoints are untouched."""
+    runs = [untrained_run(tmp_path, "a", 0, decision={"support_threshold": 0.0, "budget": 0.3}),
+            untrained_run(tmp_path, "b", 1, decision={"support_threshold": 0.2})]
+    member_meta = [(Path(load_checkpoint(r).uri) / "meta.json").read_bytes() for r in runs]
+    combine_runs(runs, str(tmp_path / "ens"), progress=lambda m: None,
+                 decision={"ensemble_pessimism": 1, "channel_cost_weight": 0.6})
+    ens = Predictor.from_checkpoint(str(tmp_path / "ens"))
+    params = params_of(DecisionSpec.of_job(ens.meta.spec))                  # what evaluate and the closed loop use
+    assert params.ensemble_pessimism == 1.0 and params.channel_cost_weight == 0.6
+    assert params.support_threshold == 0.0 and params.policy == "reward"    # member 0's, kept
+    assert Service(ens, Limits(), 1_000_000).decision == DecisionSpec(support_threshold=0.0, budget=0.3,
+                                                                      ensemble_pessimism=1.0, channel_cost_weight=0.6)
+    assert ens.meta.spec["spec"]["decision"] == {"support_threshold": 0.0, "budget": 0.3, "ensemble_pessimism": 1.0,
+                                                 "channel_cost_weight": 0.6}
+    assert ens.meta.ensemble is not None
+    assert ens.meta.ensemble.decision_overrides == {"ensemble_pessimism": 1.0, "channel_cost_weight": 0.6}
+    assert [(Path(load_checkpoint(r).uri) / "meta.json").read_bytes() for r in runs] == member_meta
+    assert load_checkpoint(runs[0]).meta.spec["spec"]["decision"] == {"support_threshold": 0.0, "budget": 0.3}
+    assert overrides_note(ens.meta.ensemble.decision_overrides) == (
+        " (set on the ensemble by `mtorl ensemble --decision`: ensemble_pessimism = 1, channel_cost_weight = 0.6)")
+
+
+def test_without_overrides_the_decision_block_is_member_0s(tmp_path: Path) -> None:
+    runs = [untrained_run(tmp_path, "a", 0, decision={"support_threshold": 0.0, "pessimism": 0.5}),
+            untrained_run(tmp_path, "b", 1, decision={"ensemble_pessimism": 3.0})]
+    combine_runs(runs, str(tmp_path / "ens"), progress=lambda m: None)
+    ens = load_checkpoint(str(tmp_path / "ens")).meta
+    assert ens.spec == load_checkpoint(runs[0]).meta.spec
+    assert ens.ensemble is not None and ens.ensemble.decision_overrides == {}
+    assert DecisionSpec.of_job(ens.spec) == DecisionSpec(support_threshold=0.0, pessimism=0.5)
+    assert overrides_note(ens.ensemble.decision_overrides) == ""
+
+
+@pytest.mark.parametrize("item, line", [
+    ("ensemble_pessimsm=1", "--decision: decision.ensemble_pessimsm: Extra inputs are not permitted (got 1)"),
+    ("channel_cost_weight=-0.5",
+     "--decision: decision.channel_cost_weight: Input should be greater than or equal to 0 (got -0.5)"),
+    ("ensemble_pessimism",
+     "--decision: decision: 'ensemble_pessimism' must look like KEY=VALUE, e.g. ensemble_pessimism=1"),
+])
+def test_cli_bad_decision_override_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                   item: str, line: str) -> None:
+    a, b = untrained_run(tmp_path, "a", 0), untrained_run(tmp_path, "b", 1)
+    capsys.readouterr()
+    code = cli_main(["ensemble", a, b, "--out", str(tmp_path / "ens"), "--decision", "ensemble_pessimism=1",
+                     "--decision", item])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+    assert not (tmp_path / "ens").exists()
+    with pytest.raises(SpecError, match=r"^--decision: decision\."):     # the library refuses it the same way
+        combine_runs([a, b], str(tmp_path / "ens"), progress=lambda m: None, decision={"fill": "no"})
+    assert not (tmp_path / "ens").exists()
+
+
+def test_cli_decision_overrides_and_rerun(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The flags land in the ensemble's decision block; a re-run with the same flags is a no-op, with other
+    flags (or none) it is refused in one line rather than leaving the ensemble acting by other settings."""
+    a, b = untrained_run(tmp_path, "a", 0), untrained_run(tmp_path, "b", 1)
+    flags = ["--decision", "ensemble_pessimism=1", "--decision", "channel_cost_weight=0.6"]
+    out = str(tmp_path / "ens")
+    assert cli_main(["ensemble", a, b, "--out", out, *flags]) == 0
+    dec = Service(Predictor.from_checkpoint(out), Limits(), 1_000_000).decision  # what /v1/recommend acts by
+    assert (dec.ensemble_pessimism, dec.channel_cost_weight) == (1.0, 0.6)
+    first = (tmp_path / "ens" / ENSEMBLE_DIR / "model.safetensors").stat().st_mtime_ns
+    assert cli_main(["ensemble", a, b, "--out", out, *flags]) == 0
+    assert (tmp_path / "ens" / ENSEMBLE_DIR / "model.safetensors").stat().st_mtime_ns == first
+    capsys.readouterr()
+    assert cli_main(["ensemble", a, b, "--out", out]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {out}: already holds this ensemble with decision overrides {{'ensemble_pessimism': 1.0, "
+        "'channel_cost_weight': 0.6}, not none; choose another --out"]
