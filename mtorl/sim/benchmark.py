@@ -63,7 +63,8 @@ def run_benchmark(
     # the same decision layer scoring r-hat - beta_e * (the members' spread): a row at every budget (the
     # checkpoint's row uses the spec's decision.ensemble_pessimism)
     base = params_of(dec)
-    spread = {f"{predictor.name}, ensemble pessimism β_e = {b:g}": base._replace(ensemble_pessimism=float(b))
+    own_g = "" if base.channel_cost_weight == 1.0 else f", channel cost weight g = {base.channel_cost_weight:g}"
+    spread = {f"{predictor.name}, ensemble pessimism β_e = {b:g}{own_g}": base._replace(ensemble_pessimism=float(b))
               for b in ensemble_pessimism}
     # ... and choosing the channel with the cost weighted by g (decision.channel_cost_weight), with each
     # β_e above (or the spec's own when none is given)
