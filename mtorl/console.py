@@ -245,6 +245,16 @@ def before_ray_init() -> None:
     _REDIRECT.start(path)
 
 
+def without_ray() -> None:
+    """Quiet console for a command that runs Ray Train in its local mode with no cluster (an in-process
+    run of cached splits): Ray Train's own INFO lines stay off the console, as they would go to the Ray
+    session's logs with a cluster."""
+    import logging
+
+    level = ray_log_level(_CURRENT.verbose if _CURRENT is not None else False)
+    logging.getLogger("ray.train").setLevel(level or "WARNING")
+
+
 def after_ray_init() -> None:
     """Quiet console: Ray Data's and Tune's console output off, the log file moved into the Ray
     session's logs folder, and its path printed once."""
@@ -352,6 +362,21 @@ class RemoteFeed:
             self.queue.shutdown()
 
 
+class LocalFeed:
+    """Progress from a loop running in this process (Ray Train's local mode, no cluster): ``put_nowait``
+    hands each item straight to ``on_item``."""
+
+    def __init__(self, on_item: Callable[[dict[str, Any]], None]) -> None:
+        self.on_item = on_item
+        self.queue = self
+
+    def put_nowait(self, item: dict[str, Any]) -> None:
+        self.on_item(item)
+
+    def close(self) -> None:
+        pass
+
+
 def epoch_line(item: dict[str, Any]) -> str:
     """What one epoch shows: its losses, the validation metric and the throughput."""
     m = item.get("metrics", {})
@@ -365,10 +390,11 @@ def epoch_line(item: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def epoch_progress(epochs: int) -> Iterator[Any]:
+def epoch_progress(epochs: int, local: bool = False) -> Iterator[Any]:
     """Inside a command's session: an epochs display fed by the rank-0 worker; yields the queue the
-    worker puts ``{"epoch": i, "metrics": {...}}`` on. Outside a session: yields None (the worker
-    prints its own line, as library users and tests see it)."""
+    worker puts ``{"epoch": i, "metrics": {...}}`` on (``local``: the loop runs in this process with no
+    Ray cluster, so no queue actor). Outside a session: yields None (the worker prints its own line, as
+    library users and tests see it)."""
     if _CURRENT is None:
         yield None
         return
@@ -385,7 +411,7 @@ def epoch_progress(epochs: int) -> Iterator[Any]:
                 bar.bar.n = done - 1
         bar.update(done - bar.n, postfix=epoch_line(item), eta_s=item.get("eta_s"))  # the loop's ETA: start-up excluded
 
-    feed = RemoteFeed(on_item)
+    feed: RemoteFeed | LocalFeed = LocalFeed(on_item) if local else RemoteFeed(on_item)
     try:
         yield feed.queue
     finally:

@@ -59,11 +59,9 @@ def _prepare(job: PrepareJob, ctx: RunContext) -> dict[str, Any]:
 
 
 def _train(job: TrainJob, ctx: RunContext) -> dict[str, Any]:
-    from mtorl.raycluster import init_ray
     from mtorl.training.driver import run_train
 
-    init_ray(ctx.address)
-    result = run_train(job, progress=ctx.progress)
+    result = run_train(job, progress=ctx.progress, address=ctx.address)  # starts Ray only when the run needs it
     ctx.progress(f"run: {result['run_uri']}\nbest checkpoint: {result['best_checkpoint']}\n"
                  f"wall time {result['wall_s']} s")
     return result

@@ -71,11 +71,14 @@ def auto_cache_max_steps(state_dim: int, memory_bytes: float, fraction: float = 
 
 
 def node_memory_bytes() -> float:
-    """Memory of the smallest alive Ray node (its ``memory`` resource), else this machine's total."""
-    try:
-        mems = [float(n["Resources"]["memory"]) for n in ray.nodes() if n.get("Alive") and "memory" in n.get("Resources", {})]
-    except Exception:  # noqa: BLE001 - no cluster to ask: size from this machine
-        mems = []
+    """Memory of the smallest alive Ray node (its ``memory`` resource), else (no cluster joined: ``ray.nodes``
+    would start one) this machine's total."""
+    mems: list[float] = []
+    if ray.is_initialized():
+        try:
+            mems = [float(n["Resources"]["memory"]) for n in ray.nodes() if n.get("Alive") and "memory" in n.get("Resources", {})]
+        except Exception:  # noqa: BLE001 - the cluster can't say: size from this machine
+            mems = []
     if mems:
         return min(mems)
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
@@ -102,6 +105,25 @@ class LoopPlan:
     filesystem: Any
 
 
+def cache_max_steps(job: TrainJob, manifest: Manifest) -> int:
+    """The most steps of a split that training caches (``trainer.cache_windows_max_steps``, else sized from
+    the node's memory); a larger split streams through Ray Data."""
+    max_cached = job.spec.trainer.cache_windows_max_steps
+    return auto_cache_max_steps(manifest.state_dim, node_memory_bytes()) if max_cached is None else max_cached
+
+
+def needs_ray(job: TrainJob) -> bool:
+    """Whether a run needs a Ray cluster: Ray Train workers (``trainer.workers`` > 0), or a split too large
+    to cache (it streams through Ray Data). An in-process run (``workers: 0``) of cached splits runs in
+    Ray Train's local mode in this process, with no cluster to start."""
+    spec = job.spec
+    if spec.trainer.workers > 0:
+        return True
+    manifest = load_manifest(spec.data)
+    limit = cache_max_steps(job, manifest)
+    return any(manifest.split(spec.data, split).steps > limit for split in ("train", "val"))
+
+
 def loop_plan(job: TrainJob, run_name: str | None = None, storage_path_override: tuple[str, Any] | None = None,
               progress: Any = print, epoch_feed: Any = None) -> LoopPlan:
     """Choose per split between caching and streaming (printed), and build the loop's config."""
@@ -110,9 +132,7 @@ def loop_plan(job: TrainJob, run_name: str | None = None, storage_path_override:
     t = spec.trainer
     datasets: dict[str, Any] = {}
     cached: list[str] = []
-    max_cached = t.cache_windows_max_steps
-    if max_cached is None:
-        max_cached = auto_cache_max_steps(manifest.state_dim, node_memory_bytes())
+    max_cached = cache_max_steps(job, manifest)
     for split in ("train", "val"):
         steps = manifest.split(spec.data, split).steps
         if steps <= max_cached:
@@ -248,14 +268,21 @@ def finish_run(job: TrainJob, result: Any, uri: str) -> tuple[str, dict[str, Any
     return best_uri, metrics, latest, final
 
 
-def run_train(job: TrainJob, progress: Any = print) -> dict[str, Any]:
-    """Run (or resume: same run name) a TrainJob; returns the result dict."""
+def run_train(job: TrainJob, progress: Any = print, address: str | None = None) -> dict[str, Any]:
+    """Run (or resume: same run name) a TrainJob; returns the result dict. Ray is started (or joined at
+    ``address``) only when the run needs it (``needs_ray``)."""
     spec = job.spec
     t0 = time.time()
     if not ray.is_initialized():
-        from mtorl.raycluster import init_ray
+        if needs_ray(job):
+            from mtorl.raycluster import init_ray
 
-        init_ray()
+            init_ray(address)
+        else:
+            from mtorl.console import without_ray
+
+            without_ray()
+            progress("ray: not started (trainer.workers: 0 and every split cached): the loop runs in this process")
     uri = run_uri(job)
     progress(f"training {spec.model.name} on {spec.data} with {spec.trainer.workers} worker(s) -> {uri}")
     # object-store calls of the driver and the workers (forwarded: MTORL_*) wait out an outage
@@ -266,7 +293,7 @@ def run_train(job: TrainJob, progress: Any = print) -> dict[str, Any]:
             progress(f"removed {orphan}: a checkpoint the run's snapshot does not list")
     from mtorl.console import epoch_progress
 
-    with epoch_progress(spec.trainer.epochs) as feed:  # the epochs display of a command's console
+    with epoch_progress(spec.trainer.epochs, local=not ray.is_initialized()) as feed:  # the epochs display of a command's console
         trainer, manifest = build_trainer(job, progress=progress, epoch_feed=feed)
         if spec.trainer.workers > 0:
             prestart_autoscaling_coordinator()

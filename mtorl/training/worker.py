@@ -92,7 +92,11 @@ class RayTrainSession:
         return ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
     def node_id(self) -> str:
-        return self.ctx.get_node_id() if hasattr(self.ctx, "get_node_id") else ray.get_runtime_context().get_node_id()
+        if hasattr(self.ctx, "get_node_id"):
+            return str(self.ctx.get_node_id())
+        if ray.is_initialized():
+            return str(ray.get_runtime_context().get_node_id())
+        return "local"  # Ray Train's local mode with no cluster (an in-process run of cached splits)
 
     def checkpoint(self) -> Any:
         return ray.train.get_checkpoint()

@@ -54,7 +54,8 @@ def test_cli_train_off_a_terminal_one_line_per_epoch_and_one_resumable_wandb_run
     spec.write_text(yaml.safe_dump(job_to_dict(_train_job("cli-console", tiny_dataset, f"{s3_bucket}/runs", epochs=2))))
     env = {"WANDB_DIR": str(tmp_path / "wb"), "WANDB_MODE": "offline", "MTORL_LOG_LEVEL": ""}
     address = ray.get_runtime_context().gcs_address
-    r = _mtorl(["train", str(spec), "--address", address], env)
+    # the val split streams (cache limit 0), so the run needs Ray: it joins the cluster at --address
+    r = _mtorl(["train", str(spec), "--address", address, "--set", "spec.trainer.cache_windows_max_steps=0"], env)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert not CONTROL.search(out), repr(out)
@@ -75,8 +76,13 @@ def test_cli_train_off_a_terminal_one_line_per_epoch_and_one_resumable_wandb_run
     assert all("/" in k for h in rows for k in h if not k.startswith("_"))  # namespaced metrics only
 
     # a third epoch re-runs the same job: it resumes the checkpoint and continues the same W&B run
+    # every split cached: an in-process run needs no cluster, so none is joined and no Ray log is named
     r = _mtorl(["train", str(spec), "--address", address, "--set", "spec.trainer.epochs=3"], env)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert not [ln for ln in r.stdout.splitlines() if ln.startswith("Ray logs: ")], r.stdout
+    assert "ray: not started (trainer.workers: 0 and every split cached)" in r.stdout, r.stdout
+    noisy = [ln for ln in (r.stdout + r.stderr).splitlines() if NOISE.search(ln) or " INFO " in ln]
+    assert not noisy, r.stdout + r.stderr
     assert [ln.split(" [")[0] for ln in r.stdout.splitlines() if ln.startswith("epochs: ")] == ["epochs: 3/3"], r.stdout
     runs = offline_runs(tmp_path / "wb")
     assert len(runs) == 2 and {x.run_id for x in runs} == {"cli-console"}
