@@ -251,8 +251,9 @@ def without_ray() -> None:
     session's logs with a cluster."""
     import logging
 
-    level = ray_log_level(_CURRENT.verbose if _CURRENT is not None else False)
-    logging.getLogger("ray.train").setLevel(level or "WARNING")
+    if _CURRENT is None:  # a library call: Ray's logging as Ray sets it
+        return
+    logging.getLogger("ray.train").setLevel(ray_log_level(_CURRENT.verbose) or "WARNING")
 
 
 def after_ray_init() -> None:

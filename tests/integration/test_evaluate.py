@@ -12,6 +12,7 @@ import pytest
 from mtorl import storage
 from mtorl.data.prepare import split_of
 from mtorl.spec import make_job
+from tests.fixtures.compare import assert_close
 
 pytestmark = pytest.mark.integration
 
@@ -72,22 +73,6 @@ def test_evaluate_raw_held_back_logs_with_checkpoint_manifest(kuairand_checkpoin
     assert "raw logs" in res["evaluated_on"]
 
 
-def _close(a: object, b: object, where: str = "") -> None:
-    """Equal, floats to a relative 1e-9 (sums taken in another order)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        assert set(a) == set(b), (where, set(a) ^ set(b))
-        for k in a:
-            _close(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list) and isinstance(b, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) or isinstance(b, float):
-        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), (where, a, b)
-    else:
-        assert a == b, (where, a, b)
-
-
 def test_streaming_evaluation_equals_the_in_memory_one(kuairand_checkpoint: str, tmp_path: Path) -> None:
     """The same report whether the splits are read whole or in batches of users (streaming forced by
     threshold 0), scored here or by Ray Data; above exact_max_steps the sufficient-statistic metrics stay exact."""
@@ -103,8 +88,8 @@ def test_streaming_evaluation_equals_the_in_memory_one(kuairand_checkpoint: str,
         res[name] = run_evaluate(spec, progress=print)
         m[name] = json.loads((tmp_path / name / "metrics.json").read_text())
     assert res["memory"]["mode"].startswith("in memory") and res["stream"]["mode"].startswith("streaming")
-    _close(m["memory"], m["stream"])
-    _close(m["memory"], m["ray"])  # scored by Ray Data map_batches tasks, merged in shard order
+    assert_close(m["memory"], m["stream"])
+    assert_close(m["memory"], m["ray"])  # scored by Ray Data map_batches tasks, merged in shard order
     assert (tmp_path / "memory" / "report.md").read_text() == (tmp_path / "stream" / "report.md").read_text()
 
     s, ref = m["sample"], m["memory"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from mtorl.evaluation.predictions import Predictions, outcome
 from mtorl.evaluation.run import read_split, to_predictions
 from mtorl.evaluation.streaming import (MetricSums, TrainStats, behaviour_features, split_batches, split_tables,
                                        step_columns)
+from tests.fixtures.compare import assert_close
 from tests.fixtures.shards import flip_a_byte, remove_a_shard, small_sharded_dataset
 
 
@@ -105,22 +105,6 @@ def test_metric_sums_over_batches_equal_the_whole_split_metrics(binary: bool) ->
     assert result["base_rate"] == pytest.approx(float(outcome(whole).mean()), rel=1e-12)
 
 
-def _close(a: Any, b: Any, where: str = "") -> None:
-    """Equal, floats to a relative 1e-9 (sums taken in another order)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        assert set(a) == set(b), (where, set(a) ^ set(b))
-        for k in a:
-            _close(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list) and isinstance(b, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) or isinstance(b, float):
-        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), (where, a, b)
-    else:
-        assert a == b, (where, a, b)
-
-
 def test_an_ensemble_decides_on_its_spread_alike_streamed_or_in_memory(tmp_path: Path) -> None:
     """An ensemble of two untrained members evaluated with decision.ensemble_pessimism = 1: the in-memory and the
     streaming evaluations give the same report (the members' spread rides with the predictions of every batch),
@@ -144,7 +128,7 @@ def test_an_ensemble_decides_on_its_spread_alike_streamed_or_in_memory(tmp_path:
         res[name] = run_evaluate(spec, progress=lambda *a: None)
         m[name] = json.loads((tmp_path / name / "metrics.json").read_text())
     assert res["memory"]["mode"].startswith("in memory") and res["stream"]["mode"].startswith("streaming")
-    _close(m["memory"], m["stream"])
+    assert_close(m["memory"], m["stream"])
     assert (tmp_path / "memory" / "report.md").read_text() == (tmp_path / "stream" / "report.md").read_text()
     assert "ensemble pessimism beta_e = 1" in (tmp_path / "memory" / "report.md").read_text()
     ens, zero = m["memory"]["compare"]["mtorl"], m["beta0"]["compare"]["mtorl"]
